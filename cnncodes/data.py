@@ -1,0 +1,445 @@
+"""Image folders: split/class discovery, robust decoding to RGB, presets and loaders.
+
+Data flow: a folder -> `discover()` -> `FolderLayout` (one list of `ImageFile` per split)
+-> `ImageFiles` dataset (decodes, applies a preset, never raises on a bad file)
+-> `make_loader()` batches of uint8 tensors -> `Normalize` on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile as PILImageFile, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import CnnCodesError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PILImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never half-used
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One candidate image: its path relative to the data root, label and file signature."""
+
+    path: str
+    label: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class FolderLayout:
+    """What `discover` found: splits of labelled files sharing one class list."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[ImageFile]]
+    ignored: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # split -> (path, reason)
+    warnings: list[str] = field(default_factory=list)
+
+
+def discover(root: str | os.PathLike) -> FolderLayout:
+    """Find splits and classes under `root`.
+
+    `root/{train,val,test}/<class>/<image>` gives one split per folder, sharing one
+    class list; `root/<class>/<image>` gives a single split called "train". Files with
+    other extensions inside class folders are listed in `ignored` with the reason.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise CnnCodesError(f"{root}: no such folder; pass the root of an image folder (DATA/<class>/<image>)")
+    if not root.is_dir():
+        raise CnnCodesError(f"{root}: not a folder; pass the root of an image folder (DATA/<class>/<image>)")
+    split_dirs = {d.name: d for d in _subdirs(root) if d.name.lower() in SPLIT_NAMES}
+    if not split_dirs:
+        split_dirs = {"train": root}
+    layout = FolderLayout(root=root, classes=[], splits={})
+    found: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
+    for split, split_dir in split_dirs.items():
+        found[split], layout.ignored[split] = _scan_split(root, split_dir)
+    class_set = sorted({c for per_class in found.values() for c, files in per_class.items() if files})
+    if not class_set:
+        raise CnnCodesError(
+            f"{root}: no images found; expected {root}/<class>/<image> or {root}/train/<class>/<image> "
+            f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    layout.classes = class_set
+    index = {c: i for i, c in enumerate(class_set)}
+    for split, per_class in found.items():
+        files = [
+            ImageFile(path, index[c], size, mtime)
+            for c in class_set
+            for path, size, mtime in per_class.get(c, [])
+        ]
+        layout.splits[split] = files
+        for c, entries in per_class.items():
+            if not entries:
+                layout.warnings.append(f"{split}/{c}: empty class folder, ignored")
+    layout.warnings += _class_coverage_warnings(layout, found)
+    return layout
+
+
+def _class_coverage_warnings(layout: FolderLayout, found: dict) -> list[str]:
+    if "train" not in found or len(found) == 1:
+        return []
+    train_classes = {c for c, files in found["train"].items() if files}
+    notes = []
+    for split, per_class in found.items():
+        missing = sorted(c for c, files in per_class.items() if files and c not in train_classes)
+        if split != "train" and missing:
+            notes.append(
+                f"{split}: class(es) {', '.join(missing)} have no training images in "
+                f"{layout.root / 'train'}; a head cannot learn them: add training images or remove them from {split}"
+            )
+    return notes
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise CnnCodesError(f"{folder}: cannot list folder ({e.strerror}); check its permissions") from e
+    return [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _scan_split(root: Path, split_dir: Path):
+    per_class: dict[str, list[tuple[str, int, int]]] = {}
+    ignored: list[tuple[str, str]] = []
+    for class_dir in _subdirs(split_dir):
+        if split_dir == root and class_dir.name.lower() in SPLIT_NAMES:
+            continue
+        entries = per_class.setdefault(class_dir.name, [])
+        for path in _walk_files(class_dir, ignored, root):
+            rel = path.relative_to(root).as_posix()
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored.append((rel, f"not an image (unsupported extension '{path.suffix or '(none)'}')"))
+                continue
+            try:
+                st = path.stat()
+            except OSError as e:
+                ignored.append((rel, f"cannot read file ({e.strerror})"))
+                continue
+            entries.append((rel, st.st_size, st.st_mtime_ns))
+    return per_class, ignored
+
+
+def _walk_files(folder: Path, ignored: list, root: Path) -> list[Path]:
+    """All files below `folder` in sorted order, following symlinks once (loops are cut)."""
+    seen: set[tuple[int, int]] = set()
+    out: list[Path] = []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+        except OSError as e:
+            ignored.append((d.relative_to(root).as_posix(), f"cannot read folder ({e.strerror})"))
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            ignored.append((d.relative_to(root).as_posix(), "symlink loop, not followed"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            ignored.append((d.relative_to(root).as_posix(), f"cannot list folder ({e.strerror})"))
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if _is_dir(e):
+                subdirs.append(Path(e.path))
+            elif e.is_symlink() and not os.path.exists(e.path):
+                ignored.append((Path(e.path).relative_to(root).as_posix(), "broken symlink or symlink loop"))
+            else:
+                out.append(Path(e.path))
+        stack.extend(reversed(subdirs))
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class BadImage(Exception):
+    """Raised by `load_rgb` with a short reason; the file is skipped, not fatal."""
+
+
+def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file to an 8-bit RGB PIL image with EXIF orientation applied.
+
+    Grayscale, palette, alpha (composited on white), CMYK and 16-bit images are converted.
+    `draft_size` lets JPEG decode at a reduced scale (DCT scaling) while keeping both
+    sides >= draft_size: a large speed-up for big photos, no effect on small ones.
+    Raises BadImage with a reason for zero-byte, truncated, corrupt or non-image files.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter; real failures raise
+            with Image.open(path) as im:
+                if draft_size and im.format == "JPEG":
+                    im.draft("RGB", (draft_size, draft_size))
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return to_rgb(im)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"image too large for PIL's decompression-bomb limit ({e}); downscale it") from None
+    except UnidentifiedImageError:
+        raise BadImage("not a readable image (unknown format or corrupt header)") from None
+    except PermissionError:
+        raise BadImage("permission denied; make the file readable") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        raise BadImage(f"corrupt or truncated image ({msg})") from None
+    except Exception as e:  # any other decoder failure is still one bad file, not a crash
+        raise BadImage(f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        if arr.max(initial=0) > 255:  # 16-bit range
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Eval transform (Resize + CenterCrop) and seeded augmented views, as uint8 CHW tensors.
+
+    Normalisation (mean/std) is applied per batch on the device by `Normalize`, so workers
+    ship 4x less data and the GPU does the arithmetic.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    view_scale: tuple[float, float] = (0.08, 1.0)
+
+    @classmethod
+    def for_image_size(cls, crop: int, base: "Preprocessing | None" = None) -> "Preprocessing":
+        """Keep the base's resize/crop ratio (256/224) at a new crop size."""
+        base = base or cls()
+        return cls(
+            resize=int(round(crop * base.resize / base.crop)),
+            crop=crop,
+            mean=base.mean,
+            std=base.std,
+            interpolation=base.interpolation,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        d = dict(d)
+        d.pop("jpeg_draft", None)
+        for key in ("mean", "std", "view_scale"):
+            if key in d:
+                d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["jpeg_draft"] = f"JPEG decoded at the smallest DCT scale keeping both sides >= {self.draft_size}"
+        return d
+
+    @property
+    def draft_size(self) -> int:
+        # 2x the resize target keeps enough pixels for small random crops too.
+        return 2 * self.resize
+
+    @property
+    def _interp(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+    def load(self, path: str | os.PathLike) -> Image.Image:
+        return load_rgb(path, self.draft_size)
+
+    def eval_view(self, img: Image.Image) -> torch.Tensor:
+        img = TF.resize(img, [self.resize], interpolation=self._interp, antialias=True)
+        img = TF.center_crop(img, [self.crop, self.crop])
+        return TF.pil_to_tensor(img)
+
+    def random_view(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """RandomResizedCrop + horizontal flip; reproducible when `generator` is seeded."""
+        top, left, h, w = _random_crop_params(img, self.view_scale, generator)
+        img = TF.resized_crop(img, top, left, h, w, [self.crop, self.crop], interpolation=self._interp, antialias=True)
+        if torch.rand(1, generator=generator).item() < 0.5:
+            img = TF.horizontal_flip(img)
+        return TF.pil_to_tensor(img)
+
+
+def _random_crop_params(img: Image.Image, scale, generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from an explicit generator."""
+    if generator is None:
+        return RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+    width, height = img.size
+    area = height * width
+    log_ratio = torch.log(torch.tensor([3 / 4, 4 / 3]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round((target_area * aspect) ** 0.5))
+        h = int(round((target_area / aspect) ** 0.5))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        w, h = width, int(round(width / (3 / 4)))
+    elif in_ratio > 4 / 3:
+        h, w = height, int(round(height * 4 / 3))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def view_seed(seed: int, path: str, view: int) -> int:
+    """A stable per-(image, view) seed: same views whatever the batch, worker or resume."""
+    digest = hashlib.sha256(f"{seed}\0{path}\0{view}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Normalize(torch.nn.Module):
+    """uint8 NCHW batch -> normalised float batch on `device`, optionally channels_last."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = True):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ImageFiles(Dataset):
+    """Files -> (index, tensor or None, error or None). Bad files never raise here.
+
+    `transform(img, index)` turns a decoded RGB image into a tensor; the index lets
+    extraction seed per-image views and fine-tuning draw fresh crops.
+    """
+
+    def __init__(self, root: str | os.PathLike, paths: Sequence[str], load: Callable, transform: Callable):
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.load = load
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            img = self.load(self.root / self.paths[index])
+            return index, self.transform(img, index), None
+        except BadImage as e:
+            return index, None, str(e)
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor  # positions in the dataset of the good samples
+    images: torch.Tensor  # uint8, stacked
+    failed: list[tuple[int, str]]  # (position, reason) of skipped files
+
+
+def collate_skipping(samples) -> Batch:
+    good = [(i, t) for i, t, err in samples if err is None]
+    failed = [(i, err) for i, t, err in samples if err is not None]
+    if good:
+        images = torch.stack([t for _, t in good])
+    else:
+        images = torch.empty(0, dtype=torch.uint8)
+    return Batch(torch.tensor([i for i, _ in good], dtype=torch.long), images, failed)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers that leave the model its cores: on CPU they share the same cores."""
+    cores = available_cores()
+    if device.type == "cuda":
+        return max(1, min(cores - 1, 8))
+    return max(0, min(cores - 1, 4))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is per-image; torch threads would oversubscribe
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    sampler: Sampler | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """A DataLoader with pinned memory on CUDA, quiet workers and skipping collation."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        generator=generator,
+    )

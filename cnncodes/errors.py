@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints these as one line, never as a traceback."""
+
+
+class CnnCodesError(Exception):
+    """A problem with the user's input or environment, with the fix in the message."""
+
+
+class Interrupted(CnnCodesError):
+    """The run was stopped by the user (Ctrl-C); the message says how to resume."""

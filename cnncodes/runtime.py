@@ -1,0 +1,126 @@
+"""Device, precision, locking and atomic files: the plumbing every command shares."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import CnnCodesError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """'auto' picks CUDA when available; an explicit 'cuda' without a GPU is a clear error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CnnCodesError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CnnCodesError("--device cuda asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise CnnCodesError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise CnnCodesError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass (fp32 = autocast off)."""
+    check_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_threads(device: torch.device) -> None:
+    """Intra-op threads = the cores this process may use (cgroups/affinity aware)."""
+    if device.type == "cpu":
+        from .data import available_cores
+
+        torch.set_num_threads(available_cores())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A crash or error leaves the old file untouched and removes the temporary one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise CnnCodesError(f"{path}: no space left while writing ({e.strerror}); free disk space and rerun; the previous file is intact") from e
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_torch_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save through `atomic_path`: readers see the old file or the new one, never half."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+class FileLock:
+    """An exclusive advisory lock on `<path>.lock`, released by the kernel if the process dies."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(str(path) + ".lock")
+        self.what = what
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CnnCodesError(
+                f"{self.what} is in use by another cnncodes process (pid {other}); wait for it to finish, "
+                f"or write to another output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
