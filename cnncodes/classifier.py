@@ -1,0 +1,81 @@
+"""The saved-classifier format shared by `finetune`, `export` and `predict`.
+
+A classifier is two files: `NAME.pt`, a plain torchvision state_dict that
+`torchvision.models.<arch>(num_classes=C)` loads strictly, and `NAME.json` beside it with
+the arch, class names, preprocessing and where the weights came from. No pickle: the
+state_dict is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import ARCHS, check_arch, load_state_file
+from .data import Preprocessing
+from .errors import CnnCodesError
+from .runtime import atomic_path, save_torch_atomic
+
+FORMAT = "cnncodes-classifier"
+
+
+def meta_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_classifier(model: nn.Module, path: str | Path, arch: str, classes: list[str],
+                    preprocessing: Preprocessing, source: dict) -> None:
+    """Write `path` (state_dict) and its JSON sidecar, each atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "arch": arch,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "preprocessing": preprocessing.to_dict(),
+        "source": source,
+    }
+    save_torch_atomic(state, path)
+    with atomic_path(meta_path(path)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+
+
+def read_classifier_meta(path: str | Path) -> dict:
+    side = meta_path(path)
+    if not side.is_file():
+        raise CnnCodesError(f"{path}: no {side.name} beside it; a cnncodes classifier is NAME.pt plus NAME.json")
+    try:
+        meta = json.loads(side.read_text())
+    except (ValueError, OSError) as e:
+        raise CnnCodesError(f"{side}: not a readable cnncodes classifier description ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CnnCodesError(f"{side}: not a cnncodes classifier description (format field missing)")
+    return meta
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
+    """The classifier as a torchvision model in eval mode, and its metadata."""
+    meta = read_classifier_meta(path)
+    arch = meta["arch"]
+    check_arch(arch)
+    model = ARCHS[arch][0](num_classes=int(meta["num_classes"]))
+    state = load_state_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CnnCodesError(f"{path}: state_dict does not match {arch} with {meta['num_classes']} classes ({str(e).splitlines()[0]})") from e
+    return model.eval(), meta
+
+
+def meta_preprocessing(meta: dict) -> Preprocessing:
+    return Preprocessing.from_dict(meta["preprocessing"])
+
+
+def ensure_pt_suffix(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".pt" else path.with_suffix(".pt")
+
