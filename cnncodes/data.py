@@ -281,7 +281,7 @@ class Preprocessing:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # JSON-stable
         d["jpeg_draft"] = f"JPEG decoded at the smallest DCT scale keeping both sides >= {self.draft_size}"
         return d
 

@@ -1,0 +1,28 @@
+"""cnncodes: transfer learning on image folders with pretrained ResNets.
+
+Frozen path: `extract` caches CNN codes to HDF5, heads train on them in seconds.
+Fine-tune path: `finetune` trains the whole network end to end.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CnnCodesError  # noqa: E402
+
+__all__ = ["CnnCodesError", "__version__", "extract", "discover", "Cache"]
+
+
+def __getattr__(name: str):
+    # Lazy imports keep `import cnncodes` and `cnncodes --help` fast.
+    if name == "extract":
+        from .extract import extract
+
+        return extract
+    if name == "discover":
+        from .data import discover
+
+        return discover
+    if name == "Cache":
+        from .store import Cache
+
+        return Cache
+    raise AttributeError(name)
