@@ -47,14 +47,36 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None,
-            cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
-    """Run the installed CLI as a user would (`python -m cnncodes`), capturing output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "cnncodes", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+            cwd: str | os.PathLike | None = None, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would and capture its output.
+
+    In-process through click's runner by default (no torch import per call); with
+    `subprocess_=True`, as a real `python -m cnncodes` process. An unexpected exception
+    is written to stderr as a traceback either way, so tests can assert there is none.
+    """
+    if subprocess_ or env or cwd:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "cnncodes", *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout, env=full_env, cwd=cwd)
+    else:
+        proc = _run_in_process([str(a) for a in args])
     if check and proc.returncode != 0:
         raise AssertionError(f"cnncodes {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _run_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    import traceback
+
+    from click.testing import CliRunner
+
+    from cnncodes.cli import cli as cli_group
+
+    result = CliRunner().invoke(cli_group, args, prog_name="cnncodes")
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["cnncodes", *args], result.exit_code, result.stdout, stderr)
 
 
 @pytest.fixture

@@ -1,0 +1,208 @@
+"""`extract`: HDF5 content, bad files, resume after kill -9, incremental runs, config refusal, views."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cnncodes.errors import CnnCodesError
+from cnncodes.extract import extract
+from cnncodes.store import Cache
+from conftest import make_image, write_folder
+
+FAST = dict(arch="resnet18", weights="none", image_size=64, progress=False, log=lambda m: None)
+
+
+def _arrays(path: Path) -> dict:
+    with Cache(path) as c:
+        return {s: (c.features(s)[()], c.labels(s), list(c.paths(s)), c.views(s)) for s in c.splits}
+
+
+def _assert_same_cache(a: Path, b: Path, exact: bool = True) -> None:
+    ca, cb = _arrays(a), _arrays(b)
+    assert ca.keys() == cb.keys()
+    for s in ca:
+        fa, la, pa, va = ca[s]
+        fb, lb, pb, vb = cb[s]
+        assert pa == pb and np.array_equal(la, lb) and np.array_equal(va, vb)
+        if exact:
+            assert np.array_equal(fa, fb)
+        else:
+            np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_layout_and_attributes(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    r = extract(image_folder, out, **FAST)
+    assert r.extracted == 18 and r.split_counts == {"train": 12, "val": 6}
+    with h5py.File(out, "r") as f:  # plain HDF5, no cnncodes needed to read it
+        assert f.attrs["format"] == "cnncodes-cache" and f.attrs["arch"] == "resnet18"
+        assert f.attrs["weights"] == "none:seed0"
+        assert json.loads(f.attrs["classes"]) == ["cat", "dog"]
+        pre = json.loads(f.attrs["preprocessing"])
+        assert pre["crop"] == 64 and pre["resize"] == 73 and pre["mean"] == [0.485, 0.456, 0.406]
+        assert {"cnncodes_version", "torch_version", "torchvision_version"} <= set(f.attrs)
+        feats = f["train/features"]
+        assert feats.shape == (12, 512) and feats.dtype == np.float32 and feats.chunks is not None
+        assert list(f["train/labels"][()]) == [0] * 6 + [1] * 6
+        assert f["train/paths"].asstr()[0] == "train/cat/000.jpg"
+        assert list(f["val/views"][()]) == [0] * 6
+        assert np.isfinite(feats[()]).all() and np.abs(feats[()]).sum() > 0
+
+
+def test_bad_files_are_skipped_recorded_and_counted(image_folder, tmp_path):
+    cat = image_folder / "train" / "cat"
+    (cat / "zero.jpg").write_bytes(b"")
+    (cat / "noise.jpg").write_bytes(os.urandom(3000))
+    (cat / "readme.txt").write_text("not an image")
+    full = (cat / "000.jpg").read_bytes()
+    (cat / "half.jpg").write_bytes(full[: len(full) // 2])
+    out = tmp_path / "c.h5"
+    r = extract(image_folder, out, **FAST)
+    reasons = dict(r.skipped)
+    assert set(reasons) == {"train/cat/zero.jpg", "train/cat/noise.jpg", "train/cat/readme.txt", "train/cat/half.jpg"}
+    assert "empty file" in reasons["train/cat/zero.jpg"]
+    assert "truncated" in reasons["train/cat/half.jpg"]
+    assert "unsupported extension" in reasons["train/cat/readme.txt"]
+    with Cache(out) as c:
+        assert dict(c.skipped("train")) == reasons
+        assert len(c.paths("train")) == 12  # the good ones are all there
+    with pytest.raises(CnnCodesError, match="--strict"):
+        extract(image_folder, tmp_path / "strict.h5", strict=True, **FAST)
+
+
+def test_every_image_mode_is_extracted(tmp_path):
+    root = tmp_path / "modes"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    base = make_image(0, 0, 64)
+    base.convert("L").save(root / "a" / "gray.png")
+    base.convert("P").save(root / "a" / "pal.gif")
+    base.convert("RGBA").save(root / "a" / "rgba.png")
+    base.convert("CMYK").save(root / "b" / "cmyk.jpg")
+    base.save(root / "b" / "x.webp")
+    base.save(root / "b" / "x.tif")
+    base.save(root / "b" / "x.bmp")
+    r = extract(root, tmp_path / "m.h5", **FAST)
+    assert r.skipped == [] and r.split_counts == {"train": 7}
+
+
+def test_batch_size_does_not_change_features(image_folder, tmp_path):
+    extract(image_folder, tmp_path / "b1.h5", batch_size=1, workers=0, **FAST)
+    extract(image_folder, tmp_path / "b7.h5", batch_size=7, workers=1, **FAST)
+    _assert_same_cache(tmp_path / "b1.h5", tmp_path / "b7.h5", exact=False)
+
+
+def test_views_are_tagged_and_reproducible(image_folder, tmp_path):
+    extract(image_folder, tmp_path / "v1.h5", views=2, **FAST)
+    extract(image_folder, tmp_path / "v2.h5", views=2, batch_size=5, **FAST)
+    extract(image_folder, tmp_path / "v3.h5", views=2, seed=1, **FAST)
+    extract(image_folder, tmp_path / "plain.h5", **FAST)
+    _assert_same_cache(tmp_path / "v1.h5", tmp_path / "v2.h5", exact=False)
+    a, seeded, plain = _arrays(tmp_path / "v1.h5"), _arrays(tmp_path / "v3.h5"), _arrays(tmp_path / "plain.h5")
+    feats, labels, paths, views = a["train"]
+    assert len(feats) == 36 and list(views[:3]) == [0, 1, 2] and paths[0] == paths[1] == paths[2]
+    assert not np.allclose(feats[1], feats[2])  # different views differ
+    np.testing.assert_allclose(feats[views == 0], plain["train"][0], rtol=1e-4, atol=1e-5)  # view 0 = plain
+    assert not np.allclose(feats[views == 1], seeded["train"][0][views == 1])  # the seed matters
+    assert len(a["val"][0]) == 6  # --views is for training images only
+    with Cache(tmp_path / "v1.h5") as c:
+        groups = c.groups("train")
+        assert (groups[0::3] == groups[1::3]).all() and len(np.unique(groups)) == 12
+
+
+def test_rerun_unchanged_does_no_work(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract(image_folder, out, **FAST)
+    before = out.stat().st_mtime_ns
+    r = extract(image_folder, out, **FAST)
+    assert r.up_to_date and r.extracted == 0 and out.stat().st_mtime_ns == before
+
+
+def test_incremental_add_change_and_delete_matches_fresh_run(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract(image_folder, out, **FAST)
+    make_image(1, 50).save(image_folder / "train" / "cat" / "new.jpg")
+    make_image(0, 51).save(image_folder / "val" / "dog" / "000.jpg")  # changed content
+    os.utime(image_folder / "val" / "dog" / "000.jpg", ns=(1, 1))
+    (image_folder / "train" / "dog" / "001.jpg").unlink()
+    r = extract(image_folder, out, **FAST)
+    assert r.extracted == 2
+    extract(image_folder, tmp_path / "fresh.h5", **FAST)
+    _assert_same_cache(out, tmp_path / "fresh.h5", exact=False)
+
+
+def test_mismatched_config_is_refused_unless_overwrite(image_folder, tmp_path):
+    out = tmp_path / "c.h5"
+    extract(image_folder, out, **FAST)
+    with pytest.raises(CnnCodesError, match="another configuration.*--overwrite"):
+        extract(image_folder, out, **{**FAST, "image_size": 32})
+    with pytest.raises(CnnCodesError, match="arch"):
+        extract(image_folder, out, **{**FAST, "arch": "resnet34"})
+    r = extract(image_folder, out, overwrite=True, **{**FAST, "image_size": 32})
+    assert r.extracted == 18
+    with Cache(out) as c:
+        assert c.config.preprocessing["crop"] == 32
+
+
+def _extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", str(out), "--weights", "none",
+            "--image-size", "64", "--batch-size", "2", "--workers", "0", "--checkpoint-every", "0", "-q", *extra]
+
+
+def test_resume_after_kill_9_gives_identical_cache(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 16, "val": 4})
+    out = tmp_path / "c.h5"
+    parts = tmp_path / "c.h5.parts"
+    proc = subprocess.Popen(_extract_cmd(data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("train-*.h5"))) < 3:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(parts.glob("*.h5")))
+    assert done_before >= 3 and not out.exists()  # killed mid-run, no cache yet
+    rerun = subprocess.run(_extract_cmd(data, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    extracted_on_rerun = int(rerun.stdout.split("extracted ")[1].split()[0])
+    assert extracted_on_rerun <= 40 - 2 * done_before  # finished work was not redone
+    uninterrupted = tmp_path / "u.h5"
+    subprocess.run(_extract_cmd(data, uninterrupted), check=True, capture_output=True, timeout=300)
+    _assert_same_cache(out, uninterrupted, exact=True)
+    assert not parts.exists()
+
+
+def test_cli_extract_and_info(image_folder, tmp_path, cli):
+    (image_folder / "train" / "cat" / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "c.h5"
+    r = cli("extract", image_folder, "-o", out, "--weights", "none", "--image-size", "64", "--views", "1")
+    assert "extracted 18 images (30 codes)" in r.stdout and "skipped 1 files" in r.stdout
+    assert "skipped train/cat/zero.jpg: empty file" in r.stderr
+    info = cli("info", out).stdout
+    assert "train: 12 images, 24 codes (1 extra views each), 1 skipped" in info and "512-d" in info
+    j = json.loads(cli("info", out, "--json").stdout)
+    assert j["splits"]["val"]["images"] == 6 and j["feature_dim"] == 512
+    again = cli("extract", image_folder, "-o", out, "--weights", "none", "--image-size", "64", "--views", "1")
+    assert "up to date" in again.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path, cli):
+    for args, needle in [
+        (("extract", tmp_path / "nope", "-o", tmp_path / "c.h5", "--weights", "none"), "no such folder"),
+        (("info", tmp_path / "nope.h5"), "no such cache file"),
+        (("extract", tmp_path, "-o", tmp_path / "c.h5", "--weights", "none"), "no images found"),
+    ]:
+        r = cli(*args, check=False)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    r = cli("info", tmp_path / "junk.h5", check=False)
+    assert r.returncode == 2 and "not a readable HDF5 file" in r.stderr
