@@ -7,6 +7,7 @@ run loses at most that much work and a rerun recomputes exactly the same batches
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torchvision
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .backbones import create_extractor, default_preprocessing, resolve_weights
 from .data import FolderLayout, ImageFile, ImageFiles, Normalize, Preprocessing, default_workers, discover, make_loader, view_seed
 from .errors import CnnCodesError, Interrupted
@@ -101,17 +102,44 @@ def extract(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
-    with FileLock(out, what=f"cache {out}"):
+    dev = distributed.init(dev)
+    try:
+        return _extract_locked(layout, out, parts, config, pre, dev, overwrite, batch_size, workers, precision,
+                               channels_last, strict, checkpoint_every, progress)
+    finally:
+        distributed.cleanup()
+
+
+def _extract_locked(layout, out, parts, config, pre, dev, overwrite, batch_size, workers, precision, channels_last,
+                    strict, checkpoint_every, progress) -> ExtractResult:
+    """The body of `extract`: under torchrun every rank runs it, rank 0 alone locks and merges."""
+    main = distributed.is_main()
+    with contextlib.ExitStack() as stack:
+        error = None
+        if main:  # one writer per cache: a second run is refused before any work
+            try:
+                stack.enter_context(FileLock(out, what=f"cache {out}"))
+                checked = _open_existing(out, config, overwrite)  # refuses a mismatched config early
+                if checked is not None:
+                    checked.close()
+                _prepare_parts(parts, config, overwrite)
+            except CnnCodesError as e:
+                error = str(e)
+        distributed.share_error(error, dev)
         old = _open_existing(out, config, overwrite)
-        try:
-            _prepare_parts(parts, config, overwrite)
+        stack.callback(lambda: old is not None and old.close())
+        done = _Done.collect(old, parts, layout)
+        todo = {s: [f for f in files if not done.has(s, f)] for s, files in layout.splits.items()}
+        done.close()
+        result = ExtractResult(out)
+        if any(todo.values()):
+            mine = {s: _deal(files, batch_size) for s, files in todo.items()}
+            runner = _Runner(config, pre, dev, precision, channels_last, batch_size, workers, strict)
+            result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, checkpoint_every,
+                                                                        progress and main)
+            result.extracted, result.codes, result.seconds = _sum_over_ranks(result, dev)
+        if main:
             done = _Done.collect(old, parts, layout)
-            todo = {s: [f for f in files if not done.has(s, f)] for s, files in layout.splits.items()}
-            result = ExtractResult(out)
-            if any(todo.values()):
-                runner = _Runner(arch, weights, pre, config, dev, precision, channels_last, batch_size, workers, strict)
-                result.extracted, result.codes, result.seconds = runner.run(layout, todo, parts, checkpoint_every, progress)
-                done = _Done.collect(old, parts, layout)
             plans = done.plans(layout)
             if old is not None and not any(todo.values()) and done.unchanged(old, plans, layout):
                 result.up_to_date = True
@@ -120,13 +148,31 @@ def extract(
                 versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
                 write_cache(out, config, layout.classes, dim, plans, versions)
             done.close()
-        finally:
-            if old is not None:
-                old.close()
-        shutil.rmtree(parts, ignore_errors=True)
-    result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]
-    result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}
+            shutil.rmtree(parts, ignore_errors=True)
+            result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]
+            result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}
+        distributed.barrier()  # other ranks return only once the cache is complete
     return result
+
+
+def _deal(files: list[ImageFile], batch_size: int) -> list[ImageFile]:
+    """This rank's share: whole batches dealt round-robin, so every batch is the one a single
+    process would run (identical codes whatever the number of processes)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1:
+        return files
+    blocks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    return [f for block in blocks[rank::world] for f in block]
+
+
+def _sum_over_ranks(r: ExtractResult, dev: torch.device) -> tuple[int, int, float]:
+    if distributed.world_size() == 1:
+        return r.extracted, r.codes, r.seconds
+    t = distributed.all_reduce_sum(torch.tensor([r.extracted, r.codes], dtype=torch.float64,
+                                                device=distributed.comm_device(dev)))
+    secs = torch.tensor([r.seconds], dtype=torch.float64, device=distributed.comm_device(dev))
+    torch.distributed.all_reduce(secs, op=torch.distributed.ReduceOp.MAX)  # the slowest rank sets the pace
+    return int(t[0].item()), int(t[1].item()), float(secs.item())
 
 
 def _fail_on_ignored(layout: FolderLayout) -> None:
@@ -260,9 +306,12 @@ class _Done:
 class _Runner:
     """Runs the headless backbone over the files still to do, writing shards as it goes."""
 
-    def __init__(self, arch, weights, pre, config, dev, precision, channels_last, batch_size, workers, strict):
-        configure_threads(dev)
-        self.model, _, self.dim = create_extractor(arch, weights)
+    def __init__(self, config, pre, dev, precision, channels_last, batch_size, workers, strict):
+        if distributed.launched():
+            distributed.configure_threads(dev)  # processes on one machine share its cores
+        else:
+            configure_threads(dev)
+        self.model, _, self.dim = create_extractor(config.arch, config.weights_name)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model = self.model.to(dev)
@@ -299,7 +348,7 @@ class _Runner:
         k = self.config.views_for(split)
         dataset = ImageFiles(layout.root, paths, self.pre.load, ViewMaker(self.pre, paths, k, self.config.seed))
         loader = make_loader(dataset, self.batch_size, self.workers, self.dev)
-        shard = _ShardWriter(parts, split, k + 1)
+        shard = _ShardWriter(parts, split, k + 1, distributed.rank())
         images = codes = 0
         try:
             for batch in loader:

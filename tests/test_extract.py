@@ -206,3 +206,16 @@ def test_cli_errors_are_one_line(tmp_path, cli):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     r = cli("info", tmp_path / "junk.h5", check=False)
     assert r.returncode == 2 and "not a readable HDF5 file" in r.stderr
+
+
+def test_torchrun_two_processes_give_the_single_process_cache(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 9, "val": 4})
+    args = ["extract", str(data), "--weights", "none", "--image-size", "64", "--batch-size", "4", "--views", "1", "-q"]
+    single, multi = tmp_path / "one.h5", tmp_path / "two.h5"
+    subprocess.run([sys.executable, "-m", "cnncodes", *args, "-o", str(single)], check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "cnncodes", *args, "-o", str(multi)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("extracted 26 images (44 codes)") == 1  # rank 0 reports, once, for both
+    assert not list(tmp_path.glob("*.parts"))
+    _assert_same_cache(single, multi, exact=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -36,6 +37,8 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
                 seed=seed, batch_size=batch_size, workers=workers, device=device, precision=precision,
                 channels_last=channels_last, strict=strict, overwrite=overwrite, checkpoint_every=checkpoint_every,
                 progress=not quiet, log=lambda m: click.echo(m, err=True))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports for all
     for path, reason in r.skipped[:10]:
         click.echo(f"skipped {path}: {reason}", err=True)
     if len(r.skipped) > 10:
