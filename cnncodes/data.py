@@ -390,6 +390,10 @@ class Batch:
     images: torch.Tensor  # uint8, stacked
     failed: list[tuple[int, str]]  # (position, reason) of skipped files
 
+    def pin_memory(self) -> "Batch":
+        # DataLoader(pin_memory=True) pins custom batches only through this method.
+        return Batch(self.indices.pin_memory(), self.images.pin_memory(), self.failed)
+
 
 def collate_skipping(samples) -> Batch:
     good = [(i, t) for i, t, err in samples if err is None]
