@@ -1,0 +1,152 @@
+"""`cnncodes fit-head`, `cnncodes predict` and `cnncodes export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..runtime import PRECISIONS
+
+CLF_CHOICES = ("svm", "logreg", "linear", "linear-svm")
+
+
+@click.command("fit-head")
+@click.argument("cache", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Head file to write (.h5).")
+@click.option("--clf", type=click.Choice(CLF_CHOICES), default="logreg", show_default=True,
+              help="svm: LinearSVC; logreg: softmax regression; linear / linear-svm: torch heads that stream the cache.")
+@click.option("--C", "C", default="auto", show_default=True,
+              help="Inverse regularisation, or 'auto': grouped cross-validation on train only.")
+@click.option("--folds", type=int, default=5, show_default=True, help="CV folds for --C auto (<= 50k codes).")
+@click.option("--tta", is_flag=True, help="Score held-out images by averaging all their stored views (extract --eval-views).")
+@click.option("--allow-unseen-classes", is_flag=True, help="Report even if a held-out class has no training images.")
+@click.option("--epochs", type=int, default=None, help="Epochs of the torch heads [default: ~1000 steps, >= 3].")
+@click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and of the torch heads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--confusion", type=click.Path(dir_okay=False), default=None, help="Draw confusion matrices (PNG).")
+def fit_head_command(cache, out, clf, C, folds, tta, allow_unseen_classes, epochs, device, seed, json_out, confusion):
+    """Fit a linear head on the train split of CACHE and report on its other splits.
+
+    Uses every stored train view; standardisation is part of the head. The head file is HDF5
+    (no pickle) in the linear form that `cnncodes export` folds into the backbone.
+    """
+    from ..heads import fit_head
+
+    head, report = fit_head(cache, clf, C, tta=tta, folds=folds, device=device, max_iter=epochs,
+                            allow_unseen_classes=allow_unseen_classes, seed=seed, log=lambda m: click.echo(m, err=True))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    head.save(out)
+    _print_report(report)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    if confusion and report["splits"]:
+        draw_confusion(report, confusion)
+    click.echo(f"head saved to {out}")
+
+
+def _print_report(report: dict) -> None:
+    sel = report["selection"]
+    if sel["auto"]:
+        scores = ", ".join(f"{c:g}: {s:.3f}" for c, s in zip(sel["grid"], sel["cv_scores"]))
+        click.echo(f"C = {sel['C']:g} chosen by {sel['strategy']}: CV accuracy {sel['cv_score']:.4f} ({scores})")
+    else:
+        click.echo(f"C = {sel['C']:g} (fixed)")
+    for note in sel["notes"]:
+        click.echo(f"note: {note}", err=True)
+    if "note" in report:
+        click.echo(report["note"])
+    for split, r in report["splits"].items():
+        how = f", scores averaged over {r['views_per_image']:g} views" if r["views_per_image"] > 1 else ""
+        click.echo(f"{split}: accuracy {r['accuracy']:.4f} ({r['correct']}/{r['images']} images{how})")
+        for name, m in r["per_class"].items():
+            click.echo(f"  {name:>20}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  ({m['support']} images)")
+        labels, matrix = r["confusion"]["labels"], r["confusion"]["matrix"]
+        click.echo("  confusion (rows true, columns predicted): " + "; ".join(
+            f"{lab}: {' '.join(map(str, row))}" for lab, row in zip(labels, matrix)))
+        if r["unseen_classes"]:
+            click.echo(f"  warning: classes with no training images counted as errors: {r['unseen_classes']}", err=True)
+
+
+def draw_confusion(report: dict, out: str) -> None:
+    """One confusion-matrix panel per held-out split (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    splits = report["splits"]
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 4.2), squeeze=False)
+    for ax, (split, r) in zip(axes[0], splits.items()):
+        m = np.array(r["confusion"]["matrix"])
+        labels = r["confusion"]["labels"]
+        ax.imshow(m, cmap="Blues")
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{split}: accuracy {r['accuracy']:.3f}")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+@click.command("predict")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write predictions (.csv or .json).")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Draw a sample of predictions (PNG).")
+@click.option("--weights", default=None, help="Backbone weights for a head [default: those recorded in the head].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="[default: the head's extraction precision]")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--workers", type=int, default=None, help="Decode workers [default: sized to the machine].")
+def predict_command(model, inputs, out, grid, weights, device, precision, batch_size, workers):
+    """Classify images (files and/or folders) with a head (.h5) or a classifier (.pt).
+
+    A folder whose images sit in class-named subfolders (DIR/<class>/, DIR/val/<class>/) is
+    labelled: accuracy is printed. Scores are softmax of the class scores (see docs).
+    """
+    from ..predict import draw_grid, predict, write_predictions
+
+    preds = predict(model, inputs, weights=weights, device=device, precision=precision, batch_size=batch_size,
+                    workers=workers)
+    for path, reason in preds.skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if out:
+        write_predictions(preds, out)
+    else:
+        for r in preds.rows:
+            click.echo(f"{r['path']}\t{r['pred']}\t{r['score']:.4f}")
+    for name, a in preds.accuracy().items():
+        label = "accuracy" if name == "all" else f"{name} accuracy"
+        click.echo(f"{label} {a['accuracy']:.4f} ({a['correct']}/{a['images']} labelled images)")
+    if grid:
+        draw_grid(preds, grid)
+    click.echo(f"predicted {len(preds.rows)} images, skipped {len(preds.skipped)}" + (f"; wrote {out}" if out else ""),
+               err=out is None)
+
+
+@click.command("export")
+@click.argument("head", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Classifier to write (.pt + .json).")
+@click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head].")
+def export_command(head, out, weights):
+    """Fold a head into its backbone's fc: a torchvision state_dict that
+    torchvision.models.<arch>(num_classes=K) loads strictly."""
+    from ..predict import export_head
+
+    path = export_head(head, out, weights)
+    click.echo(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(fit_head_command)
+    cli.add_command(predict_command)
+    cli.add_command(export_command)

@@ -1,0 +1,838 @@
+"""Linear heads on cached CNN codes: fit with grouped cross-validation of C, report, save as HDF5.
+
+Every head, whatever trained it, ends as the same linear form: standardise the code
+(`(x - mean) / scale`), then `scores = coef @ z + intercept`, one row per class. Binary
+scikit-learn models (one coefficient row `w`) are stored as the two rows `[-w/2, w/2]`, so
+softmax(scores) equals their sigmoid and argmax their sign rule. That form folds into a
+ResNet's `fc` (see `LinearHead.folded` and `cnncodes.predict.export_head`).
+
+Heads (`--clf`):
+
+- ``svm``: scikit-learn `LinearSVC` (squared hinge, one-vs-rest), codes in memory.
+- ``logreg``: scikit-learn `LogisticRegression` (lbfgs, multinomial softmax), codes in memory,
+  warm-started along the C grid.
+- ``linear``: `TorchLinearClassifier` with the softmax loss: the same objective as ``logreg``
+  solved by minibatch Adam, streaming the cache in chunks (CPU or CUDA).
+- ``linear-svm``: `TorchLinearClassifier` with the multiclass (Crammer-Singer) hinge loss,
+  the streaming SVM.
+
+C means the same for all of them: the objective is ``mean loss + ||W||^2 / (2 C n)``
+(scikit-learn's ``||W||^2 / 2 + C * sum loss``, divided by ``C n``).
+
+Why minibatch Adam for the torch head (and not full-batch L-BFGS): caches larger than memory
+can only be visited in chunks, one block at a time, and a stochastic method needs nothing
+but the current block; L-BFGS needs exact full-data gradients every iteration, i.e. a full
+read of the cache per step (tens of reads per fit). The L2 penalty sits in the loss (Adam,
+not AdamW's decoupled decay) so the fit converges to the same regularised optimum that
+scikit-learn finds, and C is comparable across heads; a linear learning-rate decay to zero
+makes the last iterates settle. All candidate (fold, C) models are trained in the same pass
+as one batched (M, classes, D) weight tensor, so cross-validation costs one read of the
+data per epoch, not one per model.
+
+Choosing C (``C="auto"``) uses the train split only. Folds keep all views of a source image
+together (`StratifiedGroupKFold` on `Cache.groups`). Up to `HOLDOUT_ABOVE` codes: k-fold
+(default 5). Above it: one stratified, grouped held-out tenth of train (k-fold would mean k
+more passes over a large cache for little gain in the estimate). A fold is scored as the
+final report is: per image, on the plain view (or averaging all views with ``tta``). The
+best mean accuracy wins; ties go to the smallest C (the most regularised). The standardiser
+is fitted once on all train codes (label-free statistics; per-fold scalers change CV scores
+negligibly and would cost an extra pass per fold). Held-out splits are read only after the
+head is fitted, for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .errors import CnnCodesError
+from .runtime import atomic_path
+
+CLFS = ("svm", "logreg", "linear", "linear-svm")
+TORCH_CLFS = {"linear": "softmax", "linear-svm": "hinge"}
+C_GRID = tuple(float(f"{c:.3g}") for c in np.logspace(-5, 1, 7))
+HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
+HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
+PIECE_ROWS = 256  # rows per read; pieces are the unit of shuffling across the cache
+BLOCK_BYTES = 16 << 20  # codes held in memory at once while streaming
+IN_MEMORY_BYTES = 512 << 20  # torch heads load a train split smaller than this
+SKLEARN_MAX_BYTES = 8 << 30  # svm/logreg hold train in memory (and liblinear copies to float64)
+
+HEAD_FORMAT = "cnncodes-head"
+HEAD_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+_IDENTITY_KEYS = ("arch", "weights", "weights_name", "precision")
+
+
+# --------------------------------------------------------------------------- the head
+
+
+@dataclass
+class LinearHead:
+    """A fitted head: standardiser + one linear score per class (see the module docstring)."""
+
+    coef: np.ndarray  # (K, D) on standardised codes
+    intercept: np.ndarray  # (K,)
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    classes: list[str]
+    clf: str
+    C: float
+    meta: dict = field(default_factory=dict)  # backbone identity (arch, weights, ...), cv score, tta
+
+    @property
+    def n_features(self) -> int:
+        return int(self.coef.shape[1])
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) acting on raw codes: the standardiser folded into the weights (float64)."""
+        w = self.coef.astype(np.float64) / self.scale.astype(np.float64)
+        b = self.intercept.astype(np.float64) - w @ self.mean.astype(np.float64)
+        return w, b
+
+    def decision_function(self, codes: np.ndarray) -> np.ndarray:
+        """(N, K) class scores for raw (N, D) codes."""
+        z = (np.asarray(codes, dtype=np.float64) - self.mean) / self.scale
+        return z @ self.coef.T.astype(np.float64) + self.intercept
+
+    def predict_proba(self, codes: np.ndarray) -> np.ndarray:
+        """softmax of the scores: probabilities for logreg/linear, a monotone score for svm."""
+        return softmax(self.decision_function(codes))
+
+    def predict(self, codes: np.ndarray) -> np.ndarray:
+        """Index into `classes` of the best score per row."""
+        return self.decision_function(codes).argmax(axis=1)
+
+    def save(self, path: str | Path) -> None:
+        """Write the head as HDF5 (numeric and string datasets, attributes; no pickle), atomically."""
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = HEAD_FORMAT
+            f.attrs["format_version"] = HEAD_VERSION
+            f.attrs["clf"] = self.clf
+            f.attrs["C"] = float(self.C)
+            f.attrs["feature_dim"] = self.n_features
+            f.attrs["meta"] = json.dumps(self.meta, sort_keys=True)
+            for key in _IDENTITY_KEYS:
+                f.attrs[key] = str(self.meta.get(key, ""))
+            f.attrs["preprocessing"] = json.dumps(self.meta.get("preprocessing", {}))
+            f.create_dataset("coef", data=self.coef.astype(np.float32))
+            f.create_dataset("intercept", data=self.intercept.astype(np.float32))
+            f.create_dataset("mean", data=self.mean.astype(np.float32))
+            f.create_dataset("scale", data=self.scale.astype(np.float32))
+            f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=_STR)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearHead:
+        """Read and validate a head file; anything else is a one-line CnnCodesError."""
+        path = Path(path)
+        if not path.is_file():
+            raise CnnCodesError(f"{path}: no such head file; create one with `cnncodes fit-head CACHE -o {path}`")
+        try:
+            with h5py.File(path, "r") as f:
+                return _read_head(f, path)
+        except OSError as e:
+            raise CnnCodesError(f"{path}: not a readable HDF5 head file ({str(e).splitlines()[0]}); "
+                                f"re-create it with `cnncodes fit-head`") from e
+
+
+def _read_head(f: h5py.File, path: Path) -> LinearHead:
+    if f.attrs.get("format") != HEAD_FORMAT:
+        what = "a cnncodes cache, not a head" if f.attrs.get("format") == "cnncodes-cache" else "not a cnncodes head"
+        raise CnnCodesError(f"{path}: HDF5 file but {what} (no format={HEAD_FORMAT} attribute); "
+                            f"create a head with `cnncodes fit-head CACHE -o HEAD.h5`")
+    if int(f.attrs.get("format_version", -1)) != HEAD_VERSION:
+        raise CnnCodesError(f"{path}: head format version {f.attrs.get('format_version')} is not supported "
+                            f"(this cnncodes reads {HEAD_VERSION}); re-fit it")
+
+    def bad(why: str) -> CnnCodesError:
+        return CnnCodesError(f"{path}: damaged head file ({why}); re-create it with `cnncodes fit-head`")
+
+    arrays = {}
+    for name in ("coef", "intercept", "mean", "scale"):
+        ds = f.get(name)
+        if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
+            raise bad(f"'{name}' is missing or not a float dataset")
+        arrays[name] = ds[()].astype(np.float64)
+    ds = f.get("classes")
+    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "OS":
+        raise bad("'classes' is missing or not a string dataset")
+    classes = [str(c) for c in ds.asstr()[()]]
+    k, d = len(classes), arrays["mean"].shape[0] if arrays["mean"].ndim == 1 else -1
+    expected = {"coef": (k, d), "intercept": (k,), "mean": (d,), "scale": (d,)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise bad(f"'{name}' has shape {arrays[name].shape}, expected {shape} for {k} classes, dim {d}")
+    if k < 2 or not all(np.isfinite(a).all() for a in arrays.values()) or (arrays["scale"] <= 0).any():
+        raise bad("fewer than 2 classes, non-finite values or a non-positive scale")
+    try:
+        meta = json.loads(f.attrs["meta"])
+        clf, C = str(f.attrs["clf"]), float(f.attrs["C"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"attributes: {e}") from e
+    return LinearHead(arrays["coef"], arrays["intercept"], arrays["mean"], arrays["scale"], classes, clf, C, meta)
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    z = scores - scores.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def as_class_rows(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's binary (1, D) form -> the two-row form [-w/2, w/2]; (K, D) unchanged."""
+    coef, intercept = np.atleast_2d(coef), np.atleast_1d(intercept)
+    if coef.shape[0] == 1:
+        return np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    return coef, intercept
+
+
+# --------------------------------------------------------------------------- reading codes in chunks
+
+
+def iter_blocks(features, rows: np.ndarray | None = None, rng: np.random.Generator | None = None,
+                mean: np.ndarray | None = None, scale: np.ndarray | None = None,
+                block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, float32 codes) blocks of an (N, D) h5 dataset or array; memory ~ one block.
+
+    With `rng`: pieces of PIECE_ROWS rows in shuffled order, rows shuffled within each block
+    (caches are sorted by class, so a block mixes pieces from all over the file). `rows`: a
+    boolean mask of rows to keep. `mean`/`scale`: standardise on the fly (in place).
+    """
+    n, d = features.shape
+    starts = np.arange(0, n, PIECE_ROWS)
+    if rows is not None:
+        starts = np.array([s for s in starts if rows[s:s + PIECE_ROWS].any()], dtype=np.int64)
+    if rng is not None:
+        starts = rng.permutation(starts)
+    per_block = max(1, block_bytes // (4 * max(d, 1) * PIECE_ROWS))
+    buf = np.empty((per_block * PIECE_ROWS, d), np.float32)
+    for i in range(0, len(starts), per_block):
+        idx = np.concatenate([np.arange(s, min(s + PIECE_ROWS, n)) for s in starts[i:i + per_block]])
+        at = 0
+        for s in starts[i:i + per_block]:
+            e = min(s + PIECE_ROWS, n)
+            _read_rows(features, s, e, buf[at:at + e - s])
+            at += e - s
+        x = buf[:at]
+        if rows is not None:
+            keep = rows[idx]
+            idx, x = idx[keep], x[keep]
+        if rng is not None:
+            p = rng.permutation(len(idx))
+            idx, x = idx[p], x[p]
+        if mean is not None:
+            x -= mean
+            x /= scale
+        yield idx, x
+
+
+def _read_rows(features, start: int, stop: int, out: np.ndarray) -> None:
+    if isinstance(features, h5py.Dataset) and features.dtype == np.float32:
+        features.read_direct(out, np.s_[start:stop])
+    else:
+        out[...] = features[start:stop]
+
+
+def code_stats(features, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and scale (std, 1 where constant) in one streaming pass.
+
+    Raises CnnCodesError naming the split and the count of codes holding NaN/inf.
+    """
+    n, d = features.shape
+    count, mean, m2, bad = 0, np.zeros(d), np.zeros(d), 0
+    for _, x in iter_blocks(features):
+        finite = np.isfinite(x).all(axis=1)
+        bad += int((~finite).sum())
+        x = x[finite].astype(np.float64)
+        if not len(x):
+            continue
+        # Chan et al.'s pairwise update: stable for millions of rows.
+        bm, bn = x.mean(axis=0), len(x)
+        delta = bm - mean
+        mean = mean + delta * bn / (count + bn)
+        m2 = m2 + ((x - bm) ** 2).sum(axis=0) + delta ** 2 * count * bn / (count + bn)
+        count += bn
+    if bad:
+        raise nonfinite_error(split, bad, n)
+    std = np.sqrt(m2 / max(count, 1))
+    scale = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max(initial=0))), std, 1.0)
+    return mean, scale
+
+
+def nonfinite_error(split: str, bad: int, n: int) -> CnnCodesError:
+    return CnnCodesError(f"{split}: {bad} of {n} codes hold NaN/inf values; the cache is damaged or the backbone "
+                         f"diverged: re-extract with `cnncodes extract --overwrite` (try --precision fp32)")
+
+
+# --------------------------------------------------------------------------- the torch head
+
+
+def _train_torch(features, y: np.ndarray, n_classes: int, fold: np.ndarray, heldout: np.ndarray, Cs: np.ndarray,
+                 loss: str, *, mean=None, scale=None, epochs: int | None = None, batch_size: int = 256,
+                 lr: float = 0.01, device: str | torch.device = "cpu", seed: int = 0,
+                 block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray, int]:
+    """Train M = len(Cs) linear models at once by minibatch Adam; model m skips rows with fold == heldout[m].
+
+    Returns W (M, K, D), b (M, K) and the number of epochs run.
+    """
+    n, d = features.shape
+    dev = torch.device(device)
+    rows_per_model = np.array([(fold != h).sum() for h in heldout], dtype=np.float64)
+    # Two classes: scikit-learn penalises ||w1 - w0||^2 / 2 = ||W||^2 at the symmetric optimum.
+    lam = (2.0 if n_classes == 2 else 1.0) / (np.asarray(Cs, np.float64) * np.maximum(rows_per_model, 1))
+    lam = torch.tensor(lam, dtype=torch.float32, device=dev)
+    epochs = epochs or auto_epochs(n, batch_size)
+    total = epochs * _batches_per_epoch(n, d, batch_size, block_bytes)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.zeros(len(Cs), n_classes, d, device=dev).requires_grad_()
+    b = torch.zeros(len(Cs), n_classes, device=dev).requires_grad_()
+    opt = torch.optim.Adam([w, b], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
+    y_t = torch.as_tensor(y, dtype=torch.long, device=dev)
+    fold_t = torch.as_tensor(fold, dtype=torch.long, device=dev)
+    held_t = torch.as_tensor(heldout, dtype=torch.long, device=dev)[:, None]
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    for _ in range(epochs):
+        for idx, x in iter_blocks(features, rng=rng, mean=mean, scale=scale, block_bytes=block_bytes):
+            xt = torch.from_numpy(x).to(dev, non_blocking=True)
+            it = torch.from_numpy(idx).to(dev)
+            for s in range(0, len(idx), batch_size):
+                rows = it[s:s + batch_size]
+                xb = xt[s:s + batch_size]
+                scores = (xb @ w.view(-1, d).T).view(len(xb), *b.shape).transpose(0, 1) + b[:, None, :]
+                per_row = _loss(scores, y_t[rows], loss)
+                mask = (fold_t[rows][None, :] != held_t).float()
+                data_term = (per_row * mask).sum(1) / mask.sum(1).clamp(min=1)
+                objective = data_term.sum() + 0.5 * (lam * w.pow(2).sum((1, 2))).sum()
+                opt.zero_grad(set_to_none=True)
+                objective.backward()
+                opt.step()
+                sched.step()
+    return w.detach().cpu().numpy(), b.detach().cpu().numpy(), epochs
+
+
+def _loss(scores: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """(M, B, K) scores, (B,) labels -> (M, B) per-row loss."""
+    m, bsz, k = scores.shape
+    if loss == "softmax":
+        return torch.nn.functional.cross_entropy(scores.reshape(m * bsz, k), y.repeat(m), reduction="none").view(m, bsz)
+    true = scores.gather(2, y.view(1, -1, 1).expand(m, bsz, 1))
+    margins = (1 + scores - true).scatter(2, y.view(1, -1, 1).expand(m, bsz, 1), 0.0)
+    return margins.amax(2).clamp(min=0)  # Crammer-Singer: 1 + best wrong score - true score
+
+
+def _batches_per_epoch(n: int, d: int, batch_size: int, block_bytes: int) -> int:
+    per_block = max(1, block_bytes // (4 * max(d, 1) * PIECE_ROWS)) * PIECE_ROWS
+    full, rest = divmod(n, per_block)
+    return full * math.ceil(per_block / batch_size) + math.ceil(rest / batch_size)
+
+
+def auto_epochs(n: int, batch_size: int, target_steps: int = 1000) -> int:
+    """Enough epochs for ~`target_steps` Adam steps, at least 3 passes, at most 200."""
+    return int(min(200, max(3, math.ceil(target_steps * batch_size / max(n, 1)))))
+
+
+class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
+    """Linear classifier trained with minibatch Adam in torch (CPU or CUDA), scikit-learn style.
+
+    Minimises ``mean loss + ||coef||^2 / (2 C n)``: with ``loss="softmax"`` this is
+    `LogisticRegression(C=C)`'s optimum (multinomial), with ``loss="hinge"`` a multiclass
+    (Crammer-Singer) linear SVM. Features are used as given: put a `StandardScaler` before it
+    in a `Pipeline` (the `cnncodes fit-head` path standardises for you, streaming).
+
+    Parameters: C (inverse regularisation), loss ("softmax" or "hinge"), max_iter (epochs;
+    None: ~1000 steps, >= 3 epochs), batch_size, lr (Adam, decayed linearly to 0),
+    device ("cpu", "cuda", ...), random_state (shuffling; zero init, so fits are reproducible).
+    """
+
+    def __init__(self, C: float = 1.0, loss: str = "softmax", max_iter: int | None = None, batch_size: int = 256,
+                 lr: float = 0.01, device: str = "cpu", random_state: int = 0):
+        self.C = C
+        self.loss = loss
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.lr = lr
+        self.device = device
+        self.random_state = random_state
+
+    def fit(self, X, y) -> TorchLinearClassifier:
+        """Fit on (n_samples, n_features) X and class labels y."""
+        if self.loss not in ("softmax", "hinge"):
+            raise ValueError(f"loss must be 'softmax' or 'hinge', got {self.loss!r}")
+        if not (isinstance(self.C, (int, float)) and self.C > 0):
+            raise ValueError(f"C must be a positive number, got {self.C!r}")
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], order="C")
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes in the data, "
+                             f"but the data contains only one class: {self.classes_[0]!r}")
+        x32 = np.ascontiguousarray(X, dtype=np.float32)
+        fold = np.zeros(len(y_idx), np.int64)
+        w, b, self.n_iter_ = _train_torch(x32, y_idx, len(self.classes_), fold, np.array([-1]), np.array([float(self.C)]),
+                                          self.loss, epochs=self.max_iter, batch_size=self.batch_size, lr=self.lr,
+                                          device=self.device, seed=self.random_state)
+        self._W, self._b = w[0].astype(np.float64), b[0].astype(np.float64)
+        binary = len(self.classes_) == 2
+        self.coef_ = (self._W[1:] - self._W[:1]) if binary else self._W
+        self.intercept_ = (self._b[1:] - self._b[:1]) if binary else self._b
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        """Class scores (n, K); for two classes the score of classes_[1] minus classes_[0], shape (n,)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict(self, X) -> np.ndarray:
+        scores = self.decision_function(X)
+        idx = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
+        return self.classes_[idx]
+
+    def _has_proba(self) -> bool:
+        return self.loss == "softmax"
+
+    @available_if(_has_proba)
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax probabilities (loss="softmax" only, like SGDClassifier)."""
+        scores = self.decision_function(X)
+        scores = np.column_stack([-scores / 2, scores / 2]) if scores.ndim == 1 else scores
+        return softmax(scores)
+
+    @available_if(_has_proba)
+    def predict_log_proba(self, X) -> np.ndarray:
+        return np.log(self.predict_proba(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        return tags
+
+
+# --------------------------------------------------------------------------- training data
+
+
+@dataclass
+class TrainSet:
+    """The train split as the solvers see it: codes (h5 dataset, or standardised array) and row tags."""
+
+    features: object  # h5py.Dataset (streamed, standardised per block) or np.ndarray (already standardised)
+    y: np.ndarray  # index into `classes` (the classes present in train)
+    groups: np.ndarray  # source image per row
+    views: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    classes: np.ndarray  # cache class indices present in train, sorted
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.features, np.ndarray)
+
+    @property
+    def std_args(self) -> dict:
+        """mean/scale for `iter_blocks`: none when the array is already standardised."""
+        return {} if self.in_memory else {"mean": self.mean, "scale": self.scale}
+
+
+def load_train(cache, in_memory: bool | None = None, log: Callable[[str], None] = print) -> TrainSet:
+    """Validate the train split, compute the standardiser (streaming) and load it if it fits.
+
+    in_memory: True/False forces; None loads when smaller than IN_MEMORY_BYTES.
+    """
+    if "train" not in cache.splits:
+        have = ", ".join(cache.splits) or "none"
+        raise CnnCodesError(f"{cache.path}: no 'train' split (splits: {have}); a head is fitted on train: "
+                            f"extract DATA/train/<class>/<image> (or DATA/<class>/<image>)")
+    feats = cache.features("train")
+    labels = cache.labels("train")
+    if len(labels) == 0:
+        raise CnnCodesError(f"{cache.path}: the train split has no codes (all images skipped?); see `cnncodes info {cache.path}`")
+    classes, y = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise CnnCodesError(f"{cache.path}: the train split has only one class ('{cache.classes[classes[0]]}'); "
+                            f"a classifier needs training images of at least 2 classes")
+    groups = cache.groups("train")
+    _check_contiguous(groups, cache.path, "train")
+    mean, scale = code_stats(feats, "train")
+    nbytes = feats.shape[0] * feats.shape[1] * 4
+    if in_memory or (in_memory is None and nbytes <= IN_MEMORY_BYTES):
+        x = np.empty(feats.shape, np.float32)
+        for lo in range(0, len(x), 65536):
+            _read_rows(feats, lo, min(lo + 65536, len(x)), x[lo:lo + 65536])
+        x -= mean.astype(np.float32)
+        x /= scale.astype(np.float32)
+        feats = x
+    return TrainSet(feats, y.astype(np.int64), groups, cache.views("train"), mean, scale, classes)
+
+
+def _check_contiguous(groups: np.ndarray, path, split: str) -> None:
+    runs = 1 + int((groups[1:] != groups[:-1]).sum()) if len(groups) else 0
+    if len(groups) and runs != len(np.unique(groups)):
+        raise CnnCodesError(f"{path}: {split} rows of one image are not contiguous; the cache is damaged: "
+                            f"re-extract with `cnncodes extract --overwrite`")
+
+
+def cv_folds(data: TrainSet, folds: int, seed: int) -> tuple[np.ndarray, int, str]:
+    """Fold id per row (all views of an image share it), the number of scored folds, a description.
+
+    k-fold up to HOLDOUT_ABOVE codes, else one held-out tenth (fold 0 held out, fold 1 trains).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_images = len(np.unique(data.groups))
+    holdout = len(data.y) > HOLDOUT_ABOVE
+    k = HOLDOUT_FOLDS if holdout else min(folds, n_images)
+    if k < 2:
+        raise CnnCodesError(f"only {n_images} training image(s): too few to cross-validate C; pass a fixed --C (e.g. --C 0.01)")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold = np.empty(len(data.y), np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
+        for f, (_, test) in enumerate(splitter.split(np.zeros(len(data.y)), data.y, data.groups)):
+            fold[test] = f
+            if holdout:
+                break
+    if holdout:
+        held = fold == 0
+        fold[:] = 1
+        fold[held] = 0
+        return fold, 1, f"held-out 1/{HOLDOUT_FOLDS} of train images (more than {HOLDOUT_ABOVE} codes)"
+    return fold, k, f"{k}-fold over train images (views of one image in one fold)"
+
+
+# --------------------------------------------------------------------------- scoring per image
+
+
+def predict_images(features, groups: np.ndarray, views: np.ndarray, key: np.ndarray, models: dict,
+                   tta: bool, split: str = "train", mean=None, scale=None,
+                   block_bytes: int = BLOCK_BYTES) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Predicted class per image, streaming the rows in order.
+
+    key: per row, which entry of `models` ({key: (W (G, K, D), b (G, K))}) scores it; rows with
+    a key not in `models` are skipped. Scores are averaged over an image's views with `tta`,
+    else only its plain view (views == 0) is used. Returns {key: (first row of each image,
+    predicted class per image and model (n, G))}. Raises on NaN/inf codes among the rows used.
+    """
+    n, d = features.shape
+    used = np.isin(key, list(models)) & (True if tta else views == 0)
+    is_start = np.r_[True, groups[1:] != groups[:-1]] if n else np.zeros(0, bool)
+    image_start, image_id = np.flatnonzero(is_start), np.cumsum(is_start) - 1
+    block_rows = max(1, block_bytes // (4 * max(d, 1)))
+    out: dict[int, list] = {k: [] for k in models}
+    bad, a = 0, 0
+    while a < n:
+        nxt = np.searchsorted(image_start, a + block_rows)
+        b = int(image_start[nxt]) if nxt < len(image_start) else n
+        b = b if b > a else n  # one image larger than a block: take it whole
+        r = used[a:b]
+        if r.any():
+            x = np.empty((b - a, d), np.float32)
+            _read_rows(features, a, b, x)
+            x, ids, keys = x[r], image_id[a:b][r], key[a:b][r]
+            finite = np.isfinite(x).all(axis=1)
+            bad += int((~finite).sum())
+            if mean is not None:
+                x = (x - mean.astype(np.float32)) / scale.astype(np.float32)
+            for k in np.unique(keys):
+                sel = keys == k
+                w, bias = models[int(k)]
+                g, kk = bias.shape
+                s = x[sel] @ w.reshape(g * kk, d).T.astype(np.float32) + bias.reshape(-1).astype(np.float32)
+                first = np.flatnonzero(np.r_[True, ids[sel][1:] != ids[sel][:-1]])
+                summed = np.add.reduceat(s, first, axis=0)
+                rows = np.flatnonzero(r)[sel][first] + a
+                out[int(k)].append((rows, summed.reshape(-1, g, kk).argmax(axis=2)))
+        a = b
+    if bad:
+        raise nonfinite_error(split, bad, int(used.sum()))
+    return {k: (np.concatenate([r for r, _ in v]) if v else np.zeros(0, np.int64),
+                np.concatenate([p for _, p in v]) if v else np.zeros((0, models[k][1].shape[0]), np.int64))
+            for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def _sklearn_estimator(clf: str, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    if clf == "svm":
+        return LinearSVC(C=1.0, dual="auto", max_iter=5000, random_state=seed)
+    return LogisticRegression(C=1.0, max_iter=1000, warm_start=True)
+
+
+def _sklearn_path(clf: str, x: np.ndarray, y: np.ndarray, n_classes: int, Cs: Sequence[float], seed: int,
+                  notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """W (G, K, D), b (G, K) for each C (ascending: logreg warm-starts from the previous C)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    w = np.zeros((len(Cs), n_classes, x.shape[1]))
+    b = np.full((len(Cs), n_classes), -1e30)  # a class absent from a fold is never predicted
+    present = np.unique(y)
+    if len(present) < 2:
+        b[:, present] = 0.0
+        return w, b
+    est = _sklearn_estimator(clf, seed)
+    for i, C in enumerate(Cs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            est.set_params(C=float(C)).fit(x, y)
+        if any(issubclass(c.category, ConvergenceWarning) for c in caught):
+            notes.append(f"{clf} did not fully converge at C={C:g}")
+        coef, icpt = as_class_rows(est.coef_, est.intercept_)
+        w[i][est.classes_] = coef
+        b[i][est.classes_] = icpt
+    return w, b
+
+
+@dataclass
+class Selection:
+    """Outcome of choosing C: the chosen value, the grid and mean CV accuracy per C."""
+
+    C: float
+    auto: bool
+    grid: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # mean per-image CV accuracy per grid value
+    score: float | None = None
+    strategy: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"C": self.C, "auto": self.auto, "grid": self.grid, "cv_scores": self.scores,
+                "cv_score": self.score, "strategy": self.strategy, "notes": sorted(set(self.notes))}
+
+
+def _pick(grid: Sequence[float], fold_scores: np.ndarray) -> tuple[int, np.ndarray]:
+    """Best mean accuracy; ties go to the smallest C (grid ascending)."""
+    mean = fold_scores.mean(axis=0)
+    return int(np.flatnonzero(mean >= mean.max() - 1e-12)[0]), mean
+
+
+def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[float] = C_GRID, folds: int = 5,
+               tta: bool = False, device: str | torch.device = "cpu", max_iter: int | None = None,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray, Selection]:
+    """Fit `clf` on `data`; C=None chooses C by grouped CV. Returns W (K, D), b (K,) and the selection."""
+    grid = sorted(float(c) for c in grid)
+    K = len(data.classes)
+    if C is None:
+        fold, n_folds, strategy = cv_folds(data, folds, seed)
+    else:
+        fold, n_folds, strategy, grid = np.zeros(len(data.y), np.int64), 0, "fixed C", [float(C)]
+    sel = Selection(C=float(C) if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
+    if clf in TORCH_CLFS:
+        heldout = np.repeat(np.r_[np.arange(n_folds), -1], len(grid))  # fold models, then full-data models
+        Cs = np.tile(grid, n_folds + 1)
+        w_all, b_all, _ = _train_torch(data.features, data.y, K, fold, heldout, Cs, TORCH_CLFS[clf],
+                                       epochs=max_iter, device=device, seed=seed, **data.std_args)
+        fold_models = {f: (w_all[f * len(grid):(f + 1) * len(grid)], b_all[f * len(grid):(f + 1) * len(grid)])
+                       for f in range(n_folds)}
+    else:
+        x = data.features
+        fold_models = {f: _sklearn_path(clf, x[fold != f], data.y[fold != f], K, grid, seed, sel.notes)
+                       for f in range(n_folds)}
+    if n_folds:
+        scores = _fold_scores(data, fold, fold_models, tta)
+        best, mean = _pick(grid, scores)
+        sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
+    best = grid.index(sel.C)
+    if clf in TORCH_CLFS:
+        w, b = w_all[n_folds * len(grid) + best], b_all[n_folds * len(grid) + best]
+    else:
+        w, b = _sklearn_path(clf, data.features, data.y, K, [sel.C], seed, sel.notes)
+        w, b = w[0], b[0]
+    return w.astype(np.float64), b.astype(np.float64), sel
+
+
+def _fold_scores(data: TrainSet, fold: np.ndarray, fold_models: dict, tta: bool) -> np.ndarray:
+    """(n_folds, G) per-image accuracy of each fold's models on that fold's held-out images."""
+    preds = predict_images(data.features, data.groups, data.views, fold, fold_models, tta, **data.std_args)
+    return np.stack([(p == data.y[rows][:, None]).mean(axis=0) for rows, p in (preds[f] for f in sorted(fold_models))])
+
+
+# --------------------------------------------------------------------------- fit-head
+
+
+def parse_C(value) -> float | None:
+    """'auto' -> None (cross-validate); a positive number -> float; else CnnCodesError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        c = float(value)
+    except (TypeError, ValueError):
+        raise CnnCodesError(f"--C must be 'auto' or a positive number, got {value!r}") from None
+    if not (c > 0 and math.isfinite(c)):
+        raise CnnCodesError(f"--C must be 'auto' or a positive number, got {value!r}")
+    return c
+
+
+def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None = "auto", *, tta: bool = False,
+             folds: int = 5, grid: Sequence[float] = C_GRID, device: str = "auto", max_iter: int | None = None,
+             allow_unseen_classes: bool = False, seed: int = 0,
+             log: Callable[[str], None] | None = None) -> tuple[LinearHead, dict]:
+    """Fit a linear head on a cache's train split and report on every other split.
+
+    clf: svm | logreg | linear | linear-svm (see the module docstring). C: "auto" (grouped CV
+    on train only) or a number. tta: score held-out images by averaging all their stored
+    views. Returns the head and a JSON-friendly report. Held-out splits are read only after
+    the head is fitted (their labels are checked first for classes the head cannot learn).
+    """
+    from .runtime import resolve_device
+
+    log = log or (lambda m: None)
+    if clf not in CLFS:
+        raise CnnCodesError(f"unknown --clf '{clf}'; choose one of: {', '.join(CLFS)}")
+    fixed_C = parse_C(C)
+    dev = resolve_device(device)
+    if folds < 2:
+        raise CnnCodesError(f"--folds must be >= 2, got {folds}")
+    from .store import Cache
+
+    start = time.perf_counter()
+    with Cache(cache_path) as cache:
+        nbytes = cache.features("train").size * 4 if "train" in cache.splits else 0
+        if clf not in TORCH_CLFS and nbytes > SKLEARN_MAX_BYTES:
+            raise CnnCodesError(f"{cache.path}: train codes take {nbytes / 2**30:.1f} GiB; --clf {clf} holds them in memory "
+                                f"(limit {SKLEARN_MAX_BYTES / 2**30:.0f} GiB): use --clf linear or linear-svm, which stream from the cache")
+        data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
+        heldout = [s for s in cache.splits if s != "train"]
+        unseen = {s: _unseen(cache, s, data.classes, allow_unseen_classes) for s in heldout}
+        w, b, sel = fit_linear(data, clf, fixed_C, grid=grid, folds=folds, tta=tta, device=dev, max_iter=max_iter, seed=seed)
+        fit_seconds = time.perf_counter() - start
+        head = LinearHead(w, b, data.mean, data.scale, [cache.classes[i] for i in data.classes], clf, sel.C,
+                          _head_meta(cache, sel, tta))
+        log(f"fitted {clf} in {fit_seconds:.1f} s: C={sel.C:g}" + (f" (CV accuracy {sel.score:.4f}, {sel.strategy})" if sel.auto else ""))
+        report = {
+            "cache": str(cache.path), "clf": clf, "C": sel.C, "selection": sel.to_dict(), "tta": tta,
+            "fit_seconds": round(fit_seconds, 3), "device": str(dev),
+            "train": {"images": len(np.unique(data.groups)), "codes": len(data.y)},
+            "splits": {s: evaluate_split(head, cache, s, tta, data.classes, unseen[s]) for s in heldout},
+        }
+    if not heldout:
+        report["note"] = "no held-out split in the cache (only train): the CV accuracy is the only estimate"
+    return head, report
+
+
+def _unseen(cache, split: str, train_classes: np.ndarray, allow: bool) -> dict[str, int]:
+    """Images per class of `split` that has no training codes; refused unless `allow`."""
+    labels, views = cache.labels(split), cache.views(split)
+    missing = np.setdiff1d(np.unique(labels), train_classes)
+    counts = {cache.classes[c]: int(((labels == c) & (views == 0)).sum()) for c in missing}
+    if counts and not allow:
+        names = ", ".join(f"'{c}' ({n} images)" for c, n in counts.items())
+        raise CnnCodesError(f"{split} has class(es) {names} with no training codes, so a head cannot predict them; "
+                            f"add training images of them, remove them from {split}, or pass --allow-unseen-classes "
+                            f"to report with them counted as errors")
+    return counts
+
+
+def _head_meta(cache, sel: Selection, tta: bool) -> dict:
+    from . import __version__
+
+    cfg = cache.config
+    return {"arch": cfg.arch, "weights": cfg.weights, "weights_name": cfg.weights_name, "precision": cfg.precision,
+            "preprocessing": cfg.preprocessing, "feature_dim": cache.feature_dim, "cache": str(cache.path),
+            "cv": sel.to_dict(), "tta": tta, "cnncodes_version": __version__}
+
+
+def evaluate_split(head: LinearHead, cache, split: str, tta: bool, train_classes: np.ndarray | None = None,
+                   unseen: dict[str, int] | None = None) -> dict:
+    """Per-image accuracy, per-class precision/recall and the confusion matrix of `head` on a split."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    feats, labels, views, groups = cache.features(split), cache.labels(split), cache.views(split), cache.groups(split)
+    _check_contiguous(groups, cache.path, split)
+    if head.n_features != feats.shape[1]:
+        raise CnnCodesError(f"{cache.path}: {feats.shape[1]}-d codes but the head expects {head.n_features}-d")
+    lookup = {c: i for i, c in enumerate(cache.classes)}
+    to_cache = np.array([lookup[c] for c in head.classes])
+    preds = predict_images(feats, groups, views, np.zeros(len(labels), np.int64),
+                           {0: (head.coef[None], head.intercept[None])}, tta, split, head.mean, head.scale)
+    rows, pred = preds[0]
+    y_true, y_pred = labels[rows], to_cache[pred[:, 0]]
+    names = sorted(set(y_true.tolist()) | set(to_cache.tolist()))
+    p, r, _, support = precision_recall_fscore_support(y_true, y_pred, labels=names, zero_division=0)
+    used = len(labels) if tta else len(rows)
+    return {
+        "images": len(rows),
+        "views_per_image": round(used / max(len(rows), 1), 3),  # > 1 only with tta and stored eval views
+        "accuracy": float((y_true == y_pred).mean()) if len(rows) else float("nan"),
+        "correct": int((y_true == y_pred).sum()),
+        "per_class": {cache.classes[c]: {"precision": float(pi), "recall": float(ri), "support": int(si)}
+                      for c, pi, ri, si in zip(names, p, r, support)},
+        "confusion": {"labels": [cache.classes[c] for c in names],
+                      "matrix": confusion_matrix(y_true, y_pred, labels=names).tolist()},
+        "unseen_classes": unseen or {},
+    }
+
+
+# --------------------------------------------------------------------------- synthetic caches (tests, benchmarks)
+
+
+def write_synthetic_cache(path: str | Path, images: dict[str, int], dim: int = 512, n_classes: int = 10,
+                          views: int = 0, eval_views: int = 0, separation: float = 3.0, seed: int = 0) -> Path:
+    """Write a cache in the `store` format with Gaussian class clusters, without holding it in memory.
+
+    images: {split: number of source images}; train images get 1 + `views` rows, others
+    1 + `eval_views`. Rows are sorted by class then image then view, like a real cache.
+    `separation` is the distance between class means in units of the per-image noise.
+    """
+    from . import __version__
+    from .data import Preprocessing
+    from .store import FORMAT, FORMAT_VERSION, ROW_CHUNK, STR, CacheConfig
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_classes, dim)) * separation / np.sqrt(2)
+    classes = [f"class{k:03d}" for k in range(n_classes)]
+    config = CacheConfig("resnet18", "none:seed0", "none", "fp32", Preprocessing().to_dict(), views, eval_views, seed)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_json(),
+                        "preprocessing": json.dumps(config.preprocessing), "classes": json.dumps(classes),
+                        "feature_dim": dim, "cnncodes_version": __version__, "torch_version": str(torch.__version__),
+                        "torchvision_version": "synthetic"})
+        for key in ("arch", "weights", "weights_name", "precision", "views", "eval_views", "seed"):
+            f.attrs[key] = getattr(config, key)
+        for s_i, (split, n_img) in enumerate(images.items()):
+            per = 1 + (views if split == "train" else eval_views)
+            _synthetic_split(f.create_group(split), n_img, per, centers, classes, ROW_CHUNK, STR, seed + 7919 * (s_i + 1))
+    return path
+
+
+def _synthetic_split(g: h5py.Group, n_img: int, per: int, centers: np.ndarray, classes: list[str],
+                     chunk: int, str_dtype, seed: int) -> None:
+    n, dim = n_img * per, centers.shape[1]
+    label_of_image = (np.arange(n_img) * len(classes)) // max(n_img, 1)  # sorted by class, like a folder
+    feats = g.create_dataset("features", shape=(n, dim), dtype=np.float32, maxshape=(None, dim),
+                             chunks=(min(chunk, max(n, 1)), dim) if n else None)
+    step = max(1, (8 << 20) // (4 * dim * per))  # images per write: ~8 MB
+    for lo in range(0, n_img, step):
+        hi = min(lo + step, n_img)
+        rng = np.random.default_rng([seed, lo])
+        base = centers[label_of_image[lo:hi]] + rng.normal(size=(hi - lo, dim))
+        rows = np.repeat(base, per, axis=0) + 0.3 * rng.normal(size=((hi - lo) * per, dim))
+        feats[lo * per:hi * per] = np.maximum(rows + 1.0, 0).astype(np.float32)  # ReLU codes are >= 0
+    image_paths = np.array([f"{classes[c]}/{i:07d}.jpg" for i, c in enumerate(label_of_image)], dtype=object)
+    g.create_dataset("labels", data=np.repeat(label_of_image, per).astype(np.int64))
+    g.create_dataset("paths", data=np.repeat(image_paths, per), dtype=str_dtype)
+    g.create_dataset("views", data=np.tile(np.arange(per), n_img).astype(np.int16))
+    files, skipped = g.create_group("files"), g.create_group("skipped")
+    files.create_dataset("paths", data=image_paths, dtype=str_dtype)
+    files.create_dataset("size", data=np.zeros(n_img, np.int64))
+    files.create_dataset("mtime_ns", data=np.zeros(n_img, np.int64))
+    skipped.create_dataset("paths", data=np.array([], dtype=object), dtype=str_dtype)
+    skipped.create_dataset("reasons", data=np.array([], dtype=object), dtype=str_dtype)

@@ -1,0 +1,325 @@
+"""Predict with a head (.h5 from `fit-head`) or a classifier (.pt from `finetune`/`export`); export heads.
+
+A head becomes a plain torchvision classifier by folding its standardiser and weights into
+the backbone's `fc` (`head_to_model`): `predict` runs that model, and `export` saves it with
+`classifier.save_classifier`, so both give the same scores by construction.
+
+The `score` of a prediction is softmax(class scores): a probability for logreg/linear heads
+and for fine-tuned classifiers; for svm heads, softmax of the SVM decision scores (a monotone
+confidence, not a calibrated probability).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import WeightsInfo, create_model, resolve_weights
+from .data import (
+    IMAGE_EXTENSIONS,
+    SPLIT_NAMES,
+    ImageFiles,
+    Normalize,
+    Preprocessing,
+    default_workers,
+    make_loader,
+)
+from .errors import CnnCodesError
+from .heads import LinearHead
+from .runtime import autocast, check_precision, configure_threads, resolve_device
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass
+class Model:
+    """A ready-to-run classifier: torchvision model, class names, eval preprocessing."""
+
+    module: nn.Module
+    classes: list[str]
+    preprocessing: Preprocessing
+    arch: str
+    kind: str  # "head" or "classifier"
+    precision: str = "fp32"  # what the codes of a head were extracted with
+    source: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- heads -> torchvision models
+
+
+def head_weights(head: LinearHead, weights: str | None) -> WeightsInfo:
+    """Resolve the backbone weights for a head, refusing weights other than those it was trained on."""
+    arch, identity, name = head.meta.get("arch"), head.meta.get("weights"), head.meta.get("weights_name")
+    if not arch or not identity:
+        raise CnnCodesError("head file does not record its backbone (arch/weights attributes); re-fit it with `cnncodes fit-head`")
+    if weights is None:
+        if identity.startswith("file:") and not Path(name).is_file():
+            raise CnnCodesError(f"head was trained on codes of weights file {name} ({identity}), which is not there; "
+                                f"pass --weights PATH to a copy of it")
+        weights = name
+    info = resolve_weights(arch, weights)
+    if info.identity != identity:
+        raise CnnCodesError(f"head was trained on codes of weights {name} ({identity}), you gave {weights} "
+                            f"({info.identity}); pass the weights the cache was extracted with")
+    return info
+
+
+def head_to_model(head: LinearHead, weights: str | None = None) -> nn.Module:
+    """The head's backbone with `fc` = the head (standardiser folded in), in eval mode."""
+    info = head_weights(head, weights)
+    module, _ = create_model(head.meta["arch"], info.name if info.kind != "none" else "none")
+    if module.fc.in_features != head.n_features:
+        raise CnnCodesError(f"head expects {head.n_features}-d codes but {head.meta['arch']} gives {module.fc.in_features}-d")
+    w, b = head.folded()
+    module.fc = nn.Linear(head.n_features, len(head.classes))
+    with torch.no_grad():
+        module.fc.weight.copy_(torch.from_numpy(w))
+        module.fc.bias.copy_(torch.from_numpy(b))
+    return module.eval()
+
+
+def is_head_file(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def load_model(path: str | Path, weights: str | None = None) -> Model:
+    """A head (.h5, with its backbone) or a saved classifier (.pt + .json), ready to predict."""
+    from .classifier import load_classifier, meta_preprocessing
+
+    path = Path(path)
+    if not path.is_file():
+        raise CnnCodesError(f"{path}: no such file; pass a head from `cnncodes fit-head` or a classifier .pt")
+    if is_head_file(path):
+        head = LinearHead.load(path)
+        return Model(head_to_model(head, weights), head.classes, Preprocessing.from_dict(head.meta["preprocessing"]),
+                     head.meta["arch"], "head", head.meta.get("precision", "fp32"),
+                     {"head": str(path), "clf": head.clf, "C": head.C, "weights": head.meta["weights"]})
+    if weights is not None:
+        raise CnnCodesError(f"{path}: --weights applies to heads (.h5); a classifier .pt carries its own weights")
+    module, meta = load_classifier(path)
+    return Model(module, list(meta["classes"]), meta_preprocessing(meta), meta["arch"], "classifier", "fp32",
+                 meta.get("source", {}))
+
+
+def export_head(head_path: str | Path, out: str | Path, weights: str | None = None) -> Path:
+    """Fold a head into its backbone and save a classifier (state_dict + JSON) with `save_classifier`."""
+    from .classifier import ensure_pt_suffix, save_classifier
+
+    if not is_head_file(head_path):
+        raise CnnCodesError(f"{head_path}: not a head file (.h5 from `cnncodes fit-head`); a classifier .pt needs no export")
+    head = LinearHead.load(head_path)
+    module = head_to_model(head, weights)
+    out = ensure_pt_suffix(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = {"from": "head", "head": str(head_path), "clf": head.clf, "C": head.C, "weights": head.meta["weights"],
+              "weights_name": head.meta["weights_name"], "precision": head.meta.get("precision", "fp32")}
+    save_classifier(module, out, head.meta["arch"], head.classes, Preprocessing.from_dict(head.meta["preprocessing"]), source)
+    return out
+
+
+# --------------------------------------------------------------------------- running a model over files
+
+
+@torch.inference_mode()
+def run_model(module: nn.Module, root: str | Path, paths: Sequence[str], pre: Preprocessing, *,
+              device: str | torch.device = "auto", precision: str = "fp32", batch_size: int = 32,
+              workers: int | None = None, channels_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
+    """Yield (indices, float32 outputs, [(index, reason) of bad files]) per batch of `paths` under `root`.
+
+    Reuses the extraction plumbing: `ImageFiles` (bad files reported, never raised),
+    `make_loader`, on-device `Normalize` and `autocast`.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else device
+    check_precision(precision, dev)
+    configure_threads(dev)
+    module = module.to(dev).eval()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    normalize = Normalize(pre.mean, pre.std, channels_last).to(dev)
+    dataset = ImageFiles(root, paths, pre.load, lambda img, _: pre.eval_view(img))
+    loader = make_loader(dataset, batch_size, default_workers(dev) if workers is None else workers, dev)
+    for batch in loader:
+        out = np.zeros((0, 0), np.float32)
+        if len(batch.indices):
+            with autocast(dev, precision):
+                out = module(normalize(batch.images.to(dev, non_blocking=True))).float().cpu().numpy()
+        yield batch.indices.numpy(), out, batch.failed
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Item:
+    """One input image: its path, how to show it, and its true class when the folder says so."""
+
+    path: Path
+    name: str
+    true: str | None = None
+    split: str | None = None
+
+
+def collect_inputs(inputs: Sequence[str | Path], classes: Sequence[str]) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Image files and folders -> items (+ (path, reason) for inputs that are not usable).
+
+    In a folder, an image whose parent folder is named like a class of the model is
+    labelled with it (DIR/<class>/x.jpg, DIR/val/<class>/x.jpg); a first-level folder named
+    train/val/test is recorded as its split. Files with non-image extensions are skipped.
+    """
+    items, skipped = [], []
+    known = set(classes)
+    for given in inputs:
+        p = Path(given)
+        if p.is_file():
+            items.append(Item(p, str(p)))
+        elif p.is_dir():
+            for f in _walk_images(p, skipped):
+                rel = f.relative_to(p)
+                true = rel.parent.name if rel.parent.name in known else None
+                split = rel.parts[0] if len(rel.parts) > 2 and rel.parts[0].lower() in SPLIT_NAMES else None
+                items.append(Item(f, str(f), true, split))
+        else:
+            skipped.append((str(p), "no such file or folder"))
+    return items, skipped
+
+
+def _walk_images(folder: Path, skipped: list) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            f = Path(dirpath) / name
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                out.append(f)
+            else:
+                skipped.append((str(f), f"not an image (unsupported extension '{f.suffix or '(none)'}')"))
+    return out
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@dataclass
+class Predictions:
+    """What `predict` found: one row per usable image, skipped inputs, accuracy when labelled."""
+
+    rows: list[dict]
+    skipped: list[tuple[str, str]]
+    classes: list[str]
+    scores: np.ndarray  # (n, K) raw class scores (logits / decision scores), rows order
+
+    def accuracy(self) -> dict[str, dict]:
+        """{"all" or split: {"accuracy", "correct", "images"}} over images with a known class."""
+        groups: dict[str, list[dict]] = {}
+        for r in self.rows:
+            if r["true"] is not None:
+                groups.setdefault("all", []).append(r)
+                if r["split"]:
+                    groups.setdefault(r["split"], []).append(r)
+        if len({r["split"] for r in groups.get("all", [])}) <= 1:
+            groups = {"all": groups["all"]} if "all" in groups else {}
+        return {k: {"accuracy": sum(r["pred"] == r["true"] for r in v) / len(v),
+                    "correct": sum(r["pred"] == r["true"] for r in v), "images": len(v)} for k, v in groups.items()}
+
+
+def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: str | None = None, device: str = "auto",
+            precision: str | None = None, batch_size: int = 32, workers: int | None = None) -> Predictions:
+    """Classify image files and/or folders with a head or a classifier (see the module docstring).
+
+    precision: None = the head's extraction precision (fp32 for classifiers; bf16 where fp16 is
+    not available on the device).
+    """
+    model = load_model(model_path, weights)
+    items, skipped = collect_inputs(inputs, model.classes)
+    if not items:
+        raise CnnCodesError("no images to predict: pass image files or folders holding images"
+                            + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    dev = resolve_device(device)
+    precision = precision or model.precision
+    if precision == "fp16" and dev.type != "cuda":
+        precision = "bf16"
+    scores = np.full((len(items), len(model.classes)), np.nan, np.float32)
+    ok = np.zeros(len(items), bool)
+    for idx, out, failed in run_model(model.module, "/", [str(i.path.resolve()) for i in items], model.preprocessing,
+                                      device=dev, precision=precision, batch_size=batch_size, workers=workers):
+        scores[idx], ok[idx] = out, True
+        skipped += [(items[i].name, reason) for i, reason in failed]
+    return _predictions(items, ok, scores, skipped, model.classes)
+
+
+def _predictions(items: list[Item], ok: np.ndarray, scores: np.ndarray, skipped, classes: list[str]) -> Predictions:
+    good = np.flatnonzero(ok)
+    probs = _softmax(scores[good].astype(np.float64))
+    rows = [{"path": items[i].name, "pred": classes[int(p.argmax())], "score": float(p.max()),
+             "true": items[i].true, "split": items[i].split} for i, p in zip(good, probs)]
+    return Predictions(rows, skipped, classes, scores[good])
+
+
+def _softmax(s: np.ndarray) -> np.ndarray:
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def write_predictions(preds: Predictions, out: str | Path) -> None:
+    """CSV (path, pred, score, true) or JSON (rows, skipped, accuracy) by the file suffix."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps({"classes": preds.classes, "predictions": preds.rows,
+                                   "skipped": [{"path": p, "reason": r} for p, r in preds.skipped],
+                                   "accuracy": preds.accuracy()}, indent=2))
+        return
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "pred", "score", "true"])
+        for r in preds.rows:
+            writer.writerow([r["path"], r["pred"], f"{r['score']:.6f}", r["true"] or ""])
+
+
+def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -> Path:
+    """A grid of a random sample of images titled with predicted (and true) class; wrong in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import BadImage, load_rgb
+
+    rows = preds.rows
+    pick = sorted(np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False).tolist())
+    cols = min(4, len(pick))
+    lines = int(np.ceil(len(pick) / cols))
+    fig, axes = plt.subplots(lines, cols, figsize=(3 * cols, 3.2 * lines), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), pick):
+        r = rows[i]
+        try:
+            img = load_rgb(r["path"], 256)
+            img.thumbnail((256, 256))
+            ax.imshow(img)
+        except BadImage:
+            pass
+        title = f"pred: {r['pred']} ({r['score']:.2f})" + (f"\ntrue: {r['true']}" if r["true"] else "")
+        wrong = r["true"] is not None and r["true"] != r["pred"]
+        ax.set_title(title, fontsize=9, color="red" if wrong else "black")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
