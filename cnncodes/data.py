@@ -434,6 +434,10 @@ def make_loader(
     generator: torch.Generator | None = None,
 ) -> DataLoader:
     """A DataLoader with pinned memory on CUDA, quiet workers and skipping collation."""
+    if workers:
+        # Share batches by shm name, not by passing fds through multiprocessing's resource_sharer
+        # thread, which prints tracebacks when Ctrl-C lands mid-handoff.
+        torch.multiprocessing.set_sharing_strategy("file_system")
     return DataLoader(
         dataset,
         batch_size=batch_size,

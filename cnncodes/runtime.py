@@ -15,6 +15,8 @@ import torch
 from .errors import CnnCodesError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -61,9 +63,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash or error leaves the old file untouched and removes the temporary one.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as e:
+        raise CnnCodesError(f"{path}: cannot write here ({e.strerror}); check the folder exists and is writable") from e
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should read like any new file
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
@@ -72,8 +78,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise CnnCodesError(f"{path}: no space left while writing ({e.strerror}); free disk space and rerun; the previous file is intact") from e
+        if isinstance(e, (OSError, RuntimeError)):  # h5py/torch report a full disk as either
+            full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "too large" in str(e) or "space" in str(e)
+            hint = "no space left (or file size limit)" if full else str(e).splitlines()[0]
+            raise CnnCodesError(f"{path}: write failed: {hint}; free disk space and rerun; the previous {path.name}, if any, is intact") from e
         raise
 
 
