@@ -341,8 +341,8 @@ def _batches_per_epoch(n: int, d: int, batch_size: int, block_bytes: int) -> int
 
 
 def auto_epochs(n: int, batch_size: int, target_steps: int = 1000) -> int:
-    """Enough epochs for ~`target_steps` Adam steps, at least 3 passes, at most 200."""
-    return int(min(200, max(3, math.ceil(target_steps * batch_size / max(n, 1)))))
+    """Enough epochs for ~`target_steps` Adam steps, and at least 3 passes over the data."""
+    return max(3, math.ceil(target_steps / math.ceil(max(n, 1) / batch_size)))
 
 
 class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
@@ -729,8 +729,11 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
 
 def _unseen(cache, split: str, train_classes: np.ndarray, allow: bool) -> dict[str, int]:
     """Images per class of `split` that has no training codes; refused unless `allow`."""
-    labels, views = cache.labels(split), cache.views(split)
+    labels = cache.labels(split)
     missing = np.setdiff1d(np.unique(labels), train_classes)
+    if not len(missing):
+        return {}
+    views = cache.views(split)
     counts = {cache.classes[c]: int(((labels == c) & (views == 0)).sum()) for c in missing}
     if counts and not allow:
         names = ", ".join(f"'{c}' ({n} images)" for c, n in counts.items())
@@ -817,8 +820,8 @@ def _synthetic_split(g: h5py.Group, n_img: int, per: int, centers: np.ndarray, c
                      chunk: int, str_dtype, seed: int) -> None:
     n, dim = n_img * per, centers.shape[1]
     label_of_image = (np.arange(n_img) * len(classes)) // max(n_img, 1)  # sorted by class, like a folder
-    feats = g.create_dataset("features", shape=(n, dim), dtype=np.float32, maxshape=(None, dim),
-                             chunks=(min(chunk, max(n, 1)), dim) if n else None)
+    feats = g.create_dataset("features", shape=(n, dim), dtype=np.float32, maxshape=(None, dim) if n else None,
+                             chunks=(min(chunk, n), dim) if n else None)
     step = max(1, (8 << 20) // (4 * dim * per))  # images per write: ~8 MB
     for lo in range(0, n_img, step):
         hi = min(lo + step, n_img)

@@ -87,6 +87,9 @@ def head_to_model(head: LinearHead, weights: str | None = None) -> nn.Module:
 
 
 def is_head_file(path: str | Path) -> bool:
+    """An .h5/.hdf5 name or the HDF5 signature: heads are HDF5, classifiers are torch .pt files."""
+    if Path(path).suffix.lower() in (".h5", ".hdf5"):
+        return True
     try:
         with open(path, "rb") as f:
             return f.read(8) == HDF5_SIGNATURE

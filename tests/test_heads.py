@@ -1,0 +1,287 @@
+"""fit-head: every --clf, grouped CV that never touches val, the HDF5 head format, bad inputs, sklearn API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cnncodes import heads
+from cnncodes.errors import CnnCodesError
+from cnncodes.heads import (
+    LinearHead,
+    TorchLinearClassifier,
+    fit_head,
+    write_synthetic_cache,
+)
+from cnncodes.store import Cache
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """3 classes, 40 train images x 3 views, 20 val images x 3 views, 16-d codes."""
+    path = tmp_path_factory.mktemp("syn") / "syn.h5"
+    return write_synthetic_cache(path, {"train": 40, "val": 20}, dim=16, n_classes=3, views=2, eval_views=2,
+                                 separation=2.5, seed=1)
+
+
+def copy_cache(src: Path, dst: Path, edit=None) -> Path:
+    """A copy of a cache, optionally edited in place with `edit(h5py.File)`."""
+    shutil.copy(src, dst)
+    if edit:
+        with h5py.File(dst, "r+") as f:
+            edit(f)
+    return dst
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@pytest.mark.parametrize("clf", heads.CLFS)
+def test_each_clf_fits_reports_and_predicts(synthetic, clf):
+    head, report = fit_head(synthetic, clf, "auto", device="cpu")
+    val = report["splits"]["val"]
+    assert head.coef.shape == (3, 16) and head.intercept.shape == (3,)
+    assert head.C in heads.C_GRID and report["selection"]["cv_score"] > 0.8
+    assert val["images"] == 20 and val["accuracy"] > 0.8
+    assert sum(map(sum, val["confusion"]["matrix"])) == 20
+    assert set(val["per_class"]) == {"class000", "class001", "class002"}
+    with Cache(synthetic) as c:  # the report is per image on the plain view: recompute it from the head
+        x, y, v = c.features("val")[()], c.labels("val"), c.views("val")
+    assert np.isclose((head.predict(x[v == 0]) == y[v == 0]).mean(), val["accuracy"])
+
+
+def test_fixed_C_and_tta(synthetic):
+    head, report = fit_head(synthetic, "logreg", 0.1, tta=True)
+    assert head.C == 0.1 and not report["selection"]["auto"]
+    assert report["splits"]["val"]["views_per_image"] == 3  # plain view + 2 eval views averaged
+
+
+def test_only_train_split_reports_cv(tmp_path):
+    path = write_synthetic_cache(tmp_path / "t.h5", {"train": 30}, dim=8, n_classes=2)
+    _, report = fit_head(path, "svm")
+    assert report["splits"] == {} and "no held-out split" in report["note"]
+    assert report["selection"]["cv_score"] is not None
+
+
+def test_torch_head_matches_logreg_objective(synthetic):
+    """The torch softmax head minimises the same objective as LogisticRegression(C)."""
+    from sklearn.linear_model import LogisticRegression
+
+    with Cache(synthetic) as c:
+        x, y = c.load("train")
+    x = (x - x.mean(0)) / x.std(0)
+
+    def objective(model, C):  # mean cross-entropy + ||W||^2 / (2 C n): LogisticRegression's, divided by C n
+        p = heads.softmax(x @ model.coef_.T + model.intercept_)
+        return -np.log(p[np.arange(len(y)), y]).mean() + (model.coef_ ** 2).sum() / (2 * C * len(y))
+
+    for C in (0.01, 0.3):
+        sk = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(x, y)
+        th = TorchLinearClassifier(C=C).fit(x, y)
+        assert objective(th, C) < objective(sk, C) * 1.02 + 1e-3
+        assert (th.predict(x) == sk.predict(x)).mean() > 0.97
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+def test_cv_folds_never_split_the_views_of_an_image(synthetic, monkeypatch):
+    with Cache(synthetic) as c:
+        data = heads.load_train(c)
+    for holdout_above in (10**9, 10):  # k-fold, then the held-out tenth used at scale
+        monkeypatch.setattr(heads, "HOLDOUT_ABOVE", holdout_above)
+        fold, n_folds, _ = heads.cv_folds(data, 5, seed=0)
+        assert n_folds == (5 if holdout_above > 10 else 1)
+        for g in np.unique(data.groups):
+            assert len(np.unique(fold[data.groups == g])) == 1
+        held = fold == 0
+        assert set(np.unique(data.y[held])) == {0, 1, 2}  # stratified
+        assert not set(data.groups[held]) & set(data.groups[~held])
+
+
+def test_auto_C_does_not_read_val_before_the_head_is_fitted(synthetic, monkeypatch):
+    events: list[tuple[str, str]] = []
+    for method in ("features", "load", "views", "groups", "paths"):
+        original = getattr(Cache, method)
+
+        def spy(self, split, _original=original, _method=method):
+            events.append((_method, split))
+            return _original(self, split)
+
+        monkeypatch.setattr(Cache, method, spy)
+    fit_head(synthetic, "linear", "auto", log=lambda m: events.append(("log", m)))
+    fitted = next(i for i, e in enumerate(events) if e[0] == "log" and e[1].startswith("fitted"))
+    assert all(split != "val" for _, split in events[:fitted])  # labels are the only val read before (class check)
+    assert ("features", "val") in events[fitted:]
+
+
+def test_auto_C_is_unchanged_when_val_codes_change(synthetic, tmp_path):
+    def scramble(f):
+        ds = f["val/features"]
+        ds[...] = np.random.default_rng(0).normal(size=ds.shape).astype(np.float32)
+
+    other = copy_cache(synthetic, tmp_path / "scrambled.h5", scramble)
+    for clf in ("logreg", "linear"):
+        a, ra = fit_head(synthetic, clf, max_iter=100)
+        b, rb = fit_head(other, clf, max_iter=100)
+        assert ra["selection"]["cv_scores"] == rb["selection"]["cv_scores"] and a.C == b.C
+        np.testing.assert_array_equal(a.coef, b.coef)
+        assert ra["splits"]["val"]["accuracy"] > rb["splits"]["val"]["accuracy"]
+
+
+# --------------------------------------------------------------------------- the head file
+
+
+def test_head_file_is_plain_hdf5_and_round_trips(synthetic, tmp_path):
+    head, _ = fit_head(synthetic, "svm", 0.01)
+    path = tmp_path / "head.h5"
+    head.save(path)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "cnncodes-head" and f.attrs["arch"] == "resnet18"
+        kinds = {}
+        f.visititems(lambda name, obj: kinds.__setitem__(name, obj))
+        assert set(kinds) == {"coef", "intercept", "mean", "scale", "classes"}
+        for name, ds in kinds.items():
+            assert isinstance(ds, h5py.Dataset)
+            assert ds.dtype.kind == "f" or h5py.check_string_dtype(ds.dtype) is not None, name
+        for value in f.attrs.values():
+            assert isinstance(value, (str, bytes, int, float, np.integer, np.floating)), value
+    loaded = LinearHead.load(path)
+    with Cache(synthetic) as c:
+        x = c.features("val")[()]
+    np.testing.assert_allclose(loaded.decision_function(x), head.decision_function(x), rtol=1e-5, atol=1e-5)
+    assert loaded.classes == head.classes and loaded.clf == "svm" and loaded.C == 0.01
+    assert loaded.meta["weights"] == "none:seed0" and loaded.meta["preprocessing"]["crop"] == 224
+
+
+def test_folded_form_equals_standardise_then_linear(synthetic):
+    head, _ = fit_head(synthetic, "logreg", 1.0)
+    w, b = head.folded()
+    x = np.random.default_rng(0).normal(size=(5, 16))
+    np.testing.assert_allclose(x @ w.T + b, head.decision_function(x), rtol=1e-9, atol=1e-9)
+
+
+def test_binary_models_become_two_symmetric_rows():
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.random.default_rng(0).normal(size=(60, 4))
+    y = (x[:, 0] > 0).astype(int)
+    lr = LogisticRegression().fit(x, y)
+    coef, icpt = heads.as_class_rows(lr.coef_, lr.intercept_)
+    np.testing.assert_allclose(heads.softmax(x @ coef.T + icpt), lr.predict_proba(x), rtol=1e-9)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"not an hdf5 file"), "not a readable HDF5 head file"),
+    (lambda p: h5py.File(p, "w").close(), "not a cnncodes head"),
+    (lambda p: write_synthetic_cache(p, {"train": 4}, dim=4, n_classes=2), "a cnncodes cache, not a head"),
+])
+def test_corrupt_or_foreign_head_files_are_refused(tmp_path, make, message):
+    path = tmp_path / "head.h5"
+    make(path)
+    with pytest.raises(CnnCodesError, match=message):
+        LinearHead.load(path)
+
+
+def test_damaged_head_shapes_are_refused(synthetic, tmp_path):
+    head, _ = fit_head(synthetic, "logreg", 1.0)
+    head.save(tmp_path / "h.h5")
+    with h5py.File(tmp_path / "h.h5", "r+") as f:
+        del f["intercept"]
+        f["intercept"] = np.zeros(7, np.float32)
+    with pytest.raises(CnnCodesError, match=r"damaged head file \('intercept' has shape \(7,\)"):
+        LinearHead.load(tmp_path / "h.h5")
+
+
+# --------------------------------------------------------------------------- bad input through the CLI
+
+
+def _bad_caches(root: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    def nan_rows(split):
+        def edit(f):
+            f[f"{split}/features"][[0, 3, 5]] = np.nan
+        return edit
+
+    def drop_class_from_train(f):
+        labels = f["train/labels"][()]
+        f["train/labels"][...] = np.where(labels == 2, 0, labels)
+
+    return {
+        "empty train": (write_synthetic_cache(root / "empty.h5", {"train": 0, "val": 3}, dim=4, n_classes=2),
+                        "the train split has no codes"),
+        "one class": (write_synthetic_cache(root / "one.h5", {"train": 5, "val": 3}, dim=4, n_classes=1),
+                      "only one class ('class000')"),
+        "no train": (write_synthetic_cache(root / "notrain.h5", {"val": 5}, dim=4, n_classes=2), "no 'train' split"),
+        "nan train": (copy_cache(good, root / "nan.h5", nan_rows("train")), "train: 3 of 120 codes hold NaN/inf"),
+        "nan val": (copy_cache(good, root / "nanval.h5", nan_rows("val")), "val: 2 of 20 codes hold NaN/inf"),
+        "unseen val class": (copy_cache(good, root / "unseen.h5", drop_class_from_train),
+                             "val has class(es) 'class002' (6 images) with no training codes"),
+    }
+
+
+def test_bad_caches_give_one_line_errors(cli, synthetic, tmp_path):
+    for case, (cache, message) in _bad_caches(tmp_path, synthetic).items():
+        proc = cli("fit-head", cache, "-o", tmp_path / "h.h5", "--clf", "logreg", check=False)
+        assert proc.returncode == 2, (case, proc.stderr)
+        assert message in proc.stderr, (case, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert "Traceback" not in proc.stderr and lines[-1].startswith("error: "), (case, proc.stderr)
+        assert sum(line.startswith("error") for line in lines) == 1, (case, proc.stderr)
+        assert not (tmp_path / "h.h5").exists()
+
+
+def test_unseen_class_can_be_reported_as_errors(synthetic, tmp_path):
+    cache, _ = _bad_caches(tmp_path, synthetic)["unseen val class"]
+    head, report = fit_head(cache, "logreg", 1.0, allow_unseen_classes=True)
+    val = report["splits"]["val"]
+    assert head.classes == ["class000", "class001"] and val["unseen_classes"] == {"class002": 6}
+    assert val["per_class"]["class002"]["recall"] == 0 and val["correct"] <= 14
+
+
+def test_cli_fit_head_writes_head_json_and_confusion(cli, synthetic, tmp_path):
+    proc = cli("fit-head", synthetic, "-o", tmp_path / "h.h5", "--clf", "svm", "--tta",
+               "--json", tmp_path / "r.json", "--confusion", tmp_path / "c.png")
+    assert "val: accuracy" in proc.stdout and "chosen by 5-fold" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tta"] and report["splits"]["val"]["views_per_image"] == 3
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert LinearHead.load(tmp_path / "h.h5").clf == "svm"
+
+
+# --------------------------------------------------------------------------- scikit-learn conventions
+
+
+def test_torch_head_in_pipeline_and_grid_search():
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_iris(return_X_y=True)
+    pipe = make_pipeline(StandardScaler(), TorchLinearClassifier(lr=0.1, max_iter=100))
+    search = GridSearchCV(pipe, {"torchlinearclassifier__C": [0.01, 1.0], "torchlinearclassifier__loss": ["softmax", "hinge"]},
+                          cv=3).fit(x, y)
+    best = search.best_estimator_[-1]
+    assert search.best_score_ > 0.9 and best.coef_.shape == (3, 4) and best.intercept_.shape == (3,)
+    assert list(best.classes_) == [0, 1, 2] and best.n_iter_ == 100
+
+
+def _expected_failures(estimator) -> dict[str, str]:
+    return {}  # every applicable check passes (two are skipped: no pandas, SCIPY_ARRAY_API unset)
+
+
+try:
+    from sklearn.utils.estimator_checks import parametrize_with_checks
+except ImportError:  # pragma: no cover
+    parametrize_with_checks = None
+
+
+@parametrize_with_checks([TorchLinearClassifier(max_iter=10), TorchLinearClassifier(loss="hinge", max_iter=10)],
+                         expected_failed_checks=_expected_failures)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
