@@ -7,3 +7,7 @@ class CnnCodesError(Exception):
 
 class Interrupted(CnnCodesError):
     """The run was stopped by the user (Ctrl-C); the message says how to resume."""
+
+
+class WriteFailed(CnnCodesError):
+    """A file could not be written (disk full, size limit, permissions); the old file is intact."""

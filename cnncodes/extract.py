@@ -24,7 +24,7 @@ from . import __version__, distributed
 from .backbones import create_extractor, default_preprocessing, resolve_weights
 from .data import FolderLayout, ImageFile, ImageFiles, Normalize, Preprocessing, default_workers, discover, make_loader, view_seed
 from .errors import CnnCodesError, Interrupted
-from .runtime import FileLock, atomic_path, autocast, check_precision, configure_threads, resolve_device
+from .runtime import FileLock, atomic_path, check_space, autocast, check_precision, configure_threads, resolve_device
 from .store import Cache, CacheConfig, RowSource, SplitPlan, SplitRows, read_shard, write_cache, write_shard
 
 
@@ -146,6 +146,7 @@ def _extract_locked(layout, out, parts, config, pre, dev, overwrite, batch_size,
             else:
                 dim = done.feature_dim or (old.feature_dim if old is not None else 0)
                 versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
+                check_space(out, _cache_bytes(plans, dim), f"; finished work is kept in {parts}")
                 write_cache(out, config, layout.classes, dim, plans, versions)
             done.close()
             shutil.rmtree(parts, ignore_errors=True)
@@ -153,6 +154,13 @@ def _extract_locked(layout, out, parts, config, pre, dev, overwrite, batch_size,
             result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}
         distributed.barrier()  # other ranks return only once the cache is complete
     return result
+
+
+def _cache_bytes(plans: dict[str, SplitPlan], dim: int) -> int:
+    """A generous estimate of the cache's size: codes plus per-row and per-file records."""
+    rows = sum(p.rows for p in plans.values())
+    files = sum(len(p.files) + len(p.skipped) for p in plans.values())
+    return int(1.1 * rows * (4 * dim + 160) + 300 * files + (1 << 20))
 
 
 def _deal(files: list[ImageFile], batch_size: int) -> list[ImageFile]:
@@ -202,7 +210,8 @@ def _open_existing(out: Path, config: CacheConfig, overwrite: bool) -> Cache | N
 def _prepare_parts(parts: Path, config: CacheConfig, overwrite: bool) -> None:
     """The parts folder holds shards of one configuration; a stale one is refused or cleared."""
     stamp = parts / "config.json"
-    if parts.exists() and (overwrite or not stamp.exists()):
+    no_work = not any(parts.glob("*.h5"))  # e.g. a run that failed before its first batch
+    if parts.exists() and (overwrite or no_work or not stamp.exists()):
         shutil.rmtree(parts)
     if parts.exists():
         try:

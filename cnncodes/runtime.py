@@ -6,13 +6,16 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .errors import CnnCodesError
+from .errors import CnnCodesError, WriteFailed
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _UMASK = os.umask(0o022)
@@ -81,8 +84,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, (OSError, RuntimeError)):  # h5py/torch report a full disk as either
             full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "too large" in str(e) or "space" in str(e)
             hint = "no space left (or file size limit)" if full else str(e).splitlines()[0]
-            raise CnnCodesError(f"{path}: write failed: {hint}; free disk space and rerun; the previous {path.name}, if any, is intact") from e
+            _quiet_h5py_teardown()
+            raise WriteFailed(f"{path}: write failed: {hint}; free disk space and rerun; the previous {path.name}, if any, is intact") from e
         raise
+
+
+def _quiet_h5py_teardown() -> None:
+    """After a failed write HDF5 objects complain as they are freed; the error is already reported."""
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if "h5py" not in repr(unraisable.object):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def check_space(path: str | os.PathLike, needed: int, keep_note: str = "") -> None:
+    """Refuse before writing `needed` bytes beside `path` if the disk or the file size limit is short.
+
+    Failing here is cleaner than failing mid-write (HDF5 does not recover well from that).
+    """
+    folder = Path(path).parent
+    free = shutil.disk_usage(folder).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = free if soft == resource.RLIM_INFINITY else min(free, soft)
+    if needed > limit:
+        what = "free on disk" if limit == free else "allowed by the file size limit (ulimit -f)"
+        raise WriteFailed(f"{path}: write failed: no space left: needs about {needed / 1e6:.1f} MB, "
+                          f"{limit / 1e6:.1f} MB {what}; free disk space and rerun{keep_note}; "
+                          f"the previous {Path(path).name}, if any, is intact")
 
 
 def _fsync_dir(folder: Path) -> None:

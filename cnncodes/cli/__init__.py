@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
-from ..errors import CnnCodesError, Interrupted
+from ..errors import CnnCodesError, Interrupted, WriteFailed
 
 
 class Group(click.Group):
@@ -21,6 +22,11 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted; rerun the same command to continue", err=True)
             sys.exit(130)
+        except WriteFailed as e:
+            click.echo(f"error: {e}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)  # skip interpreter teardown: HDF5 can crash freeing objects of a failed write
         except CnnCodesError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)

@@ -1,0 +1,295 @@
+"""Fault injection (issue 6): hostile inputs and crashes, each ending in a clear message or kept data.
+
+Every test asserts the message or the preserved data, not merely that nothing crashed.
+Heads, predict, export and finetune have their own bad-input tests beside their features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnncodes.store import Cache
+from conftest import make_image, run_cli, write_folder
+
+BASE = ["--weights", "none", "--image-size", "64", "-q"]
+
+
+def _extract_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", str(out), *BASE, "--batch-size", "2",
+            "--checkpoint-every", "0", *extra]
+
+
+def _codes(path: Path) -> dict:
+    with Cache(path) as c:
+        return {s: (c.features(s)[()], list(c.paths(s)), c.labels(s), c.views(s)) for s in c.splits}
+
+
+def _same(a: Path, b: Path) -> None:
+    ca, cb = _codes(a), _codes(b)
+    assert ca.keys() == cb.keys()
+    for s in ca:
+        assert ca[s][1] == cb[s][1] and np.array_equal(ca[s][2], cb[s][2]) and np.array_equal(ca[s][3], cb[s][3])
+        assert np.array_equal(ca[s][0], cb[s][0])
+
+
+def _no_traceback(proc) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def test_hostile_file_and_class_names(tmp_path, cli):
+    root = tmp_path / "data"
+    for cls in ("-dash class", "ünïcödé 猫"):
+        (root / "train" / cls).mkdir(parents=True)
+        for name in ("-leading.jpg", "with space.jpg", "ñame✓.png"):
+            make_image(0, len(name)).save(root / "train" / cls / name)
+    out = tmp_path / "c.h5"
+    r = cli("extract", root, "-o", out, *BASE)
+    assert "extracted 6 images" in r.stdout
+    with Cache(out) as c:
+        assert "train/-dash class/-leading.jpg" in set(c.paths("train"))
+        assert c.classes == ["-dash class", "ünïcödé 猫"]
+
+
+def test_symlink_loop_is_cut_and_reported(tmp_path, cli):
+    root = write_folder(tmp_path / "data", {"train": 2})
+    os.symlink(root / "train" / "cat", root / "train" / "cat" / "loop")
+    r = cli("extract", root, "-o", tmp_path / "c.h5", *BASE)
+    assert "extracted 4 images" in r.stdout and "symlink loop" in r.stderr
+
+
+def test_tiny_and_decompression_bomb_images(tmp_path, cli):
+    root = write_folder(tmp_path / "data", {"train": 2})
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(root / "train" / "cat" / "one_pixel.png")
+    Image.new("1", (20000, 20000)).save(root / "train" / "cat" / "bomb.png")  # 400 MP, a few KB on disk
+    r = cli("extract", root, "-o", tmp_path / "c.h5", *BASE)
+    assert "extracted 5 images" in r.stdout
+    assert "skipped train/cat/bomb.png: image too large for PIL's decompression-bomb limit" in r.stderr
+
+
+def test_unreadable_file_is_skipped_with_reason(tmp_path, cli, monkeypatch):
+    root = write_folder(tmp_path / "data", {"train": 2})
+    secret = root / "train" / "dog" / "secret.jpg"
+    make_image(1, 9).save(secret)
+    secret.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: inject the EACCES the kernel would give anyone else
+        real_open = Image.open
+
+        def open_as_user(fp, *args, **kwargs):
+            if Path(fp) == secret:
+                raise PermissionError(13, "Permission denied", str(fp))
+            return real_open(fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image, "open", open_as_user)
+    r = cli("extract", root, "-o", tmp_path / "c.h5", *BASE, "--workers", "0")
+    assert "skipped train/dog/secret.jpg: permission denied" in r.stderr
+    assert "extracted 4 images" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "missing_path", "not_a_folder"])
+def test_bad_data_roots(tmp_path, cli, case):
+    target = tmp_path / "data"
+    if case == "empty_folder":
+        (target / "train" / "cat").mkdir(parents=True)
+    elif case == "not_a_folder":
+        target.write_text("x")
+    r = cli("extract", target, "-o", tmp_path / "c.h5", *BASE, check=False)
+    assert r.returncode == 2 and str(target) in r.stderr
+    _no_traceback(r)
+
+
+def test_val_class_missing_from_train_is_reported_by_extract(tmp_path, cli):
+    root = write_folder(tmp_path / "data", {"train": 2, "val": 1})
+    write_folder(root, {"val": 1}, classes=("zebra",))
+    r = cli("extract", root, "-o", tmp_path / "c.h5", *BASE)
+    assert "warning: val: class(es) zebra have no training images" in r.stderr
+
+
+def _damaged_caches(good: Path, tmp: Path) -> dict[str, Path]:
+    out = {}
+    out["truncated"] = tmp / "truncated.h5"
+    out["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out["not_hdf5"] = tmp / "not_hdf5.h5"
+    out["not_hdf5"].write_bytes(b"PK\x03\x04 a zip file, not a cache")
+    out["foreign_hdf5"] = tmp / "foreign.h5"
+    with h5py.File(out["foreign_hdf5"], "w") as f:
+        f["x"] = np.zeros(3)
+    out["missing_dataset"] = tmp / "missing.h5"
+    shutil.copy(good, out["missing_dataset"])
+    with h5py.File(out["missing_dataset"], "a") as f:
+        del f["train/labels"]
+    out["wrong_shape"] = tmp / "wrong_shape.h5"
+    shutil.copy(good, out["wrong_shape"])
+    with h5py.File(out["wrong_shape"], "a") as f:
+        del f["val/features"]
+        f["val/features"] = np.zeros((6, 7), np.float32)
+    return out
+
+
+def test_damaged_caches_give_clear_errors(image_folder, tmp_path, cli):
+    good = tmp_path / "good.h5"
+    cli("extract", image_folder, "-o", good, *BASE)
+    expected = {
+        "truncated": "not a readable HDF5 file",
+        "not_hdf5": "not a readable HDF5 file",
+        "foreign_hdf5": "not a cnncodes cache",
+        "missing_dataset": "has no 'labels' dataset",
+        "wrong_shape": "val/features has shape (6, 7)",
+    }
+    for case, path in _damaged_caches(good, tmp_path).items():
+        r = cli("info", path, check=False)
+        assert r.returncode == 2 and expected[case] in r.stderr and str(path) in r.stderr, (case, r.stderr)
+        _no_traceback(r)
+        # extract into a damaged cache refuses (it would otherwise drop its content) and names --overwrite
+        r = cli("extract", image_folder, "-o", path, *BASE, check=False)
+        assert r.returncode == 2 and "--overwrite" in r.stderr, (case, r.stderr)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_weights_are_refused_not_executed(image_folder, tmp_path, cli):
+    marker = tmp_path / "pwned"
+    _Payload.marker = marker
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"conv1.weight": _Payload()}, f)
+    torch_style = tmp_path / "evil_zip.pth"
+    torch.save({"conv1.weight": _Payload()}, torch_style)
+    for path in (evil, torch_style):
+        r = cli("extract", image_folder, "-o", tmp_path / "c.h5", "--weights", path, "-q", check=False)
+        assert r.returncode == 2 and "refused" in r.stderr and str(path) in r.stderr, r.stderr
+        assert not marker.exists()
+
+
+def test_weights_for_another_arch(image_folder, tmp_path, cli):
+    import torchvision
+
+    w = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), w)
+    r = cli("extract", image_folder, "-o", tmp_path / "c.h5", "--arch", "resnet50", "--weights", w, check=False)
+    assert r.returncode == 2 and "do not fit --arch resnet50" in r.stderr and "pass the --arch" in r.stderr
+    _no_traceback(r)
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+@pytest.fixture(scope="module")
+def crash_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    data = write_folder(root / "data", {"train": 8, "val": 3})
+    reference = root / "reference.h5"
+    start = time.perf_counter()
+    subprocess.run(_extract_argv(data, reference), check=True, capture_output=True, timeout=300)
+    return data, reference, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kill_9_at_random_points_then_rerun_equals_uninterrupted(crash_data, tmp_path, seed):
+    data, reference, seconds = crash_data
+    out = tmp_path / "c.h5"
+    delay = random.Random(seed).uniform(0.3, seconds)  # anywhere: start-up, shards, the final write
+    proc = subprocess.Popen(_extract_argv(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():  # never half-written: either absent or a complete, valid cache
+        Cache(out).close()
+    rerun = subprocess.run(_extract_argv(data, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    _same(out, reference)
+
+
+def test_second_extract_on_same_output_is_refused(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 20})
+    out = tmp_path / "c.h5"
+    first = subprocess.Popen(_extract_argv(data, out, "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "c.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.glob("*.h5")):
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # freeze it mid-run, lock held, so the overlap is certain
+    try:
+        second = subprocess.run(_extract_argv(data, out), capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and "in use by another cnncodes process" in second.stderr
+    _no_traceback(second)
+    assert first.wait(timeout=300) == 0
+    with Cache(out) as c:
+        assert len(c.paths("train")) == 40
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG like a full disk, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_keeps_the_previous_cache_intact(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 3})
+    out = tmp_path / "c.h5"
+    subprocess.run(_extract_argv(data, out), check=True, capture_output=True, timeout=300)
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    write_folder(data, {"train": 12}, classes=("cow", "eel"))  # more images: the new cache is bigger
+    limit = out.stat().st_size + 4096
+    # --workers 0: the limit would also cap DataLoader's shared-memory files, which a full disk does not
+    proc = subprocess.run(_extract_argv(data, out, "--workers", "0"), capture_output=True, text=True,
+                          timeout=300, preexec_fn=_file_size_limit(limit))
+    assert proc.returncode == 2 and "write failed: no space left" in proc.stderr, proc.stderr
+    assert "finished work is kept in" in proc.stderr
+    _no_traceback(proc)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before  # untouched and readable
+    Cache(out).close()
+
+
+def test_disk_full_mid_write_is_one_clear_line(tmp_path):
+    """No space check can see this coming (the first shard overflows): still one line, exit 2."""
+    data = write_folder(tmp_path / "data", {"train": 20})
+    proc = subprocess.run(_extract_argv(data, tmp_path / "c.h5", "--workers", "0", "--batch-size", "40"),
+                          capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(30_000))
+    assert proc.returncode == 2 and "write failed: no space left (or file size limit)" in proc.stderr, proc.stderr
+    assert "Exception ignored" not in proc.stderr
+    _no_traceback(proc)
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_ctrl_c_stops_cleanly_with_resume_hint(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 20})
+    out = tmp_path / "c.h5"
+    proc = subprocess.Popen(_extract_argv(data, out, "--batch-size", "1", "--workers", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "c.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("*.h5"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "rerun the same command to continue" in err and "Traceback" not in err
+    saved = len(list(parts.glob("*.h5")))
+    assert saved >= 2
+    rerun = subprocess.run(_extract_argv(data, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and int(rerun.stdout.split("extracted ")[1].split()[0]) <= 40 - saved
