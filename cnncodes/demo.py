@@ -30,3 +30,37 @@ def write_digits(dest: str | Path) -> Path:
         img.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC).save(folder / f"{i:04d}.png")
     marker.write_text("ok\n")
     return dest
+
+
+def run_demo(workdir: str | Path = "cnncodes-demo", arch: str = "resnet18", weights: str = "DEFAULT",
+             image_size: int = 64, clf: str = "logreg", log=print) -> dict:
+    """The whole frozen-extractor path on the embedded digits: extract, fit a head, report.
+
+    Pretrained torchvision weights are used when they can be had (TORCH_HOME cache or a
+    download); offline, the demo says so and falls back to random weights.
+    """
+    from .backbones import create_model
+    from .errors import CnnCodesError
+    from .extract import extract
+    from .heads import fit_head
+
+    workdir = Path(workdir)
+    data = write_digits(workdir / "digits")
+    log(f"dataset: scikit-learn digits written to {data} (train 1437, val 360 images, 10 classes)")
+    try:
+        create_model(arch, weights)
+    except CnnCodesError as e:
+        log(f"note: {e}")
+        log("note: continuing with --weights none (random weights): codes are weaker than pretrained ones")
+        weights = "none"
+    cache = workdir / f"digits-{arch}.h5"
+    r = extract(data, cache, arch=arch, weights=weights, image_size=image_size, overwrite=True, log=log)
+    log(f"extract: {r.extracted} images in {r.seconds:.1f} s ({r.images_per_s:.0f} img/s) -> {cache}")
+    head, report = fit_head(cache, clf=clf, log=log)
+    head_path = workdir / f"digits-{arch}-{clf}.h5"
+    head.save(head_path)
+    val = report["splits"]["val"]
+    log(f"fit-head --clf {clf}: C={report['C']:g} chosen by grouped 5-fold CV on train only, "
+        f"fit in {report['fit_seconds']:.1f} s -> {head_path}")
+    log(f"val accuracy {val['accuracy']:.4f} on {val['images']} held-out images (val never used for any choice)")
+    return {"extract": r, "report": report, "head": head_path, "weights": weights}
