@@ -31,7 +31,7 @@ import torchvision
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HYMENOPTERA, hardware  # noqa: E402
+from common import hardware  # noqa: E402
 from extract_speed import ceiling  # noqa: E402
 
 from cnncodes.backbones import create_model, default_preprocessing, resolve_weights  # noqa: E402

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile as PILImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageFile as PILImageFile
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF

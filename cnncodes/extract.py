@@ -22,10 +22,37 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .backbones import create_extractor, default_preprocessing, resolve_weights
-from .data import FolderLayout, ImageFile, ImageFiles, Normalize, Preprocessing, default_workers, discover, make_loader, view_seed
+from .data import (
+    FolderLayout,
+    ImageFile,
+    ImageFiles,
+    Normalize,
+    Preprocessing,
+    default_workers,
+    discover,
+    make_loader,
+    view_seed,
+)
 from .errors import CnnCodesError, Interrupted
-from .runtime import FileLock, atomic_path, check_space, autocast, check_precision, configure_threads, resolve_device
-from .store import Cache, CacheConfig, RowSource, SplitPlan, SplitRows, read_shard, write_cache, write_shard
+from .runtime import (
+    FileLock,
+    atomic_path,
+    autocast,
+    check_precision,
+    check_space,
+    configure_threads,
+    resolve_device,
+)
+from .store import (
+    Cache,
+    CacheConfig,
+    RowSource,
+    SplitPlan,
+    SplitRows,
+    read_shard,
+    write_cache,
+    write_shard,
+)
 
 
 @dataclass

@@ -7,11 +7,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import make_image, write_folder
 from PIL import Image
 
 from cnncodes.data import BadImage, Preprocessing, discover, load_rgb
 from cnncodes.errors import CnnCodesError
-from conftest import make_image, write_folder
 
 
 def test_discover_splits_share_one_class_list(tmp_path):

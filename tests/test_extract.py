@@ -13,11 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import make_image, write_folder
 
 from cnncodes.errors import CnnCodesError
 from cnncodes.extract import extract
 from cnncodes.store import Cache
-from conftest import make_image, write_folder
 
 FAST = dict(arch="resnet18", weights="none", image_size=64, progress=False, log=lambda m: None)
 

@@ -22,10 +22,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import make_image, write_folder
 from PIL import Image
 
 from cnncodes.store import Cache
-from conftest import make_image, run_cli, write_folder
 
 BASE = ["--weights", "none", "--image-size", "64", "-q"]
 
