@@ -290,8 +290,6 @@ class _Done:
             if i == len(paths) or paths[i] != paths[start]:
                 self.rows[(split, paths[start])] = RowSource(g, start, i)
                 start = i
-        from .store import read_table
-
         for p, size, mtime in read_table(g, "files"):
             self.sigs[(split, p)] = (size, mtime)
         for p, reason in read_table(g, "skipped"):
