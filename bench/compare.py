@@ -77,12 +77,12 @@ def finetune_path(args, data: Path, work: Path) -> dict:
     train_s = sum(h["train_time_s"] for h in res.history)
     eval_s = sum(h["epoch_time_s"] - h["train_time_s"] for h in res.history)
     images = sum(h["train_images"] for h in res.history)
-    return _epoch_row("finetune", args, wall, train_s, eval_s, images, res.final["val_acc"])
+    return _epoch_row("finetune", args, args.measure_epochs, wall, train_s, eval_s, images, res.final["val_acc"])
 
 
-def _epoch_row(name: str, args, wall: float, train_s: float, eval_s: float, images: int, val_acc: float) -> dict:
-    """Scale a run of `measure_epochs` to `epochs`: setup once, train and eval per epoch."""
-    m, e = args.measure_epochs, args.epochs
+def _epoch_row(name: str, args, m: int, wall: float, train_s: float, eval_s: float, images: int, val_acc: float) -> dict:
+    """Scale a run of `m` epochs to `epochs`: setup once, train and eval per epoch."""
+    e = args.epochs
     setup = max(0.0, wall - train_s - eval_s)
     scale = e / m
     return {
@@ -117,7 +117,7 @@ def fixed_extractor_path(args, data: Path) -> dict:
     train_s = eval_s = 0.0
     images = 0
     acc = 0.0
-    for _ in range(args.measure_epochs):
+    for _ in range(args.fixed_measure_epochs):
         t = time.perf_counter()
         model.train()  # as in the tutorial: frozen BatchNorm still updates its running statistics
         for x, y in loaders["train"]:
@@ -137,7 +137,7 @@ def fixed_extractor_path(args, data: Path) -> dict:
         acc = correct / total
         eval_s += time.perf_counter() - t
     wall = time.perf_counter() - start
-    return _epoch_row("fixed (tutorial)", args, wall, train_s, eval_s, images, acc)
+    return _epoch_row("fixed (tutorial)", args, args.fixed_measure_epochs, wall, train_s, eval_s, images, acc)
 
 
 def print_table(rows: list[dict], ceiling_ips: float, args) -> None:
@@ -185,7 +185,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--weights", default="DEFAULT", help="torchvision name, state_dict file, or none (DEFAULT falls back to none offline)")
     p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--measure-epochs", type=int, default=None, help="epochs actually run (default: --epochs); time is extrapolated")
+    p.add_argument("--measure-epochs", type=int, default=None,
+                   help="fine-tuning epochs actually run (default: --epochs); time is extrapolated")
+    p.add_argument("--fixed-measure-epochs", type=int, default=None,
+                   help="tutorial fixed-extractor epochs actually run (default: --measure-epochs)")
     p.add_argument("--views", type=int, default=0)
     p.add_argument("--eval-views", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None)
@@ -197,6 +200,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plot", type=Path)
     args = p.parse_args()
     args.measure_epochs = min(args.measure_epochs or args.epochs, args.epochs)
+    args.fixed_measure_epochs = min(args.fixed_measure_epochs or args.measure_epochs, args.epochs)
     return args
 
 
@@ -230,7 +234,7 @@ def main() -> None:
     ceiling_ips = ceiling(args.arch, args.precision, 64, 256, device)
     print_table(rows, ceiling_ips, args)
     result = {"data": str(args.data), "splits": counts, "arch": args.arch, "weights": args.weights,
-              "epochs": args.epochs, "measure_epochs": args.measure_epochs, "views": args.views,
+              "epochs": args.epochs, "measure_epochs": args.measure_epochs, "fixed_measure_epochs": args.fixed_measure_epochs, "views": args.views,
               "eval_views": args.eval_views, "precision": args.precision, "hardware": hardware(),
               "ceiling_images_per_s": ceiling_ips, "date": time.strftime("%Y-%m-%d"), "paths": rows}
     if args.json:
