@@ -30,7 +30,8 @@ as one batched (M, classes, D) weight tensor, so cross-validation costs one read
 data per epoch, not one per model.
 
 Choosing C (``C="auto"``) uses the train split only. Folds keep all views of a source image
-together (`StratifiedGroupKFold` on `Cache.groups`). Up to `HOLDOUT_ABOVE` codes: k-fold
+together (`StratifiedGroupKFold` on the image ids of `Cache.groups`, read in chunks by `image_groups`).
+Up to `HOLDOUT_ABOVE` codes: k-fold
 (default 5). Above it: one stratified, grouped held-out tenth of train (k-fold would mean k
 more passes over a large cache for little gain in the estimate). A fold is scored as the
 final report is: per image, on the plain view (or averaging all views with ``tta``). The
@@ -42,6 +43,7 @@ head is fitted, for the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -66,8 +68,8 @@ TORCH_CLFS = {"linear": "softmax", "linear-svm": "hinge"}
 C_GRID = tuple(float(f"{c:.3g}") for c in np.logspace(-5, 1, 7))
 HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
 HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
-PIECE_ROWS = 256  # rows per read; pieces are the unit of shuffling across the cache
-BLOCK_BYTES = 16 << 20  # codes held in memory at once while streaming
+PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
+BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
 IN_MEMORY_BYTES = 512 << 20  # torch heads load a train split smaller than this
 SKLEARN_MAX_BYTES = 8 << 30  # svm/logreg hold train in memory (and liblinear copies to float64)
 
@@ -255,15 +257,18 @@ def code_stats(features, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     count, mean, m2, bad = 0, np.zeros(d), np.zeros(d), 0
     for _, x in iter_blocks(features):
         finite = np.isfinite(x).all(axis=1)
-        bad += int((~finite).sum())
-        x = x[finite].astype(np.float64)
+        if not finite.all():
+            bad += int((~finite).sum())
+            x = x[finite]
         if not len(x):
             continue
-        # Chan et al.'s pairwise update: stable for millions of rows.
-        bm, bn = x.mean(axis=0), len(x)
+        # Chan et al.'s pairwise update (stable for millions of rows); float64 sums, float32 temporaries.
+        bm, bn = x.mean(axis=0, dtype=np.float64), len(x)
+        x -= bm.astype(np.float32)
+        np.square(x, out=x)
         delta = bm - mean
         mean = mean + delta * bn / (count + bn)
-        m2 = m2 + ((x - bm) ** 2).sum(axis=0) + delta ** 2 * count * bn / (count + bn)
+        m2 = m2 + x.sum(axis=0, dtype=np.float64) + delta ** 2 * count * bn / (count + bn)
         count += bn
     if bad:
         raise nonfinite_error(split, bad, n)
@@ -293,35 +298,58 @@ def _train_torch(features, y: np.ndarray, n_classes: int, fold: np.ndarray, held
     rows_per_model = np.array([(fold != h).sum() for h in heldout], dtype=np.float64)
     # Two classes: scikit-learn penalises ||w1 - w0||^2 / 2 = ||W||^2 at the symmetric optimum.
     lam = (2.0 if n_classes == 2 else 1.0) / (np.asarray(Cs, np.float64) * np.maximum(rows_per_model, 1))
-    lam = torch.tensor(lam, dtype=torch.float32, device=dev)
     epochs = epochs or auto_epochs(n, batch_size)
-    total = epochs * _batches_per_epoch(n, d, batch_size, block_bytes)
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.zeros(len(Cs), n_classes, d, device=dev).requires_grad_()
-    b = torch.zeros(len(Cs), n_classes, device=dev).requires_grad_()
-    opt = torch.optim.Adam([w, b], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
+    models = _Batched(heldout, lam, n_classes, d, loss, lr, epochs * _batches_per_epoch(n, d, batch_size, block_bytes), dev)
     y_t = torch.as_tensor(y, dtype=torch.long, device=dev)
     fold_t = torch.as_tensor(fold, dtype=torch.long, device=dev)
-    held_t = torch.as_tensor(heldout, dtype=torch.long, device=dev)[:, None]
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    for _ in range(epochs):
-        for idx, x in iter_blocks(features, rng=rng, mean=mean, scale=scale, block_bytes=block_bytes):
-            xt = torch.from_numpy(x).to(dev, non_blocking=True)
-            it = torch.from_numpy(idx).to(dev)
-            for s in range(0, len(idx), batch_size):
-                rows = it[s:s + batch_size]
-                xb = xt[s:s + batch_size]
-                scores = (xb @ w.view(-1, d).T).view(len(xb), *b.shape).transpose(0, 1) + b[:, None, :]
-                per_row = _loss(scores, y_t[rows], loss)
-                mask = (fold_t[rows][None, :] != held_t).float()
-                data_term = (per_row * mask).sum(1) / mask.sum(1).clamp(min=1)
-                objective = data_term.sum() + 0.5 * (lam * w.pow(2).sum((1, 2))).sum()
-                opt.zero_grad(set_to_none=True)
-                objective.backward()
-                opt.step()
-                sched.step()
-    return w.detach().cpu().numpy(), b.detach().cpu().numpy(), epochs
+    rng = np.random.default_rng(seed)
+    with _cpu_threads(dev, batch_size * models.w.numel()):
+        for _ in range(epochs):
+            for idx, x in iter_blocks(features, rng=rng, mean=mean, scale=scale, block_bytes=block_bytes):
+                xt, it = torch.from_numpy(x).to(dev, non_blocking=True), torch.from_numpy(idx).to(dev)
+                for s in range(0, len(idx), batch_size):
+                    rows = it[s:s + batch_size]
+                    models.step(xt[s:s + batch_size], y_t[rows], fold_t[rows])
+    return models.w.detach().cpu().numpy(), models.b.detach().cpu().numpy(), epochs
+
+
+class _Batched:
+    """M linear models trained as one (M, K, D) tensor; model m ignores rows whose fold is heldout[m]."""
+
+    def __init__(self, heldout: np.ndarray, lam: np.ndarray, n_classes: int, d: int, loss: str, lr: float,
+                 total_steps: int, dev: torch.device):
+        m = len(heldout)
+        self.w = torch.zeros(m, n_classes, d, device=dev, requires_grad=True)
+        self.b = torch.zeros(m, n_classes, device=dev, requires_grad=True)
+        self.lam = torch.tensor(lam, dtype=torch.float32, device=dev)
+        self.held = torch.as_tensor(heldout, dtype=torch.long, device=dev)[:, None]
+        self.loss = loss
+        self.opt = torch.optim.Adam([self.w, self.b], lr=lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: max(0.0, 1.0 - t / max(total_steps, 1)))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor) -> None:
+        """One Adam step on a batch: each model's mean loss over its rows + its L2 penalty."""
+        m, k, d = self.w.shape
+        scores = (x @ self.w.view(m * k, d).T).view(len(x), m, k).transpose(0, 1) + self.b[:, None, :]
+        mask = (fold[None, :] != self.held).float()
+        data = (_loss(scores, y, self.loss) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        objective = data.sum() + 0.5 * (self.lam * self.w.pow(2).sum((1, 2))).sum()
+        self.opt.zero_grad(set_to_none=True)
+        objective.backward()
+        self.opt.step()
+        self.sched.step()
+
+
+@contextlib.contextmanager
+def _cpu_threads(dev: torch.device, macs_per_step: int):
+    """One intra-op thread for small steps: thread hand-offs cost more than they save (10x on busy cores)."""
+    before = torch.get_num_threads()
+    if dev.type == "cpu" and macs_per_step < 1e9:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _loss(scores: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -465,8 +493,7 @@ def load_train(cache, in_memory: bool | None = None, log: Callable[[str], None] 
     if len(classes) < 2:
         raise CnnCodesError(f"{cache.path}: the train split has only one class ('{cache.classes[classes[0]]}'); "
                             f"a classifier needs training images of at least 2 classes")
-    groups = cache.groups("train")
-    _check_contiguous(groups, cache.path, "train")
+    groups = image_groups(cache, "train")
     mean, scale = code_stats(feats, "train")
     nbytes = feats.shape[0] * feats.shape[1] * 4
     if in_memory or (in_memory is None and nbytes <= IN_MEMORY_BYTES):
@@ -479,11 +506,25 @@ def load_train(cache, in_memory: bool | None = None, log: Callable[[str], None] 
     return TrainSet(feats, y.astype(np.int64), groups, cache.views("train"), mean, scale, classes)
 
 
-def _check_contiguous(groups: np.ndarray, path, split: str) -> None:
-    runs = 1 + int((groups[1:] != groups[:-1]).sum()) if len(groups) else 0
-    if len(groups) and runs != len(np.unique(groups)):
-        raise CnnCodesError(f"{path}: {split} rows of one image are not contiguous; the cache is damaged: "
-                            f"re-extract with `cnncodes extract --overwrite`")
+def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:
+    """One id per source image, like `Cache.groups`, reading the paths in chunks (memory ~ chunk).
+
+    Relies on the cache layout (an image's rows are contiguous, its plain view first) and
+    checks it: a new path must start exactly where views == 0.
+    """
+    paths = cache.require_split(split)["paths"]
+    views = cache.views(split)
+    ids = np.empty(len(views), np.int64)
+    last, current = None, -1
+    for lo in range(0, len(views), chunk):
+        p = np.asarray(paths.asstr()[lo:lo + chunk], dtype=object)
+        new = np.r_[p[0] != last, p[1:] != p[:-1]].astype(bool)
+        if not np.array_equal(new, views[lo:lo + chunk] == 0):
+            raise CnnCodesError(f"{cache.path}: {split} rows are not grouped by image (plain view first); the cache is "
+                                f"damaged: re-extract with `cnncodes extract --overwrite`")
+        ids[lo:lo + chunk] = current + np.cumsum(new)
+        current, last = ids[min(lo + chunk, len(ids)) - 1], p[-1]
+    return ids
 
 
 def cv_folds(data: TrainSet, folds: int, seed: int) -> tuple[np.ndarray, int, str]:
@@ -491,27 +532,34 @@ def cv_folds(data: TrainSet, folds: int, seed: int) -> tuple[np.ndarray, int, st
 
     k-fold up to HOLDOUT_ABOVE codes, else one held-out tenth (fold 0 held out, fold 1 trains).
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     n_images = len(np.unique(data.groups))
     holdout = len(data.y) > HOLDOUT_ABOVE
     k = HOLDOUT_FOLDS if holdout else min(folds, n_images)
     if k < 2:
         raise CnnCodesError(f"only {n_images} training image(s): too few to cross-validate C; pass a fixed --C (e.g. --C 0.01)")
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    fold = np.empty(len(data.y), np.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
-        for f, (_, test) in enumerate(splitter.split(np.zeros(len(data.y)), data.y, data.groups)):
-            fold[test] = f
-            if holdout:
-                break
+    fold = grouped_folds(data.y, data.groups, k, seed)
     if holdout:
-        held = fold == 0
-        fold[:] = 1
-        fold[held] = 0
-        return fold, 1, f"held-out 1/{HOLDOUT_FOLDS} of train images (more than {HOLDOUT_ABOVE} codes)"
+        return np.where(fold == 0, 0, 1), 1, f"held-out 1/{HOLDOUT_FOLDS} of train images (more than {HOLDOUT_ABOVE} codes)"
     return fold, k, f"{k}-fold over train images (views of one image in one fold)"
+
+
+def grouped_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Stratified, grouped k-fold ids per row: images are dealt to folds class by class, in random order.
+
+    What `StratifiedGroupKFold(shuffle=True)` does when each group (image) has one label,
+    vectorised: per class, fold sizes differ by at most one image (sklearn's greedy search is
+    O(images x folds) in Python, ~15 s for 40k images).
+    """
+    ids, first = np.unique(groups, return_index=True)
+    img_label = y[first]
+    rng = np.random.default_rng(seed)
+    fold_img = np.empty(len(ids), np.int64)
+    offset = 0
+    for c in np.unique(img_label):
+        members = rng.permutation(np.flatnonzero(img_label == c))
+        fold_img[members] = (offset + np.arange(len(members))) % k  # continue where the last class stopped
+        offset += len(members)
+    return fold_img[np.searchsorted(ids, groups)]
 
 
 # --------------------------------------------------------------------------- scoring per image
@@ -542,11 +590,13 @@ def predict_images(features, groups: np.ndarray, views: np.ndarray, key: np.ndar
         if r.any():
             x = np.empty((b - a, d), np.float32)
             _read_rows(features, a, b, x)
-            x, ids, keys = x[r], image_id[a:b][r], key[a:b][r]
-            finite = np.isfinite(x).all(axis=1)
-            bad += int((~finite).sum())
+            if not r.all():
+                x = x[r]
+            ids, keys = image_id[a:b][r], key[a:b][r]
+            bad += int((~np.isfinite(x).all(axis=1)).sum())
             if mean is not None:
-                x = (x - mean.astype(np.float32)) / scale.astype(np.float32)
+                x -= mean.astype(np.float32)
+                x /= scale.astype(np.float32)
             for k in np.unique(keys):
                 sel = keys == k
                 w, bias = models[int(k)]
@@ -574,6 +624,14 @@ def _sklearn_estimator(clf: str, seed: int):
     if clf == "svm":
         return LinearSVC(C=1.0, dual="auto", max_iter=5000, random_state=seed)
     return LogisticRegression(C=1.0, max_iter=1000, warm_start=True)
+
+
+def _blas_threads(n_values: int):
+    """One BLAS thread below ~50M values: matrix-vector products that small lose more to thread
+    hand-offs than they gain (a 7-C logreg path on 2k x 2k codes: 3.7 s with 2 threads, 0.12 s with 1)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1 if n_values < 50_000_000 else None)
 
 
 def _sklearn_path(clf: str, x: np.ndarray, y: np.ndarray, n_classes: int, Cs: Sequence[float], seed: int,
@@ -643,8 +701,9 @@ def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[floa
                        for f in range(n_folds)}
     else:
         x = data.features
-        fold_models = {f: _sklearn_path(clf, x[fold != f], data.y[fold != f], K, grid, seed, sel.notes)
-                       for f in range(n_folds)}
+        with _blas_threads(x.size):
+            fold_models = {f: _sklearn_path(clf, x[fold != f], data.y[fold != f], K, grid, seed, sel.notes)
+                           for f in range(n_folds)}
     if n_folds:
         scores = _fold_scores(data, fold, fold_models, tta)
         best, mean = _pick(grid, scores)
@@ -653,7 +712,8 @@ def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[floa
     if clf in TORCH_CLFS:
         w, b = w_all[n_folds * len(grid) + best], b_all[n_folds * len(grid) + best]
     else:
-        w, b = _sklearn_path(clf, data.features, data.y, K, [sel.C], seed, sel.notes)
+        with _blas_threads(data.features.size):
+            w, b = _sklearn_path(clf, data.features, data.y, K, [sel.C], seed, sel.notes)
         w, b = w[0], b[0]
     return w.astype(np.float64), b.astype(np.float64), sel
 
@@ -757,8 +817,7 @@ def evaluate_split(head: LinearHead, cache, split: str, tta: bool, train_classes
     """Per-image accuracy, per-class precision/recall and the confusion matrix of `head` on a split."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    feats, labels, views, groups = cache.features(split), cache.labels(split), cache.views(split), cache.groups(split)
-    _check_contiguous(groups, cache.path, split)
+    feats, labels, views, groups = cache.features(split), cache.labels(split), cache.views(split), image_groups(cache, split)
     if head.n_features != feats.shape[1]:
         raise CnnCodesError(f"{cache.path}: {feats.shape[1]}-d codes but the head expects {head.n_features}-d")
     lookup = {c: i for i, c in enumerate(cache.classes)}
@@ -800,7 +859,7 @@ def write_synthetic_cache(path: str | Path, images: dict[str, int], dim: int = 5
 
     path = Path(path)
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(n_classes, dim)) * separation / np.sqrt(2)
+    centers = rng.normal(size=(n_classes, dim)) * separation / np.sqrt(2 * dim)  # |c_i - c_j| ~ separation
     classes = [f"class{k:03d}" for k in range(n_classes)]
     config = CacheConfig("resnet18", "none:seed0", "none", "fp32", Preprocessing().to_dict(), views, eval_views, seed)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:

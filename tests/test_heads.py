@@ -26,7 +26,7 @@ def synthetic(tmp_path_factory) -> Path:
     """3 classes, 40 train images x 3 views, 20 val images x 3 views, 16-d codes."""
     path = tmp_path_factory.mktemp("syn") / "syn.h5"
     return write_synthetic_cache(path, {"train": 40, "val": 20}, dim=16, n_classes=3, views=2, eval_views=2,
-                                 separation=2.5, seed=1)
+                                 separation=6.0, seed=1)
 
 
 def copy_cache(src: Path, dst: Path, edit=None) -> Path:
@@ -102,6 +102,17 @@ def test_cv_folds_never_split_the_views_of_an_image(synthetic, monkeypatch):
         held = fold == 0
         assert set(np.unique(data.y[held])) == {0, 1, 2}  # stratified
         assert not set(data.groups[held]) & set(data.groups[~held])
+
+
+def test_grouped_folds_are_stratified_by_image():
+    groups = np.repeat(np.arange(103), 3)  # 103 images x 3 views
+    y = np.repeat(np.arange(103) % 4, 3)
+    fold = heads.grouped_folds(y, groups, 5, seed=3)
+    assert all(len(np.unique(fold[groups == g])) == 1 for g in range(103))
+    per_class = np.array([[((y == c) & (fold == f)).sum() // 3 for f in range(5)] for c in range(4)])
+    assert (per_class.max(axis=1) - per_class.min(axis=1) <= 1).all()
+    sizes = np.bincount(fold[::3])
+    assert sizes.max() - sizes.min() <= 1
 
 
 def test_auto_C_does_not_read_val_before_the_head_is_fitted(synthetic, monkeypatch):
@@ -285,3 +296,59 @@ except ImportError:  # pragma: no cover
                          expected_failed_checks=_expected_failures)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+# --------------------------------------------------------------------------- caches larger than memory
+
+
+def test_image_groups_match_cache_groups(synthetic, tmp_path):
+    with Cache(synthetic) as c:
+        for split in c.splits:
+            a, b = heads.image_groups(c, split, chunk=7), c.groups(split)
+            assert len(np.unique(a)) == len(np.unique(b)) == len(np.unique(np.c_[a, b], axis=0))
+
+    def shuffle_rows(f):
+        f["train/views"][...] = f["train/views"][()][::-1]
+
+    broken = copy_cache(synthetic, tmp_path / "b.h5", shuffle_rows)
+    with Cache(broken) as c, pytest.raises(CnnCodesError, match="not grouped by image"):
+        heads.image_groups(c, "train")
+
+
+STREAM_FIT = r"""
+import json, sys
+from cnncodes import heads
+
+def status_mb(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
+
+heads.IN_MEMORY_BYTES = 0  # stream every train split from the cache, whatever its size
+heads.fit_head(sys.argv[1], "linear", "auto", max_iter=3)  # warm-up (6k codes): lazy imports, BLAS and allocator pools
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status_mb("VmRSS")
+head, report = heads.fit_head(sys.argv[2], "linear", "auto")
+print(json.dumps({"grew_mb": status_mb("VmHWM") - base, "C": head.C, "cv": report["selection"],
+                  "val": report["splits"]["val"]["accuracy"]}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_linear_head_streams_a_cache_several_times_its_memory_budget(tmp_path):
+    """Peak RSS of the fit (auto C on a held-out tenth) stays far below the size of the codes."""
+    import os
+    import subprocess
+    import sys
+
+    budget_mb = 64
+    small = write_synthetic_cache(tmp_path / "small.h5", {"train": 2_000, "val": 200}, dim=512, n_classes=4, views=2)
+    big = write_synthetic_cache(tmp_path / "big.h5", {"train": 40_000, "val": 2_000}, dim=512, n_classes=4,
+                                views=2, separation=5.0)
+    codes_mb = 120_000 * 512 * 4 / 2**20
+    assert codes_mb > 3 * budget_mb
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # freed blocks go back to the OS: RSS = live memory
+    proc = subprocess.run([sys.executable, "-c", STREAM_FIT, str(small), str(big)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["grew_mb"] < budget_mb, out
+    assert out["cv"]["strategy"].startswith("held-out 1/10") and out["val"] > 0.9, out

@@ -77,7 +77,7 @@ def test_cli_predict_folder_with_bad_files_writes_csv_json_and_grid(cli, trained
                "--device", "cpu", "--workers", "0")
     assert re.search(r"^accuracy \d\.\d{4} \(\d/6 labelled images\)$", proc.stdout, re.MULTILINE), proc.stdout
     assert "broken.jpg" in proc.stderr and "notes.txt" in proc.stderr and "Traceback" not in proc.stderr
-    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    rows = list(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
     assert len(rows) == 6 and set(rows[0]) == {"path", "pred", "score", "true"}
     assert all(0.5 <= float(r["score"]) <= 1 and r["pred"] in ("cat", "dog") for r in rows)
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,84 @@
+"""fit-head at scale: fit time and peak memory on synthetic caches (100k / 1M codes of dim 512, 100k of dim 2048).
+
+Each fit runs in a fresh subprocess so its peak RSS (VmHWM) is its own; "grew" is the peak
+minus the RSS after imports. Caches are written in the cache format (`write_synthetic_cache`:
+10 Gaussian classes, 4 codes per source image) under --dir and deleted afterwards.
+
+    python bench/heads_scale.py                       # all sizes, all heads that fit the size
+    python bench/heads_scale.py --sizes 100000x2048 --clfs logreg,linear
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FIT = r"""
+import json, sys, time
+from cnncodes import heads
+from cnncodes.store import Cache  # noqa: F401  (imported before the baseline, as fit_head would)
+
+def status_mb(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
+
+base = status_mb("VmRSS")
+start = time.perf_counter()
+head, report = heads.fit_head(sys.argv[1], sys.argv[2], "auto", device=sys.argv[3])
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": status_mb("VmHWM"), "base_mb": base,
+                  "C": head.C, "strategy": report["selection"]["strategy"], "cv": report["selection"]["cv_score"],
+                  "val": report["splits"]["val"]["accuracy"]}))
+"""
+
+IN_MEMORY_CLFS = ("svm", "logreg")
+
+
+def fit(cache: Path, clf: str, device: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", FIT, str(cache), clf, device], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100000x512,1000000x512,100000x2048", help="codes x dim, comma-separated")
+    ap.add_argument("--clfs", default="svm,logreg,linear,linear-svm")
+    ap.add_argument("--in-memory-max", type=int, default=200_000, help="skip svm/logreg above this many codes")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the synthetic caches go (deleted after)")
+    args = ap.parse_args()
+    from cnncodes.heads import write_synthetic_cache
+
+    print(f"{'codes':>9} {'dim':>5} {'GB':>5} {'clf':>10} {'fit s':>7} {'peak MB':>8} {'grew MB':>8} "
+          f"{'C':>7} {'cv acc':>7} {'val acc':>7}  C chosen by")
+    for size in args.sizes.split(","):
+        n, dim = (int(v) for v in size.split("x"))
+        path = Path(args.dir) / f"cnncodes-synthetic-{n}x{dim}.h5"
+        start = time.perf_counter()
+        write_synthetic_cache(path, {"train": n // 4, "val": 2000}, dim=dim, n_classes=10, views=3, separation=3.0)
+        gb = path.stat().st_size / 1e9
+        print(f"# wrote {path} ({gb:.2f} GB) in {time.perf_counter() - start:.0f} s", flush=True)
+        try:
+            for clf in args.clfs.split(","):
+                if clf in IN_MEMORY_CLFS and n > args.in_memory_max:
+                    print(f"{n:>9} {dim:>5} {gb:>5.2f} {clf:>10}  skipped: holds the codes in memory; use linear/linear-svm")
+                    continue
+                r = fit(path, clf, args.device)
+                if "error" in r:
+                    print(f"{n:>9} {dim:>5} {gb:>5.2f} {clf:>10}  error: {r['error']}")
+                    continue
+                print(f"{n:>9} {dim:>5} {gb:>5.2f} {clf:>10} {r['seconds']:>7.1f} {r['peak_mb']:>8.0f} "
+                      f"{r['peak_mb'] - r['base_mb']:>8.0f} {r['C']:>7.0e} {r['cv']:>7.4f} {r['val']:>7.4f}  {r['strategy']}",
+                      flush=True)
+        finally:
+            os.unlink(path)
+
+
+if __name__ == "__main__":
+    main()
