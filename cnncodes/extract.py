@@ -50,6 +50,7 @@ from .store import (
     SplitPlan,
     SplitRows,
     read_shard,
+    read_table,
     write_cache,
     write_shard,
 )
