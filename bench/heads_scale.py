@@ -39,7 +39,8 @@ IN_MEMORY_CLFS = ("svm", "logreg")
 
 
 def fit(cache: Path, clf: str, device: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", FIT, str(cache), clf, device], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", FIT, str(cache), clf, device], check=False,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
