@@ -244,26 +244,16 @@ def _split(layout: data.FolderLayout, name: str, preprocessing: data.Preprocessi
 def default_workers(device: torch.device) -> int:
     """Decode workers for this process's share of the machine's cores.
 
-    On CPU, decoding + cropping costs ~5% of a training step's CPU time (2 ms vs ~65 core-ms
-    per image for resnet18 at 224), but a worker process that competes with the compute
-    threads for the same cores stalls them far more (measured on 2 cores: 0.78 of the ceiling
-    with one worker, 0.95 decoding inline). So decode inline unless cores are plentiful;
-    `set_cpu_threads` then keeps the compute threads off the workers' cores.
+    On CPU, decoding + cropping an image costs ~2.5 core-ms against ~65 core-ms for a resnet18
+    train step at 224 px (more for deeper nets), so inline decoding costs ~4% per core of the
+    step. A worker process instead competes with the compute threads for their cores and
+    stalls them: on 2 cores one worker gave 0.78 of the in-memory ceiling, inline decoding
+    0.94. So decode inline on small machines, and use one worker per ~24 cores on big ones.
     """
-    cores = _process_cores()
+    cores = max(1, data.available_cores() // distributed.local_world_size())
     if device.type == "cuda":
         return max(1, min(cores - 1, 8))
-    return 0 if cores < 8 else min(4, cores // 8)
-
-
-def _process_cores() -> int:
-    return max(1, data.available_cores() // distributed.local_world_size())
-
-
-def set_cpu_threads(device: torch.device, workers: int) -> None:
-    """Compute threads = this process's cores minus its decode workers (CPU only)."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, _process_cores() - workers))
+    return 0 if cores <= 3 else max(1, cores // 24)
 
 
 # --------------------------------------------------------------------------- epochs
@@ -835,7 +825,7 @@ def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, w
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16" and device.type == "cuda")
     workers = default_workers(device) if workers is None else workers
-    set_cpu_threads(device, workers)
+    distributed.configure_threads(device)  # each process on a machine takes its share of the cores
     trainer = model
     if distributed.is_distributed():
         trainer = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -21,8 +21,8 @@ from cnncodes import backbones, classifier, data, runtime
 from cnncodes.errors import CnnCodesError
 from cnncodes.finetune import finetune
 
-FAST = {"arch": "resnet18", "weights": "none", "image_size": 64, "batch_size": 8, "workers": 0, "progress": False}
-FAST_CLI = ("--weights", "none", "--image-size", "64", "--batch-size", "8", "--workers", "0", "-q")
+FAST = {"arch": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8, "workers": 0, "progress": False}
+FAST_CLI = ("--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0", "-q")
 
 
 def _lines() -> tuple[list[str], callable]:
@@ -102,7 +102,7 @@ def test_saved_model_loads_strictly_and_reproduces_eval_accuracy(trained):
     model, meta = classifier.load_classifier(result.model_path)
     assert meta["arch"] == "resnet18" and meta["classes"] == ["cat", "dog"] and meta["source"]["command"] == "finetune"
     prep = classifier.meta_preprocessing(meta)
-    assert prep.crop == 64
+    assert prep.crop == 32
     assert _accuracy(model, prep, folder, "val") == pytest.approx(result.final["val_acc"])
 
 
