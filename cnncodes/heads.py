@@ -204,40 +204,38 @@ def as_class_rows(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------- reading codes in chunks
 
 
-def iter_blocks(features, rows: np.ndarray | None = None, rng: np.random.Generator | None = None,
-                mean: np.ndarray | None = None, scale: np.ndarray | None = None,
-                block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row indices, float32 codes) blocks of an (N, D) h5 dataset or array; memory ~ one block.
+def iter_blocks(features, rng: np.random.Generator | None = None, mean: np.ndarray | None = None,
+                scale: np.ndarray | None = None, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, float32 codes) blocks of an (N, D) h5 dataset or array; memory ~ two blocks.
 
     With `rng`: pieces of PIECE_ROWS rows in shuffled order, rows shuffled within each block
-    (caches are sorted by class, so a block mixes pieces from all over the file). `rows`: a
-    boolean mask of rows to keep. `mean`/`scale`: standardise on the fly (in place).
+    (caches are sorted by class, so a block mixes pieces from all over the file); without, the
+    rows in order. `mean`/`scale`: standardise on the fly. Blocks are views of one buffer:
+    use each before asking for the next.
     """
     n, d = features.shape
     starts = np.arange(0, n, PIECE_ROWS)
-    if rows is not None:
-        starts = np.array([s for s in starts if rows[s:s + PIECE_ROWS].any()], dtype=np.int64)
     if rng is not None:
         starts = rng.permutation(starts)
     per_block = max(1, block_bytes // (4 * max(d, 1) * PIECE_ROWS))
-    buf = np.empty((per_block * PIECE_ROWS, d), np.float32)
+    buf = np.empty((min(per_block * PIECE_ROWS, n), d), np.float32)
+    mean32 = None if mean is None else mean.astype(np.float32)
+    scale32 = None if scale is None else scale.astype(np.float32)
     for i in range(0, len(starts), per_block):
-        idx = np.concatenate([np.arange(s, min(s + PIECE_ROWS, n)) for s in starts[i:i + per_block]])
+        group = starts[i:i + per_block]
+        idx = np.concatenate([np.arange(s, min(s + PIECE_ROWS, n)) for s in group])
         at = 0
-        for s in starts[i:i + per_block]:
+        for s in group:
             e = min(s + PIECE_ROWS, n)
             _read_rows(features, s, e, buf[at:at + e - s])
             at += e - s
         x = buf[:at]
-        if rows is not None:
-            keep = rows[idx]
-            idx, x = idx[keep], x[keep]
         if rng is not None:
             p = rng.permutation(len(idx))
             idx, x = idx[p], x[p]
-        if mean is not None:
-            x -= mean
-            x /= scale
+        if mean32 is not None:
+            x -= mean32
+            x /= scale32
         yield idx, x
 
 
@@ -628,12 +626,13 @@ def _sklearn_estimator(clf: str, seed: int):
     return LogisticRegression(C=1.0, max_iter=1000, warm_start=True)
 
 
-def _blas_threads(n_values: int):
-    """One BLAS thread below ~50M values: matrix-vector products that small lose more to thread
-    hand-offs than they gain (a 7-C logreg path on 2k x 2k codes: 3.7 s with 2 threads, 0.12 s with 1)."""
+def _one_blas_thread():
+    """BLAS on one thread: the solvers' matrix-vector products lose more to thread hand-offs than
+    they gain (a 7-C logreg path on 2k x 2k codes: 3.7 s with 2 threads, 0.12 s with 1; 90k x 512:
+    38 s vs 5.7 s on a busy 2-core machine). Parallelism comes from running jobs in threads."""
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(1 if n_values < 50_000_000 else None)
+    return threadpool_limits(1)
 
 
 def _sklearn_path(clf: str, x: np.ndarray, y: np.ndarray, n_classes: int, Cs: Sequence[float], seed: int,
@@ -711,23 +710,34 @@ def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[floa
     if clf in TORCH_CLFS:
         w, b = w_all[n_folds * len(grid) + best], b_all[n_folds * len(grid) + best]
     else:
-        with _blas_threads(data.features.size):
-            w, b = _sklearn_path(clf, data.features, data.y, K, [sel.C], seed, sel.notes)
+        x = np.ascontiguousarray(data.features, dtype=np.float64 if clf == "svm" else np.float32)
+        with _one_blas_thread():
+            w, b = _sklearn_path(clf, x, data.y, K, [sel.C], seed, sel.notes)
         w, b = w[0], b[0]
     return w.astype(np.float64), b.astype(np.float64), sel
 
 
 def _sklearn_folds(clf: str, data: TrainSet, fold: np.ndarray, n_folds: int, grid: Sequence[float], seed: int,
                    notes: list[str]) -> dict:
-    """{fold: (W, b)} of each fold's C path; folds run in parallel threads (liblinear and lbfgs release the GIL)."""
+    """{fold: (W (G, K, D), b (G, K))}, jobs in parallel threads (liblinear and lbfgs release the GIL).
+
+    logreg: one warm-started C path per fold; svm (no warm start in liblinear): one job per (fold, C).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from .data import available_cores
 
-    x, y, K = data.features, data.y, len(data.classes)
-    with _blas_threads(x.size), ThreadPoolExecutor(max(1, min(n_folds, available_cores()))) as pool:
-        jobs = {f: pool.submit(_sklearn_path, clf, x[fold != f], y[fold != f], K, grid, seed, notes) for f in range(n_folds)}
-        return {f: job.result() for f, job in jobs.items()}
+    dtype = np.float64 if clf == "svm" else np.float32  # liblinear copies anything else to float64, per fit
+    parts = {f: (np.ascontiguousarray(data.features[fold != f], dtype=dtype), data.y[fold != f]) for f in range(n_folds)}
+    jobs = []
+    for f in range(n_folds):
+        jobs += [(f, [c]) for c in grid] if clf == "svm" else [(f, list(grid))]
+    K = len(data.classes)
+    with _one_blas_thread(), ThreadPoolExecutor(max(1, min(len(jobs), available_cores()))) as pool:
+        done = [(f, pool.submit(_sklearn_path, clf, *parts[f], K, cs, seed, notes)) for f, cs in jobs]
+        results = [(f, job.result()) for f, job in done]
+    return {f: (np.concatenate([w for g, (w, _) in results if g == f]), np.concatenate([b for g, (_, b) in results if g == f]))
+            for f in range(n_folds)}
 
 
 def _fold_scores(data: TrainSet, fold: np.ndarray, fold_models: dict, tta: bool) -> np.ndarray:
