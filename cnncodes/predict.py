@@ -178,8 +178,9 @@ def collect_inputs(inputs: Sequence[str | Path], classes: Sequence[str]) -> tupl
     """Image files and folders -> items (+ (path, reason) for inputs that are not usable).
 
     In a folder, an image whose parent folder is named like a class of the model is
-    labelled with it (DIR/<class>/x.jpg, DIR/val/<class>/x.jpg); a first-level folder named
-    train/val/test is recorded as its split. Files with non-image extensions are skipped.
+    labelled with it (DIR/<class>/x.jpg, DIR/val/<class>/x.jpg, or DIR = <class>); a
+    first-level folder named train/val/test is recorded as its split (accuracy per split).
+    Files with non-image extensions are skipped and reported.
     """
     items, skipped = [], []
     known = set(classes)
@@ -190,7 +191,7 @@ def collect_inputs(inputs: Sequence[str | Path], classes: Sequence[str]) -> tupl
         elif p.is_dir():
             for f in _walk_images(p, skipped):
                 rel = f.relative_to(p)
-                true = rel.parent.name if rel.parent.name in known else None
+                true = f.parent.name if f.parent.name in known else None
                 split = rel.parts[0] if len(rel.parts) > 2 and rel.parts[0].lower() in SPLIT_NAMES else None
                 items.append(Item(f, str(f), true, split))
         else:

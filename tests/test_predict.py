@@ -52,6 +52,15 @@ def test_predict_with_a_head_reproduces_the_cached_codes(trained):
     assert {r["true"] for r in preds.rows} == {"cat", "dog"} and preds.accuracy()["all"]["images"] == 6
 
 
+def test_labels_come_from_class_folders_and_splits(trained):
+    from cnncodes.predict import collect_inputs
+
+    items, skipped = collect_inputs([trained["data"], trained["data"] / "val" / "dog"], ["cat", "dog"])
+    assert len(items) == 18 + 3 and not skipped
+    assert {(i.split, i.true) for i in items[:18]} == {(s, c) for s in ("train", "val") for c in ("cat", "dog")}
+    assert {(i.split, i.true) for i in items[18:]} == {(None, "dog")}
+
+
 def test_export_loads_strictly_in_torchvision_and_reproduces_predict(trained, tmp_path):
     out = export_head(trained["head"], tmp_path / "model.pt")
     state = torch.load(out, map_location="cpu", weights_only=True)
