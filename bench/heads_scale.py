@@ -1,7 +1,8 @@
 """fit-head at scale: fit time and peak memory on synthetic caches (100k / 1M codes of dim 512, 100k of dim 2048).
 
 Each fit runs in a fresh subprocess so its peak RSS (VmHWM) is its own; "grew" is the peak
-minus the RSS after imports. Caches are written in the cache format (`write_synthetic_cache`:
+minus the RSS after imports. "load" is the 1-minute load average when the fit ended: on a
+shared machine, fit times above one load per core are inflated. Caches are written in the cache format (`write_synthetic_cache`:
 10 Gaussian classes, 4 codes per source image) under --dir and deleted afterwards.
 
     python bench/heads_scale.py                       # all sizes, all heads that fit the size
@@ -57,7 +58,7 @@ def main() -> None:
     from cnncodes.heads import write_synthetic_cache
 
     print(f"{'codes':>9} {'dim':>5} {'GB':>5} {'clf':>10} {'fit s':>7} {'peak MB':>8} {'grew MB':>8} "
-          f"{'C':>7} {'cv acc':>7} {'val acc':>7}  C chosen by")
+          f"{'C':>7} {'cv acc':>7} {'val acc':>7} {'load':>5}  C chosen by")
     for size in args.sizes.split(","):
         n, dim = (int(v) for v in size.split("x"))
         path = Path(args.dir) / f"cnncodes-synthetic-{n}x{dim}.h5"
@@ -75,7 +76,8 @@ def main() -> None:
                     print(f"{n:>9} {dim:>5} {gb:>5.2f} {clf:>10}  error: {r['error']}")
                     continue
                 print(f"{n:>9} {dim:>5} {gb:>5.2f} {clf:>10} {r['seconds']:>7.1f} {r['peak_mb']:>8.0f} "
-                      f"{r['peak_mb'] - r['base_mb']:>8.0f} {r['C']:>7.0e} {r['cv']:>7.4f} {r['val']:>7.4f}  {r['strategy']}",
+                      f"{r['peak_mb'] - r['base_mb']:>8.0f} {r['C']:>7.0e} {r['cv']:>7.4f} {r['val']:>7.4f} "
+                      f"{os.getloadavg()[0]:>5.1f}  {r['strategy']}",
                       flush=True)
         finally:
             os.unlink(path)

@@ -474,7 +474,7 @@ class TrainSet:
         return {} if self.in_memory else {"mean": self.mean, "scale": self.scale}
 
 
-def load_train(cache, in_memory: bool | None = None, log: Callable[[str], None] = print) -> TrainSet:
+def load_train(cache, in_memory: bool | None = None) -> TrainSet:
     """Validate the train split, compute the standardiser (streaming) and load it if it fits.
 
     in_memory: True/False forces; None loads when smaller than IN_MEMORY_BYTES.
@@ -615,14 +615,14 @@ def predict_images(features, groups: np.ndarray, views: np.ndarray, key: np.ndar
 # --------------------------------------------------------------------------- solvers
 
 
-def _sklearn_estimator(clf: str, seed: int):
+def _sklearn_estimator(clf: str, seed: int, shape: tuple[int, int]):
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
 
     if clf == "svm":
-        # Dual coordinate descent: 3x faster than the primal solver that dual="auto" picks for n > D
-        # on 2k x 2k codes, and it does not slow down at large C.
-        return LinearSVC(C=1.0, dual=True, max_iter=5000, random_state=seed)
+        # Dual coordinate descent while n is within a few D (3x faster than the primal solver that
+        # dual="auto" picks for n > D on 2k x 2k codes); primal (TRON) for n >> D, where dual crawls.
+        return LinearSVC(C=1.0, dual=bool(shape[0] <= 4 * shape[1]), max_iter=5000, random_state=seed)
     return LogisticRegression(C=1.0, max_iter=1000, warm_start=True)
 
 
@@ -646,7 +646,7 @@ def _sklearn_path(clf: str, x: np.ndarray, y: np.ndarray, n_classes: int, Cs: Se
     if len(present) < 2:
         b[:, present] = 0.0
         return w, b
-    est = _sklearn_estimator(clf, seed)
+    est = _sklearn_estimator(clf, seed, x.shape)
     for i, C in enumerate(Cs):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
@@ -802,7 +802,7 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
             "cache": str(cache.path), "clf": clf, "C": sel.C, "selection": sel.to_dict(), "tta": tta,
             "fit_seconds": round(fit_seconds, 3), "device": str(dev),
             "train": {"images": len(np.unique(data.groups)), "codes": len(data.y)},
-            "splits": {s: evaluate_split(head, cache, s, tta, data.classes, unseen[s]) for s in heldout},
+            "splits": {s: evaluate_split(head, cache, s, tta, unseen[s]) for s in heldout},
         }
     if not heldout:
         report["note"] = "no held-out split in the cache (only train): the CV accuracy is the only estimate"
@@ -834,8 +834,7 @@ def _head_meta(cache, sel: Selection, tta: bool) -> dict:
             "cv": sel.to_dict(), "tta": tta, "cnncodes_version": __version__}
 
 
-def evaluate_split(head: LinearHead, cache, split: str, tta: bool, train_classes: np.ndarray | None = None,
-                   unseen: dict[str, int] | None = None) -> dict:
+def evaluate_split(head: LinearHead, cache, split: str, tta: bool, unseen: dict[str, int] | None = None) -> dict:
     """Per-image accuracy, per-class precision/recall and the confusion matrix of `head` on a split."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -847,6 +846,9 @@ def evaluate_split(head: LinearHead, cache, split: str, tta: bool, train_classes
     preds = predict_images(feats, groups, views, np.zeros(len(labels), np.int64),
                            {0: (head.coef[None], head.intercept[None])}, tta, split, head.mean, head.scale)
     rows, pred = preds[0]
+    if not len(rows):
+        return {"images": 0, "views_per_image": 0, "accuracy": None, "correct": 0, "per_class": {},
+                "confusion": {"labels": [], "matrix": []}, "unseen_classes": unseen or {}}
     y_true, y_pred = labels[rows], to_cache[pred[:, 0]]
     names = sorted(set(y_true.tolist()) | set(to_cache.tolist()))
     p, r, _, support = precision_recall_fscore_support(y_true, y_pred, labels=names, zero_division=0)
@@ -854,7 +856,7 @@ def evaluate_split(head: LinearHead, cache, split: str, tta: bool, train_classes
     return {
         "images": len(rows),
         "views_per_image": round(used / max(len(rows), 1), 3),  # > 1 only with tta and stored eval views
-        "accuracy": float((y_true == y_pred).mean()) if len(rows) else float("nan"),
+        "accuracy": float((y_true == y_pred).mean()),
         "correct": int((y_true == y_pred).sum()),
         "per_class": {cache.classes[c]: {"precision": float(pi), "recall": float(ri), "support": int(si)}
                       for c, pi, ri, si in zip(names, p, r, support)},

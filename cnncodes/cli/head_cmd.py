@@ -59,6 +59,9 @@ def _print_report(report: dict) -> None:
     if "note" in report:
         click.echo(report["note"])
     for split, r in report["splits"].items():
+        if not r["images"]:
+            click.echo(f"{split}: no codes to score (every image skipped?)")
+            continue
         how = f", scores averaged over {r['views_per_image']:g} views" if r["views_per_image"] > 1 else ""
         click.echo(f"{split}: accuracy {r['accuracy']:.4f} ({r['correct']}/{r['images']} images{how})")
         for name, m in r["per_class"].items():
@@ -78,7 +81,9 @@ def draw_confusion(report: dict, out: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    splits = report["splits"]
+    splits = {s: r for s, r in report["splits"].items() if r["images"]}
+    if not splits:
+        return
     fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 4.2), squeeze=False)
     for ax, (split, r) in zip(axes[0], splits.items()):
         m = np.array(r["confusion"]["matrix"])
