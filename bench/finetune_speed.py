@@ -14,6 +14,10 @@ by one synthetic step (`--mode interleaved`), and the median of the per-pair rat
 reported; with decode workers (which would prefetch during synthetic steps) ceiling and
 pipeline alternate in blocks of --steps (`--mode rounds`).
 Uses ../shared/data/hymenoptera_data when present, else writes a small JPEG folder.
+
+Measured on the 2-core dev VM (hymenoptera, batch 32, 224 px, inline decoding), median
+ratio: resnet18 fp32 0.93-0.95, resnet18 bf16 0.98, resnet50 fp32 0.94, resnet50 bf16
+0.95-0.97. With one decode worker beside the 2 compute threads: resnet18 fp32 0.78.
 """
 
 from __future__ import annotations

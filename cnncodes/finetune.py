@@ -620,6 +620,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train vs val, as a PNG (Agg canvas: no display, no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 4), tight_layout=True)
     FigureCanvasAgg(fig)
@@ -630,6 +631,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
             if any(v is not None for v in values):
                 ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
