@@ -1,7 +1,8 @@
 """fit-head at scale: fit time and peak memory on synthetic caches (100k / 1M codes of dim 512, 100k of dim 2048).
 
 Each fit runs in a fresh subprocess so its peak RSS (VmHWM) is its own; "grew" is the peak
-minus the RSS after imports. "load" is the 1-minute load average when the fit ended: on a
+minus the RSS after imports, with MALLOC_MMAP_THRESHOLD_=1 MiB so that glibc hands freed blocks
+back (the peak is live memory; --glibc-default measures what the allocator keeps too). "load" is the 1-minute load average when the fit ended: on a
 shared machine, fit times above one load per core are inflated. Caches are written in the cache format (`write_synthetic_cache`:
 10 Gaussian classes, 4 codes per source image) under --dir and deleted afterwards.
 
@@ -39,9 +40,10 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": status_mb("
 IN_MEMORY_CLFS = ("svm", "logreg")
 
 
-def fit(cache: Path, clf: str, device: str) -> dict:
+def fit(cache: Path, clf: str, device: str, live: bool) -> dict:
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if live else {})}
     proc = subprocess.run([sys.executable, "-c", FIT, str(cache), clf, device], check=False,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -54,6 +56,8 @@ def main() -> None:
     ap.add_argument("--in-memory-max", type=int, default=200_000, help="skip svm/logreg above this many codes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the synthetic caches go (deleted after)")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="keep glibc's dynamic mmap threshold: freed blocks stay in the heap, so the peak counts them too")
     args = ap.parse_args()
     from cnncodes.heads import write_synthetic_cache
 
@@ -71,7 +75,7 @@ def main() -> None:
                 if clf in IN_MEMORY_CLFS and n > args.in_memory_max:
                     print(f"{n:>9} {dim:>5} {gb:>5.2f} {clf:>10}  skipped: holds the codes in memory; use linear/linear-svm")
                     continue
-                r = fit(path, clf, args.device)
+                r = fit(path, clf, args.device, not args.glibc_default)
                 if "error" in r:
                     print(f"{n:>9} {dim:>5} {gb:>5.2f} {clf:>10}  error: {r['error']}")
                     continue

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -71,7 +72,9 @@ HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
 PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
 BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
 IN_MEMORY_BYTES = 512 << 20  # torch heads load a train split smaller than this
-SKLEARN_MAX_BYTES = 8 << 30  # svm/logreg hold train in memory (and liblinear copies to float64)
+# Bytes per code value that svm/logreg hold: the float32 codes, plus per job a float32 fold copy
+# (logreg) or a float64 copy and liblinear's (index, value) pairs (svm).
+SKLEARN_BYTES_PER_VALUE = {"logreg": (4, 4), "svm": (4, 24)}
 
 HEAD_FORMAT = "cnncodes-head"
 HEAD_VERSION = 1
@@ -728,13 +731,18 @@ def _sklearn_folds(clf: str, data: TrainSet, fold: np.ndarray, n_folds: int, gri
     from .data import available_cores
 
     dtype = np.float64 if clf == "svm" else np.float32  # liblinear copies anything else to float64, per fit
-    parts = {f: (np.ascontiguousarray(data.features[fold != f], dtype=dtype), data.y[fold != f]) for f in range(n_folds)}
+
+    def run(f: int, cs: list[float]):  # the fold copy is made inside the job: at most `workers` exist at once
+        keep = fold != f
+        return _sklearn_path(clf, np.ascontiguousarray(data.features[keep], dtype=dtype), data.y[keep], K, cs, seed, notes)
+
     jobs = []
     for f in range(n_folds):
         jobs += [(f, [c]) for c in grid] if clf == "svm" else [(f, list(grid))]
     K = len(data.classes)
-    with _one_blas_thread(), ThreadPoolExecutor(max(1, min(len(jobs), available_cores()))) as pool:
-        done = [(f, pool.submit(_sklearn_path, clf, *parts[f], K, cs, seed, notes)) for f, cs in jobs]
+    room = max(1, available_memory() // max(SKLEARN_BYTES_PER_VALUE[clf][1] * data.features.size, 1))
+    with _one_blas_thread(), ThreadPoolExecutor(max(1, min(len(jobs), available_cores(), room))) as pool:
+        done = [(f, pool.submit(run, f, cs)) for f, cs in jobs]
         results = [(f, job.result()) for f, job in done]
     return {f: (np.concatenate([w for g, (w, _) in results if g == f]), np.concatenate([b for g, (_, b) in results if g == f]))
             for f in range(n_folds)}
@@ -786,10 +794,8 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
 
     start = time.perf_counter()
     with Cache(cache_path) as cache:
-        nbytes = cache.features("train").size * 4 if "train" in cache.splits else 0
-        if clf not in TORCH_CLFS and nbytes > SKLEARN_MAX_BYTES:
-            raise CnnCodesError(f"{cache.path}: train codes take {nbytes / 2**30:.1f} GiB; --clf {clf} holds them in memory "
-                                f"(limit {SKLEARN_MAX_BYTES / 2**30:.0f} GiB): use --clf linear or linear-svm, which stream from the cache")
+        if clf not in TORCH_CLFS and "train" in cache.splits:
+            _check_memory(clf, cache.features("train").size, cache.path, log)
         data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
         heldout = [s for s in cache.splits if s != "train"]
         unseen = {s: _unseen(cache, s, data.classes, allow_unseen_classes) for s in heldout}
@@ -807,6 +813,32 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
     if not heldout:
         report["note"] = "no held-out split in the cache (only train): the CV accuracy is the only estimate"
     return head, report
+
+
+def _check_memory(clf: str, values: int, path, log: Callable[[str], None]) -> None:
+    """Refuse an in-memory head that cannot fit in RAM; point to the streaming heads."""
+    fixed, per_job = SKLEARN_BYTES_PER_VALUE[clf]
+    need, free = values * (fixed + per_job), available_memory()
+    hint = f"--clf {'linear-svm' if clf == 'svm' else 'linear'} streams the codes from the cache in bounded memory"
+    if need > free:
+        raise CnnCodesError(f"{path}: --clf {clf} needs about {need / 2**30:.1f} GiB for {values / 1e6:.0f}M code values, "
+                            f"{free / 2**30:.1f} GiB are available: {hint}")
+    if values > 50_000_000:
+        log(f"note: --clf {clf} holds about {need / 2**30:.1f} GiB and solves on one core per fold/C; {hint} (faster at this size)")
+
+
+def available_memory() -> int:
+    """MemAvailable (Linux), else free physical memory, else 8 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def _unseen(cache, split: str, train_classes: np.ndarray, allow: bool) -> dict[str, int]:

@@ -246,6 +246,13 @@ def test_bad_caches_give_one_line_errors(cli, synthetic, tmp_path):
         assert not (tmp_path / "h.h5").exists()
 
 
+def test_in_memory_heads_refuse_codes_larger_than_memory(synthetic, monkeypatch):
+    monkeypatch.setattr(heads, "available_memory", lambda: 10_000)
+    with pytest.raises(CnnCodesError, match=r"--clf svm needs about .* GiB .* --clf linear-svm streams the codes"):
+        fit_head(synthetic, "svm")
+    fit_head(synthetic, "linear", 1.0, max_iter=3)  # streams: no such limit
+
+
 def test_unseen_class_can_be_reported_as_errors(synthetic, tmp_path):
     cache, _ = _bad_caches(tmp_path, synthetic)["unseen val class"]
     head, report = fit_head(cache, "logreg", 1.0, allow_unseen_classes=True)
