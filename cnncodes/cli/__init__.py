@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -60,4 +61,7 @@ _register()
 
 
 def main() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: restore it so Ctrl-C / kill -INT always stop cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli(prog_name="cnncodes")
