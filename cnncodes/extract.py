@@ -445,6 +445,6 @@ class _ShardWriter:
             files=records,
             skipped=[(f.path, reason) for f, reason in self.skipped],
         )
+        self._reset()  # before writing: a Ctrl-C inside the write must not flush these rows twice
         self.seq += 1
         write_shard(self.parts / f"{self.split}-r{self.rank:03d}-{self.seq:06d}.h5", rows)
-        self._reset()
