@@ -293,3 +293,23 @@ def test_ctrl_c_stops_cleanly_with_resume_hint(tmp_path):
     assert saved >= 2
     rerun = subprocess.run(_extract_argv(data, out), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and int(rerun.stdout.split("extracted ")[1].split()[0]) <= 40 - saved
+
+
+def test_malicious_pickle_heads_and_models_are_refused_not_executed(image_folder, tmp_path, cli):
+    import json
+
+    marker = tmp_path / "pwned"
+    _Payload.marker = marker
+    evil_model = tmp_path / "model.pt"
+    torch.save({"fc.weight": _Payload()}, evil_model)
+    meta = {"format": "cnncodes-classifier", "version": 1, "arch": "resnet18", "num_classes": 2,
+            "classes": ["cat", "dog"], "preprocessing": {"resize": 73, "crop": 64}, "source": {}}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    evil_head = tmp_path / "head.h5"
+    with open(evil_head, "wb") as f:
+        pickle.dump({"W": _Payload()}, f)
+    for model, needle in ((evil_model, "refused"), (evil_head, "not a readable HDF5 head file")):
+        r = cli("predict", model, image_folder / "val", check=False)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        _no_traceback(r)
+        assert not marker.exists()
