@@ -295,7 +295,10 @@ def write_predictions(preds: Predictions, out: str | Path) -> None:
 
 
 def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -> Path:
-    """A grid of a random sample of images titled with predicted (and true) class; wrong in red."""
+    """A grid of a random sample of images titled with predicted (and true) class; wrong in red.
+
+    Wrong predictions are drawn first (up to half the grid), so the mistakes are always on it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,7 +307,11 @@ def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -
     from .data import BadImage, load_rgb
 
     rows = preds.rows
-    pick = sorted(np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False).tolist())
+    rng = np.random.default_rng(seed)
+    wrong = [i for i, r in enumerate(rows) if r["true"] is not None and r["true"] != r["pred"]]
+    pick = rng.permutation(wrong)[: n // 2].tolist()
+    rest = [i for i in range(len(rows)) if i not in set(pick)]
+    pick = sorted(pick + rng.permutation(rest)[: min(n, len(rows)) - len(pick)].tolist())
     cols = min(4, len(pick))
     lines = int(np.ceil(len(pick) / cols))
     fig, axes = plt.subplots(lines, cols, figsize=(3 * cols, 3.2 * lines), squeeze=False)
