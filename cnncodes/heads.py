@@ -29,11 +29,12 @@ makes the last iterates settle. All candidate (fold, C) models are trained in th
 as one batched (M, classes, D) weight tensor, so cross-validation costs one read of the
 data per epoch, not one per model.
 
-Choosing C (``C="auto"``) uses the train split only. Folds keep all views of a source image
-together (`StratifiedGroupKFold` on the image ids of `Cache.groups`, read in chunks by `image_groups`).
-Up to `HOLDOUT_ABOVE` codes: k-fold
-(default 5). Above it: one stratified, grouped held-out tenth of train (k-fold would mean k
-more passes over a large cache for little gain in the estimate). A fold is scored as the
+Choosing C (``C="auto"``, grid 1e-5 ... 10, one value per decade) uses the train split only.
+Folds are dealt per source image (the ids of `Cache.groups`, read in chunks by `image_groups`),
+stratified by class (`grouped_folds`: `StratifiedGroupKFold` for one-label groups, vectorised),
+so all views of an image land in one fold. Up to `HOLDOUT_ABOVE` codes: k-fold (default 5).
+Above it: one stratified, grouped held-out tenth of train, scored once (k-fold would mean k
+times the training work on a large cache for little gain in the estimate). A fold is scored as the
 final report is: per image, on the plain view (or averaging all views with ``tta``). The
 best mean accuracy wins; ties go to the smallest C (the most regularised). The standardiser
 is fitted once on all train codes (label-free statistics; per-fold scalers change CV scores
