@@ -13,6 +13,14 @@ the plain codes in fp32 and bf16 and compares codes and accuracies.
 
     python bench/heads_accuracy.py                      # from the repo root
     python bench/heads_accuracy.py --views 10 --eval-views 10 --precision bf16
+
+Measured (2 shared CPU cores, load ~1, 245 train / 153 val images, views10 = 2695 train codes):
+bf16 codes differ from fp32 by 1.2% (relative L2) with the same C, CV and val accuracy
+(0.9542 logreg), and extract views 2x faster (244 s vs 499 s for 4378 codes). Val accuracy
+(images): plain logreg 0.9542 (146/153), svm 0.9477, linear 0.9412, linear-svm 0.9477;
+views and views+tta 0.9346-0.9412 for every head, although CV on train prefers views+tta
+(0.9755 vs 0.9673): the 96% target is not reached; the standard error on 153 images is 1.8%.
+Fit time per head (5-fold CV of 7 C values + final fit): 0.1-0.2 s (plain), 0.4-4.3 s (views).
 """
 
 from __future__ import annotations
