@@ -342,10 +342,7 @@ class _Runner:
     """Runs the headless backbone over the files still to do, writing shards as it goes."""
 
     def __init__(self, config, pre, dev, precision, channels_last, batch_size, workers, strict):
-        if distributed.launched():
-            distributed.configure_threads(dev)  # processes on one machine share its cores
-        else:
-            configure_threads(dev)
+        configure_threads(dev)
         self.model, _, self.dim = create_extractor(config.arch, config.weights_name)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -52,11 +52,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def configure_threads(device: torch.device) -> None:
-    """Intra-op threads = the cores this process may use (cgroups/affinity aware)."""
-    if device.type == "cpu":
-        from .data import available_cores
+    """Intra-op threads = this process's share of the cores (cgroups/affinity aware).
 
-        torch.set_num_threads(available_cores())
+    Under torchrun the processes of one machine split its cores between them.
+    """
+    from .distributed import configure_threads as share_cores
+
+    share_cores(device)
 
 
 @contextlib.contextmanager
