@@ -86,13 +86,17 @@ def local_world_size() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size())))
 
 
-def configure_threads(device: torch.device) -> None:
-    """On CPU the processes of one machine share its cores: each takes cores / local world size."""
-    if device.type != "cpu":
-        return
+def process_cores() -> int:
+    """This process's share of the machine's cores (cgroups/affinity aware)."""
     from .data import available_cores
 
-    torch.set_num_threads(max(1, available_cores() // local_world_size()))
+    return max(1, available_cores() // local_world_size())
+
+
+def configure_threads(device: torch.device) -> None:
+    """On CPU the processes of one machine share its cores: each takes cores / local world size."""
+    if device.type == "cpu":
+        torch.set_num_threads(process_cores())
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .data import (
     ImageFiles,
     Normalize,
     Preprocessing,
+    as_tensor,
     default_workers,
     discover,
     make_loader,
@@ -41,6 +42,7 @@ from .runtime import (
     check_precision,
     check_space,
     configure_threads,
+    inference_batch_size,
     resolve_device,
 )
 from .store import (
@@ -80,6 +82,7 @@ class ViewMaker:
         self.pre, self.paths, self.views, self.seed = pre, paths, views, seed
 
     def __call__(self, img: Image.Image, index: int) -> torch.Tensor:
+        img = as_tensor(img)
         out = [self.pre.eval_view(img)]
         for k in range(1, self.views + 1):
             g = torch.Generator().manual_seed(view_seed(self.seed, self.paths[index], k))
@@ -97,7 +100,7 @@ def extract(
     views: int = 0,
     eval_views: int = 0,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     precision: str = "fp32",
@@ -112,13 +115,15 @@ def extract(
 
     Resumable (rerun the same call after a crash), incremental (only new or changed
     files are extracted), and refuses to mix configurations unless `overwrite`.
+    `batch_size` None = `inference_batch_size(device)` (16 on CPU, 128 on CUDA).
     """
-    if views < 0 or eval_views < 0 or batch_size < 1:
+    if views < 0 or eval_views < 0 or (batch_size is not None and batch_size < 1):
         raise CnnCodesError("--views/--eval-views must be >= 0 and --batch-size >= 1")
     layout = discover(data)
     for w in layout.warnings:
         log(f"warning: {w}")
     dev = resolve_device(device)
+    batch_size = batch_size or inference_batch_size(dev)
     check_precision(precision, dev)
     info = resolve_weights(arch, weights)
     pre = default_preprocessing(arch, info)
@@ -268,7 +273,7 @@ class _Done:
         self.feature_dim = 0
 
     @classmethod
-    def collect(cls, old: Cache | None, parts: Path, layout: FolderLayout) -> "_Done":
+    def collect(cls, old: Cache | None, parts: Path, layout: FolderLayout) -> _Done:
         done = cls()
         if old is not None:
             for split in old.splits:
@@ -350,15 +355,16 @@ class _Runner:
         self.normalize = Normalize(pre.mean, pre.std, channels_last).to(dev)
         self.pre, self.config, self.dev, self.precision = pre, config, dev, precision
         self.batch_size = batch_size
-        self.workers = default_workers(dev) if workers is None else workers
+        self.cores = distributed.process_cores()
+        self.workers = default_workers(dev, self.cores) if workers is None else workers
         self.strict = strict
 
     @torch.inference_mode()
     def codes(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 (B, V, 3, H, W) -> float32 (B * V, D) codes."""
+        """uint8 (B, V, 3, H, W) -> float32 (B * V, D) codes, in forward passes of <= batch_size rows."""
         x = images.flatten(0, 1).to(self.dev, non_blocking=True)
         with autocast(self.dev, self.precision):
-            return self.model(self.normalize(x)).float().cpu().numpy()
+            return torch.cat([self.model(self.normalize(rows)).float() for rows in x.split(self.batch_size)]).cpu().numpy()
 
     def run(self, layout: FolderLayout, todo: dict[str, list[ImageFile]], parts: Path, every: float, progress: bool):
         total = sum(len(v) for v in todo.values())
@@ -379,7 +385,7 @@ class _Runner:
         paths = [f.path for f in files]
         k = self.config.views_for(split)
         dataset = ImageFiles(layout.root, paths, self.pre.load, ViewMaker(self.pre, paths, k, self.config.seed))
-        loader = make_loader(dataset, self.batch_size, self.workers, self.dev)
+        loader = make_loader(dataset, self.batch_size, self.workers, self.dev, threads=self.cores)
         shard = _ShardWriter(parts, split, k + 1, distributed.rank())
         images = codes = 0
         try:

@@ -241,21 +241,6 @@ def _split(layout: data.FolderLayout, name: str, preprocessing: data.Preprocessi
     return _Split(name, files, dataset, torch.tensor([f.label for f in files], dtype=torch.long))
 
 
-def default_workers(device: torch.device) -> int:
-    """Decode workers for this process's share of the machine's cores.
-
-    On CPU, decoding + cropping an image costs ~2.5 core-ms against ~65 core-ms for a resnet18
-    train step at 224 px (more for deeper nets), so inline decoding costs ~4% per core of the
-    step. A worker process instead competes with the compute threads for their cores and
-    stalls them: on 2 cores one worker gave 0.78 of the in-memory ceiling, inline decoding
-    0.94. So decode inline on small machines, and use one worker per ~24 cores on big ones.
-    """
-    cores = max(1, data.available_cores() // distributed.local_world_size())
-    if device.type == "cuda":
-        return max(1, min(cores - 1, 8))
-    return 0 if cores <= 3 else max(1, cores // 24)
-
-
 # --------------------------------------------------------------------------- epochs
 
 
@@ -335,7 +320,8 @@ def train_epoch(run: _Run, epoch: int, max_steps: int | None = None) -> tuple[_S
                                  shuffle=True, seed=r.seed)
     sampler.set_epoch(epoch)
     loader = data.make_loader(run.train.dataset, r.batch_size, run.workers, run.device, sampler=sampler,
-                              generator=torch.Generator().manual_seed(r.seed * 100_003 + epoch))
+                              generator=torch.Generator().manual_seed(r.seed * 100_003 + epoch),
+                              threads=distributed.process_cores())
     step = TrainStep(run.trainer, run.normalize, run.optimizer, run.scaler, run.device, r.precision,
                      loss_function(r.deterministic, run.device))
     sums = _Sums.zeros(len(run.train.dataset), run.device)
@@ -365,7 +351,8 @@ def evaluate(model: nn.Module, split: _Split, normalize: nn.Module, device: torc
              loss_fn: Callable = F.cross_entropy) -> _Sums:
     """Loss and accuracy of `model` (eval mode) on this rank's shard of `split`, summed over ranks."""
     sampler = distributed.ShardSampler(len(split.dataset))
-    loader = data.make_loader(split.dataset, batch_size, workers, device, sampler=sampler)
+    loader = data.make_loader(split.dataset, batch_size, workers, device, sampler=sampler,
+                              threads=distributed.process_cores())
     sums = _Sums.zeros(len(split.dataset), device)
     model.eval()
     for batch in _bar(loader, desc, progress):
@@ -826,7 +813,7 @@ def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, w
     opt = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.head_lr_mult, recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16" and device.type == "cuda")
-    workers = default_workers(device) if workers is None else workers
+    workers = data.default_workers(device, distributed.process_cores()) if workers is None else workers
     distributed.configure_threads(device)  # each process on a machine takes its share of the cores
     trainer = model
     if distributed.is_distributed():

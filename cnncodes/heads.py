@@ -639,11 +639,20 @@ def _one_blas_thread():
     return threadpool_limits(1)
 
 
+@contextlib.contextmanager
+def _quiet_convergence() -> Iterator[None]:
+    """Silence sklearn's ConvergenceWarning (it becomes a note). Entered by the calling thread
+    only: catch_warnings swaps process-wide state and is not safe to nest across threads."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
 def _sklearn_path(clf: str, x: np.ndarray, y: np.ndarray, n_classes: int, Cs: Sequence[float], seed: int,
                   notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """W (G, K, D), b (G, K) for each C (ascending: logreg warm-starts from the previous C)."""
-    from sklearn.exceptions import ConvergenceWarning
-
     w = np.zeros((len(Cs), n_classes, x.shape[1]))
     b = np.full((len(Cs), n_classes), -1e30)  # a class absent from a fold is never predicted
     present = np.unique(y)
@@ -652,10 +661,10 @@ def _sklearn_path(clf: str, x: np.ndarray, y: np.ndarray, n_classes: int, Cs: Se
         return w, b
     est = _sklearn_estimator(clf, seed, x.shape)
     for i, C in enumerate(Cs):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            est.set_params(C=float(C)).fit(x, y)
-        if any(issubclass(c.category, ConvergenceWarning) for c in caught):
+        est.set_params(C=float(C)).fit(x, y)
+        # Read from the estimator, not from a warnings.catch_warnings: this runs in pool threads
+        # and warning filters are process-wide (the caller silences the printed warning).
+        if np.max(est.n_iter_) >= est.max_iter:
             notes.append(f"{clf} did not fully converge at C={C:g}")
         coef, icpt = as_class_rows(est.coef_, est.intercept_)
         w[i][est.classes_] = coef
@@ -715,7 +724,7 @@ def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[floa
         w, b = w_all[n_folds * len(grid) + best], b_all[n_folds * len(grid) + best]
     else:
         x = np.ascontiguousarray(data.features, dtype=np.float64 if clf == "svm" else np.float32)
-        with _one_blas_thread():
+        with _one_blas_thread(), _quiet_convergence():
             w, b = _sklearn_path(clf, x, data.y, K, [sel.C], seed, sel.notes)
         w, b = w[0], b[0]
     return w.astype(np.float64), b.astype(np.float64), sel
@@ -742,7 +751,7 @@ def _sklearn_folds(clf: str, data: TrainSet, fold: np.ndarray, n_folds: int, gri
         jobs += [(f, [c]) for c in grid] if clf == "svm" else [(f, list(grid))]
     K = len(data.classes)
     room = max(1, available_memory() // max(SKLEARN_BYTES_PER_VALUE[clf][1] * data.features.size, 1))
-    with _one_blas_thread(), ThreadPoolExecutor(max(1, min(len(jobs), available_cores(), room))) as pool:
+    with _one_blas_thread(), _quiet_convergence(), ThreadPoolExecutor(max(1, min(len(jobs), available_cores(), room))) as pool:
         done = [(f, pool.submit(run, f, cs)) for f, cs in jobs]
         results = [(f, job.result()) for f, job in done]
     return {f: (np.concatenate([w for g, (w, _) in results if g == f]), np.concatenate([b for g, (_, b) in results if g == f]))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .backbones import WeightsInfo, create_model, resolve_weights
 from .data import (
     IMAGE_EXTENSIONS,
@@ -34,7 +35,7 @@ from .data import (
 )
 from .errors import CnnCodesError
 from .heads import LinearHead
-from .runtime import autocast, check_precision, configure_threads, resolve_device
+from .runtime import autocast, check_precision, configure_threads, inference_batch_size, resolve_device
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -152,7 +153,9 @@ def run_model(module: nn.Module, root: str | Path, paths: Sequence[str], pre: Pr
         module = module.to(memory_format=torch.channels_last)
     normalize = Normalize(pre.mean, pre.std, channels_last).to(dev)
     dataset = ImageFiles(root, paths, pre.load, lambda img, _: pre.eval_view(img))
-    loader = make_loader(dataset, batch_size, default_workers(dev) if workers is None else workers, dev)
+    cores = distributed.process_cores()
+    loader = make_loader(dataset, batch_size, default_workers(dev, cores) if workers is None else workers, dev,
+                         threads=cores)
     for batch in loader:
         out = np.zeros((0, 0), np.float32)
         if len(batch.indices):
@@ -241,7 +244,7 @@ class Predictions:
 
 
 def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: str | None = None, device: str = "auto",
-            precision: str | None = None, batch_size: int = 32, workers: int | None = None) -> Predictions:
+            precision: str | None = None, batch_size: int | None = None, workers: int | None = None) -> Predictions:
     """Classify image files and/or folders with a head or a classifier (see the module docstring).
 
     precision: None = the head's extraction precision (fp32 for classifiers; bf16 where fp16 is
@@ -253,6 +256,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: st
         raise CnnCodesError("no images to predict: pass image files or folders holding images"
                             + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     dev = resolve_device(device)
+    batch_size = batch_size or inference_batch_size(dev)
     precision = precision or model.precision
     if precision == "fp16" and dev.type != "cuda":
         precision = "bf16"

@@ -10,6 +10,7 @@ import pytest
 from conftest import make_image, write_folder
 from PIL import Image
 
+from cnncodes import data
 from cnncodes.data import BadImage, Preprocessing, discover, load_rgb
 from cnncodes.errors import CnnCodesError
 
@@ -140,3 +141,44 @@ def test_random_views_are_seeded_and_eval_view_is_deterministic():
     assert a.shape == (3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(pre.eval_view(img), pre.eval_view(img))
+
+
+def test_threaded_loader_gives_the_batches_of_a_plain_loader(tmp_path):
+    """workers=0 decodes on a pool of threads: same order, same pixels, same failures, and the
+    process's warning filters are left as they were."""
+    import warnings
+
+    import torch
+
+    from cnncodes.data import ImageFiles, ThreadedLoader, make_loader
+
+    root = write_folder(tmp_path / "d", {"train": 4}, size=48) / "train"  # 8 images
+    (root / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "dog" / "empty.png").write_bytes(b"")
+    pre = Preprocessing.for_image_size(32)
+    paths = sorted(str(p.relative_to(root)) for p in root.rglob("*.*"))
+    dataset = ImageFiles(root, paths, pre.load, lambda img, i: pre.eval_view(img))
+    cpu = torch.device("cpu")
+    before = list(warnings.filters)
+    threaded = list(make_loader(dataset, 4, 0, cpu, threads=2))
+    assert warnings.filters == before
+    plain = list(torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=data.collate_skipping))
+    assert isinstance(make_loader(dataset, 4, 0, cpu, threads=2), ThreadedLoader)
+    assert len(threaded) == len(plain) == 3
+    for t, p in zip(threaded, plain):
+        assert torch.equal(t.indices, p.indices) and torch.equal(t.images, p.images) and t.failed == p.failed
+    failed = {paths[i]: why for b in threaded for i, why in b.failed}
+    assert set(failed) == {"cat/broken.jpg", "dog/empty.png"} and "0 bytes" in failed["dog/empty.png"]
+
+
+def test_tensor_views_match_torchvision_pil_transforms_within_one_grey_level():
+    import torch
+    from torchvision import transforms
+
+    pre = Preprocessing()
+    for size in [(500, 375), (333, 500), (640, 480)]:
+        img = make_image(3, 1, 64).resize(size)
+        reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])(img)
+        ours = pre.eval_view(img)
+        assert ours.shape == reference.shape == (3, 224, 224)
+        assert (ours.int() - reference.int()).abs().max() <= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import h5py
@@ -59,6 +60,20 @@ def test_fixed_C_and_tta(synthetic):
     head, report = fit_head(synthetic, "logreg", 0.1, tta=True)
     assert head.C == 0.1 and not report["selection"]["auto"]
     assert report["splits"]["val"]["views_per_image"] == 3  # plain view + 2 eval views averaged
+
+
+def test_non_convergence_is_a_note_and_leaves_warning_filters_alone(synthetic, monkeypatch):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    monkeypatch.setattr(heads, "_sklearn_estimator", lambda clf, seed, shape: LinearSVC(dual=True, max_iter=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        _, report = fit_head(synthetic, "svm", "auto")  # CV fits run in a pool of threads
+        assert warnings.filters == before
+    assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert any("did not fully converge" in n for n in report["selection"]["notes"])
 
 
 def test_only_train_split_reports_cv(tmp_path):

@@ -18,7 +18,7 @@ from .options import backbone_options, runtime_options
 @click.option("--views", type=int, default=0, show_default=True, help="Extra augmented codes per training image.")
 @click.option("--eval-views", type=int, default=0, show_default=True, help="Extra augmented codes per val/test image (for test-time averaging).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
 @runtime_options
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable file instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another configuration.")

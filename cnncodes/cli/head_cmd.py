@@ -110,7 +110,7 @@ def draw_confusion(report: dict, out: str) -> None:
 @click.option("--weights", default=None, help="Backbone weights for a head [default: those recorded in the head].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="[default: the head's extraction precision]")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
 @click.option("--workers", type=int, default=None, help="Decode workers [default: sized to the machine].")
 def predict_command(model, inputs, out, grid, weights, device, precision, batch_size, workers):
     """Classify images (files and/or folders) with a head (.h5) or a classifier (.pt).
