@@ -172,7 +172,6 @@ def test_threaded_loader_gives_the_batches_of_a_plain_loader(tmp_path):
 
 
 def test_tensor_views_match_torchvision_pil_transforms_within_one_grey_level():
-    import torch
     from torchvision import transforms
 
     pre = Preprocessing()
