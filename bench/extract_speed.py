@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_data, hardware, timed  # noqa: E402
 
 from cnncodes.backbones import create_extractor  # noqa: E402
-from cnncodes.data import ImageFiles, Preprocessing, default_workers, discover, make_loader  # noqa: E402
-from cnncodes.distributed import process_cores  # noqa: E402
+from cnncodes.data import ImageFiles, Preprocessing, discover, make_loader  # noqa: E402
 from cnncodes.extract import ViewMaker, extract  # noqa: E402
 from cnncodes.runtime import autocast, configure_threads, inference_batch_size, resolve_device  # noqa: E402
 
@@ -66,9 +65,7 @@ def decode(data: Path, batch: int, workers: int | None, device: torch.device) ->
     paths = [f.path for f in files]
     pre = Preprocessing()
     dataset = ImageFiles(layout.root, paths, pre.load, ViewMaker(pre, paths, 0, 0))
-    cores = process_cores()
-    workers = default_workers(device, cores) if workers is None else workers
-    loader = make_loader(dataset, batch, workers, device, threads=cores)
+    loader = make_loader(dataset, batch, workers, device)
     seconds, n = timed(lambda: sum(len(b.indices) for b in loader))
     return n / seconds
 

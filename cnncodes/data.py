@@ -479,15 +479,23 @@ class ThreadedLoader:
 def make_loader(
     dataset: Dataset,
     batch_size: int,
-    workers: int,
+    workers: int | None,
     device: torch.device,
     sampler: Sampler | None = None,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> DataLoader | ThreadedLoader:
     """Batches of `Batch` in sampler order: pinned memory on CUDA, quiet workers, bad files
-    reported not raised. With `workers=0` the main process decodes on `threads` threads."""
+    reported not raised. `threads` None = this process's share of the cores (torchrun aware);
+    `workers` None = `default_workers` for them; with no workers the main process decodes on
+    `threads` threads."""
+    if threads is None:
+        from .distributed import process_cores  # imported here: distributed imports this module
+
+        threads = process_cores()
+    if workers is None:
+        workers = default_workers(device, threads)
     pin = device.type == "cuda"
     if not workers and threads > 1:
         if sampler is None:

@@ -29,7 +29,6 @@ from .data import (
     Normalize,
     Preprocessing,
     as_tensor,
-    default_workers,
     discover,
     make_loader,
     view_seed,
@@ -355,8 +354,7 @@ class _Runner:
         self.normalize = Normalize(pre.mean, pre.std, channels_last).to(dev)
         self.pre, self.config, self.dev, self.precision = pre, config, dev, precision
         self.batch_size = batch_size
-        self.cores = distributed.process_cores()
-        self.workers = default_workers(dev, self.cores) if workers is None else workers
+        self.workers = workers  # None: make_loader sizes them
         self.strict = strict
 
     @torch.inference_mode()
@@ -385,7 +383,7 @@ class _Runner:
         paths = [f.path for f in files]
         k = self.config.views_for(split)
         dataset = ImageFiles(layout.root, paths, self.pre.load, ViewMaker(self.pre, paths, k, self.config.seed))
-        loader = make_loader(dataset, self.batch_size, self.workers, self.dev, threads=self.cores)
+        loader = make_loader(dataset, self.batch_size, self.workers, self.dev)
         shard = _ShardWriter(parts, split, k + 1, distributed.rank())
         images = codes = 0
         try:

@@ -320,8 +320,7 @@ def train_epoch(run: _Run, epoch: int, max_steps: int | None = None) -> tuple[_S
                                  shuffle=True, seed=r.seed)
     sampler.set_epoch(epoch)
     loader = data.make_loader(run.train.dataset, r.batch_size, run.workers, run.device, sampler=sampler,
-                              generator=torch.Generator().manual_seed(r.seed * 100_003 + epoch),
-                              threads=distributed.process_cores())
+                              generator=torch.Generator().manual_seed(r.seed * 100_003 + epoch))
     step = TrainStep(run.trainer, run.normalize, run.optimizer, run.scaler, run.device, r.precision,
                      loss_function(r.deterministic, run.device))
     sums = _Sums.zeros(len(run.train.dataset), run.device)
@@ -351,8 +350,7 @@ def evaluate(model: nn.Module, split: _Split, normalize: nn.Module, device: torc
              loss_fn: Callable = F.cross_entropy) -> _Sums:
     """Loss and accuracy of `model` (eval mode) on this rank's shard of `split`, summed over ranks."""
     sampler = distributed.ShardSampler(len(split.dataset))
-    loader = data.make_loader(split.dataset, batch_size, workers, device, sampler=sampler,
-                              threads=distributed.process_cores())
+    loader = data.make_loader(split.dataset, batch_size, workers, device, sampler=sampler)
     sums = _Sums.zeros(len(split.dataset), device)
     model.eval()
     for batch in _bar(loader, desc, progress):

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
 from .backbones import WeightsInfo, create_model, resolve_weights
 from .data import (
     IMAGE_EXTENSIONS,
@@ -30,7 +29,6 @@ from .data import (
     ImageFiles,
     Normalize,
     Preprocessing,
-    default_workers,
     make_loader,
 )
 from .errors import CnnCodesError
@@ -153,9 +151,7 @@ def run_model(module: nn.Module, root: str | Path, paths: Sequence[str], pre: Pr
         module = module.to(memory_format=torch.channels_last)
     normalize = Normalize(pre.mean, pre.std, channels_last).to(dev)
     dataset = ImageFiles(root, paths, pre.load, lambda img, _: pre.eval_view(img))
-    cores = distributed.process_cores()
-    loader = make_loader(dataset, batch_size, default_workers(dev, cores) if workers is None else workers, dev,
-                         threads=cores)
+    loader = make_loader(dataset, batch_size, workers, dev)
     for batch in loader:
         out = np.zeros((0, 0), np.float32)
         if len(batch.indices):
