@@ -136,7 +136,7 @@ def export_head(head_path: str | Path, out: str | Path, weights: str | None = No
 
 @torch.inference_mode()
 def run_model(module: nn.Module, root: str | Path, paths: Sequence[str], pre: Preprocessing, *,
-              device: str | torch.device = "auto", precision: str = "fp32", batch_size: int = 32,
+              device: str | torch.device = "auto", precision: str = "fp32", batch_size: int | None = None,
               workers: int | None = None, channels_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
     """Yield (indices, float32 outputs, [(index, reason) of bad files]) per batch of `paths` under `root`.
 
@@ -146,6 +146,7 @@ def run_model(module: nn.Module, root: str | Path, paths: Sequence[str], pre: Pr
     dev = resolve_device(device) if isinstance(device, str) else device
     check_precision(precision, dev)
     configure_threads(dev)
+    batch_size = batch_size or inference_batch_size(dev)
     module = module.to(dev).eval()
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -252,7 +253,6 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: st
         raise CnnCodesError("no images to predict: pass image files or folders holding images"
                             + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     dev = resolve_device(device)
-    batch_size = batch_size or inference_batch_size(dev)
     precision = precision or model.precision
     if precision == "fp16" and dev.type != "cuda":
         precision = "bf16"
