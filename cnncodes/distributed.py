@@ -93,12 +93,6 @@ def process_cores() -> int:
     return max(1, available_cores() // local_world_size())
 
 
-def configure_threads(device: torch.device) -> None:
-    """On CPU the processes of one machine share its cores: each takes cores / local world size."""
-    if device.type == "cpu":
-        torch.set_num_threads(process_cores())
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (a no-op in a single process) and return it."""
     if is_distributed():

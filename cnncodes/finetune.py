@@ -812,7 +812,7 @@ def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, w
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16" and device.type == "cuda")
     workers = data.default_workers(device, distributed.process_cores()) if workers is None else workers
-    distributed.configure_threads(device)  # each process on a machine takes its share of the cores
+    runtime.configure_threads(device)  # each process on a machine takes its share of the cores
     trainer = model
     if distributed.is_distributed():
         trainer = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

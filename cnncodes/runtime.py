@@ -66,9 +66,10 @@ def configure_threads(device: torch.device) -> None:
 
     Under torchrun the processes of one machine split its cores between them.
     """
-    from .distributed import configure_threads as share_cores
+    if device.type == "cpu":
+        from .distributed import process_cores
 
-    share_cores(device)
+        torch.set_num_threads(process_cores())
 
 
 @contextlib.contextmanager
