@@ -97,13 +97,15 @@ def default_preprocessing(arch: str, info: WeightsInfo) -> Preprocessing:
     )
 
 
-def create_model(arch: str, weights: str | None, num_classes: int | None = None) -> tuple[nn.Module, WeightsInfo]:
+def create_model(arch: str, weights: str | WeightsInfo | None,
+                 num_classes: int | None = None) -> tuple[nn.Module, WeightsInfo]:
     """A torchvision ResNet with the given weights loaded (fc kept at 1000 classes or resized).
 
-    With `num_classes`, the pretrained fc is replaced by a fresh `nn.Linear` (fine-tuning);
-    without, the fc from the weights is kept as is.
+    `weights` is a `--weights` value or an already resolved `WeightsInfo` (which saves
+    hashing a weights file a second time). With `num_classes`, the pretrained fc is replaced
+    by a fresh `nn.Linear` (fine-tuning); without, the fc from the weights is kept as is.
     """
-    info = resolve_weights(arch, weights)
+    info = weights if isinstance(weights, WeightsInfo) else resolve_weights(arch, weights)
     builder = ARCHS[arch][0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
@@ -121,7 +123,7 @@ def headless(model: nn.Module) -> nn.Module:
     return model
 
 
-def create_extractor(arch: str, weights: str | None, fold_bn: bool = True) -> tuple[nn.Module, WeightsInfo, int]:
+def create_extractor(arch: str, weights: str | WeightsInfo | None, fold_bn: bool = True) -> tuple[nn.Module, WeightsInfo, int]:
     """Headless model in eval mode with frozen parameters, its weights info and code dim.
 
     BatchNorm is frozen (eval mode) and, with `fold_bn`, folded into the preceding

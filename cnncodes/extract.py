@@ -136,13 +136,13 @@ def extract(
     parts = out.with_name(out.name + ".parts")
     dev = distributed.init(dev)
     try:
-        return _extract_locked(layout, out, parts, config, pre, dev, overwrite, batch_size, workers, precision,
+        return _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision,
                                channels_last, strict, checkpoint_every, progress)
     finally:
         distributed.cleanup()
 
 
-def _extract_locked(layout, out, parts, config, pre, dev, overwrite, batch_size, workers, precision, channels_last,
+def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision, channels_last,
                     strict, checkpoint_every, progress) -> ExtractResult:
     """The body of `extract`: under torchrun every rank runs it, rank 0 alone locks and merges."""
     main = distributed.is_main()
@@ -166,7 +166,7 @@ def _extract_locked(layout, out, parts, config, pre, dev, overwrite, batch_size,
         result = ExtractResult(out)
         if any(todo.values()):
             mine = {s: _deal(files, batch_size) for s, files in todo.items()}
-            runner = _Runner(config, pre, dev, precision, channels_last, batch_size, workers, strict)
+            runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, strict)
             result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, checkpoint_every,
                                                                         progress and main)
             result.extracted, result.codes, result.seconds = _sum_over_ranks(result, dev)
@@ -345,9 +345,9 @@ class _Done:
 class _Runner:
     """Runs the headless backbone over the files still to do, writing shards as it goes."""
 
-    def __init__(self, config, pre, dev, precision, channels_last, batch_size, workers, strict):
+    def __init__(self, config, info, pre, dev, precision, channels_last, batch_size, workers, strict):
         configure_threads(dev)
-        self.model, _, self.dim = create_extractor(config.arch, config.weights_name)
+        self.model, _, self.dim = create_extractor(config.arch, info)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model = self.model.to(dev)

@@ -137,7 +137,7 @@ class _MeanPool(nn.Module):
         return x.mean(dim=(2, 3), keepdim=True)
 
 
-def build_model(arch: str, weights: str, num_classes: int, freeze: Sequence[str], device: torch.device,
+def build_model(arch: str, weights: str | backbones.WeightsInfo | None, num_classes: int, freeze: Sequence[str], device: torch.device,
                 channels_last: bool, deterministic: bool = False):
     """Pretrained ResNet with a fresh fc for `num_classes`, frozen stages, on `device`.
 
@@ -799,11 +799,11 @@ def _finetune(data_dir: Path, run_dir: Path, *, arch, weights, epochs, batch_siz
         distributed.share_error(problem, device)
         if not main and resume and (run_dir / CHECKPOINT).exists():
             ckpt = _load_checkpoint(run_dir / CHECKPOINT)
-        return _train(layout, val_name, run_dir, recipe, weights, prep, ckpt, device, workers,
+        return _train(layout, val_name, run_dir, recipe, info, prep, ckpt, device, workers,
                       select_best_on_val, progress, echo)
 
 
-def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, weights: str | None,
+def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, weights: str | backbones.WeightsInfo | None,
               prep: data.Preprocessing, device: torch.device, workers: int | None, progress: bool | None) -> _Run:
     """Model, optimizer, scheduler, scaler (DDP-wrapped under torchrun) and datasets for `recipe`."""
     seed_everything(recipe.seed)
@@ -828,7 +828,7 @@ def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, w
     )
 
 
-def _build_model_rank0_first(recipe: Recipe, weights: str | None, device: torch.device):
+def _build_model_rank0_first(recipe: Recipe, weights: str | backbones.WeightsInfo | None, device: torch.device):
     """Rank 0 fetches the weights (into the torch hub cache) before the other ranks read them."""
     built, problem = None, None
     if distributed.is_main():

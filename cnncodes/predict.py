@@ -74,7 +74,7 @@ def head_weights(head: LinearHead, weights: str | None) -> WeightsInfo:
 def head_to_model(head: LinearHead, weights: str | None = None) -> nn.Module:
     """The head's backbone with `fc` = the head (standardiser folded in), in eval mode."""
     info = head_weights(head, weights)
-    module, _ = create_model(head.meta["arch"], info.name if info.kind != "none" else "none")
+    module, _ = create_model(head.meta["arch"], info)
     if module.fc.in_features != head.n_features:
         raise CnnCodesError(f"head expects {head.n_features}-d codes but {head.meta['arch']} gives {module.fc.in_features}-d")
     w, b = head.folded()
