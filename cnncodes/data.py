@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,165 +25,12 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import CnnCodesError
+from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, FolderLayout, ImageFile, discover  # noqa: F401  (re-exported)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PILImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never half-used
-
-
-# --------------------------------------------------------------------------- discovery
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    """One candidate image: its path relative to the data root, label and file signature."""
-
-    path: str
-    label: int
-    size: int
-    mtime_ns: int
-
-
-@dataclass
-class FolderLayout:
-    """What `discover` found: splits of labelled files sharing one class list."""
-
-    root: Path
-    classes: list[str]
-    splits: dict[str, list[ImageFile]]
-    ignored: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # split -> (path, reason)
-    warnings: list[str] = field(default_factory=list)
-
-
-def discover(root: str | os.PathLike) -> FolderLayout:
-    """Find splits and classes under `root`.
-
-    `root/{train,val,test}/<class>/<image>` gives one split per folder, sharing one
-    class list; `root/<class>/<image>` gives a single split called "train". Files with
-    other extensions inside class folders are listed in `ignored` with the reason.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise CnnCodesError(f"{root}: no such folder; pass the root of an image folder (DATA/<class>/<image>)")
-    if not root.is_dir():
-        raise CnnCodesError(f"{root}: not a folder; pass the root of an image folder (DATA/<class>/<image>)")
-    split_dirs = {d.name: d for d in _subdirs(root) if d.name.lower() in SPLIT_NAMES}
-    if not split_dirs:
-        split_dirs = {"train": root}
-    layout = FolderLayout(root=root, classes=[], splits={})
-    found: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
-    for split, split_dir in split_dirs.items():
-        found[split], layout.ignored[split] = _scan_split(root, split_dir)
-    class_set = sorted({c for per_class in found.values() for c, files in per_class.items() if files})
-    if not class_set:
-        raise CnnCodesError(
-            f"{root}: no images found; expected {root}/<class>/<image> or {root}/train/<class>/<image> "
-            f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
-        )
-    layout.classes = class_set
-    index = {c: i for i, c in enumerate(class_set)}
-    for split, per_class in found.items():
-        files = [
-            ImageFile(path, index[c], size, mtime)
-            for c in class_set
-            for path, size, mtime in per_class.get(c, [])
-        ]
-        layout.splits[split] = files
-        for c, entries in per_class.items():
-            if not entries:
-                layout.warnings.append(f"{split}/{c}: empty class folder, ignored")
-    layout.warnings += _class_coverage_warnings(layout, found)
-    return layout
-
-
-def _class_coverage_warnings(layout: FolderLayout, found: dict) -> list[str]:
-    if "train" not in found or len(found) == 1:
-        return []
-    train_classes = {c for c, files in found["train"].items() if files}
-    notes = []
-    for split, per_class in found.items():
-        missing = sorted(c for c, files in per_class.items() if files and c not in train_classes)
-        if split != "train" and missing:
-            notes.append(
-                f"{split}: class(es) {', '.join(missing)} have no training images in "
-                f"{layout.root / 'train'}; a head cannot learn them: add training images or remove them from {split}"
-            )
-    return notes
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as e:
-        raise CnnCodesError(f"{folder}: cannot list folder ({e.strerror}); check its permissions") from e
-    return [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _scan_split(root: Path, split_dir: Path):
-    per_class: dict[str, list[tuple[str, int, int]]] = {}
-    ignored: list[tuple[str, str]] = []
-    for class_dir in _subdirs(split_dir):
-        if split_dir == root and class_dir.name.lower() in SPLIT_NAMES:
-            continue
-        entries = per_class.setdefault(class_dir.name, [])
-        for path in _walk_files(class_dir, ignored, root):
-            rel = path.relative_to(root).as_posix()
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append((rel, f"not an image (unsupported extension '{path.suffix or '(none)'}')"))
-                continue
-            try:
-                st = path.stat()
-            except OSError as e:
-                ignored.append((rel, f"cannot read file ({e.strerror})"))
-                continue
-            entries.append((rel, st.st_size, st.st_mtime_ns))
-    return per_class, ignored
-
-
-def _walk_files(folder: Path, ignored: list, root: Path) -> list[Path]:
-    """All files below `folder` in sorted order, following symlinks once (loops are cut)."""
-    seen: set[tuple[int, int]] = set()
-    out: list[Path] = []
-    stack = [folder]
-    while stack:
-        d = stack.pop()
-        try:
-            st = d.stat()
-        except OSError as e:
-            ignored.append((d.relative_to(root).as_posix(), f"cannot read folder ({e.strerror})"))
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            ignored.append((d.relative_to(root).as_posix(), "symlink loop, not followed"))
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            ignored.append((d.relative_to(root).as_posix(), f"cannot list folder ({e.strerror})"))
-            continue
-        subdirs = []
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            if _is_dir(e):
-                subdirs.append(Path(e.path))
-            elif e.is_symlink() and not os.path.exists(e.path):
-                ignored.append((Path(e.path).relative_to(root).as_posix(), "broken symlink or symlink loop"))
-            else:
-                out.append(Path(e.path))
-        stack.extend(reversed(subdirs))
-    return sorted(out)
 
 
 # --------------------------------------------------------------------------- decoding

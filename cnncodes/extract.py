@@ -55,6 +55,7 @@ from .store import (
     write_cache,
     write_shard,
 )
+from .uptodate import request_key
 
 
 @dataclass
@@ -129,6 +130,8 @@ def extract(
     if image_size:
         pre = Preprocessing.for_image_size(image_size, pre)
     config = CacheConfig(arch, info.identity, info.name, precision, pre.to_dict(), views, eval_views, seed)
+    request = request_key(arch=arch, weights=weights, weights_sha256=info.sha256, image_size=image_size,
+                          precision=precision, views=views, eval_views=eval_views, seed=seed)
     if strict:
         _fail_on_ignored(layout)
     out = Path(out)
@@ -137,13 +140,13 @@ def extract(
     dev = distributed.init(dev)
     try:
         return _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision,
-                               channels_last, strict, checkpoint_every, progress)
+                               channels_last, strict, checkpoint_every, progress, request)
     finally:
         distributed.cleanup()
 
 
 def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision, channels_last,
-                    strict, checkpoint_every, progress) -> ExtractResult:
+                    strict, checkpoint_every, progress, request) -> ExtractResult:
     """The body of `extract`: under torchrun every rank runs it, rank 0 alone locks and merges."""
     main = distributed.is_main()
     with contextlib.ExitStack() as stack:
@@ -179,7 +182,7 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
                 dim = done.feature_dim or (old.feature_dim if old is not None else 0)
                 versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
                 check_space(out, _cache_bytes(plans, dim), f"; finished work is kept in {parts}")
-                write_cache(out, config, layout.classes, dim, plans, versions)
+                write_cache(out, config, layout.classes, dim, plans, versions, request=request)
             done.close()
             shutil.rmtree(parts, ignore_errors=True)
             result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]

@@ -11,19 +11,24 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import CnnCodesError, WriteFailed
+from .precision import PRECISIONS, autocast, check_precision, tf32  # noqa: F401  (re-exported: callers import them from here)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions that use it: store (atomic files) and the
+# torch-free no-op check of `extract` import this module without paying for torch.
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
     """'auto' picks CUDA when available; an explicit 'cuda' without a GPU is a clear error."""
+    import torch
+
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -45,28 +50,14 @@ def inference_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise CnnCodesError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise CnnCodesError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass (fp32 = autocast off)."""
-    check_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def configure_threads(device: torch.device) -> None:
     """Intra-op threads = this process's share of the cores (cgroups/affinity aware).
 
     Under torchrun the processes of one machine split its cores between them.
     """
     if device.type == "cpu":
+        import torch
+
         from .distributed import process_cores
 
         torch.set_num_threads(process_cores())
@@ -142,6 +133,8 @@ def _fsync_dir(folder: Path) -> None:
 
 def save_torch_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save through `atomic_path`: readers see the old file or the new one, never half."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 

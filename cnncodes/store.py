@@ -274,8 +274,11 @@ def write_cache(
     feature_dim: int,
     splits: dict[str, "SplitPlan"],
     versions: dict[str, str],
+    request: str = "",
 ) -> None:
-    """Write the whole cache atomically, copying rows from their sources in final order."""
+    """Write the whole cache atomically, copying rows from their sources in final order.
+
+    `request` is `uptodate.request_key` of the call that wrote it (its torch-free no-op check)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
@@ -285,6 +288,7 @@ def write_cache(
         f.attrs["preprocessing"] = json.dumps(config.preprocessing)
         f.attrs["classes"] = json.dumps(classes)
         f.attrs["feature_dim"] = feature_dim
+        f.attrs["request"] = request
         for name, version in versions.items():
             f.attrs[f"{name}_version"] = str(version)
         for split, plan in splits.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -11,8 +12,32 @@ import click
 from ..errors import CnnCodesError, Interrupted, WriteFailed
 
 
+# command name -> (module in this package, click command in it). Modules are imported on
+# demand (click's "lazily loading subcommands"): `--help`, `--version` and argument errors
+# never import torch, and a broken command module fails loudly when its command is used.
+COMMANDS = {
+    "extract": ("extract_cmd", "extract_command"),
+    "info": ("extract_cmd", "info_command"),
+    "fit-head": ("head_cmd", "fit_head_command"),
+    "predict": ("head_cmd", "predict_command"),
+    "export": ("head_cmd", "export_command"),
+    "finetune": ("finetune_cmd", "finetune_command"),
+    "demo": ("demo_cmd", "demo_command"),
+}
+
+
 class Group(click.Group):
-    """Turns user errors into one line (exit 2) and Ctrl-C into a resume hint (exit 130)."""
+    """Lazy subcommands; user errors become one line (exit 2) and Ctrl-C a resume hint (exit 130)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS and name not in self.commands:
+            module_name, attr = COMMANDS[name]
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            self.add_command(getattr(module, attr), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -41,23 +66,6 @@ def cli() -> None:
     Frozen path: `extract` caches CNN codes to HDF5, `fit-head` trains a linear head on them.
     Fine-tune path: `finetune` trains the whole network. `predict` and `export` use either.
     """
-
-
-def _register() -> None:
-    from . import extract_cmd
-
-    extract_cmd.register(cli)
-    for name in ("head_cmd", "finetune_cmd", "demo_cmd"):
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            continue
-        module.register(cli)
-
-
-_register()
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
     DATA is DATA/<class>/<image> or DATA/{train,val,test}/<class>/<image>. Rerun the same
     command to resume after a crash or to add images that appeared since.
     """
+    if not overwrite and _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed,
+                                               precision, strict):
+        return
     from ..extract import extract
 
     r = extract(data, out, arch=arch, weights=weights, image_size=image_size, views=views, eval_views=eval_views,
@@ -39,16 +42,41 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
                 progress=not quiet, log=lambda m: click.echo(m, err=True))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for all
-    for path, reason in r.skipped[:10]:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    if len(r.skipped) > 10:
-        click.echo(f"... and {len(r.skipped) - 10} more skipped (see `cnncodes info {out}`)", err=True)
-    counts = ", ".join(f"{s} {n}" for s, n in r.split_counts.items())
+    _echo_skipped(r.skipped, out)
+    counts = _counts(r.split_counts)
     if r.up_to_date:
         click.echo(f"{out} is up to date ({counts} codes); nothing to extract")
     else:
         click.echo(f"extracted {r.extracted} images ({r.codes} codes) in {r.seconds:.1f} s "
                    f"({r.images_per_s:.1f} img/s); skipped {len(r.skipped)} files; {out}: {counts} codes")
+
+
+def _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed, precision, strict) -> bool:
+    """The rerun on an unchanged folder, answered without importing torch (see `uptodate`)."""
+    from ..uptodate import request_key, up_to_date, weights_sha256
+
+    request = request_key(arch=arch, weights=weights, weights_sha256=weights_sha256(weights), image_size=image_size,
+                          precision=precision, views=views, eval_views=eval_views, seed=seed)
+    done = up_to_date(data, out, request, strict)
+    if done is None:
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        for w in done.warnings:
+            click.echo(f"warning: {w}", err=True)
+        _echo_skipped(done.skipped, out)
+        click.echo(f"{out} is up to date ({_counts(done.split_counts)} codes); nothing to extract")
+    return True
+
+
+def _echo_skipped(skipped: list[tuple[str, str]], out: str) -> None:
+    for path, reason in skipped[:10]:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if len(skipped) > 10:
+        click.echo(f"... and {len(skipped) - 10} more skipped (see `cnncodes info {out}`)", err=True)
+
+
+def _counts(split_counts: dict[str, int]) -> str:
+    return ", ".join(f"{s} {n}" for s, n in split_counts.items())
 
 
 @click.command("info")
@@ -74,8 +102,3 @@ def info_command(cache, as_json):
             click.echo(f"  skipped {item['path']}: {item['reason']}")
     v = info["versions"]
     click.echo(f"made with cnncodes {v['cnncodes']}, torch {v['torch']}, torchvision {v['torchvision']}")
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(extract_command)
-    cli.add_command(info_command)

@@ -51,7 +51,3 @@ def finetune_command(data, run_dir, arch, weights, epochs, batch_size, lr, head_
              channels_last=channels_last, workers=workers, device=device, seed=seed, deterministic=deterministic,
              select_best_on_val=select_best_on_val, resume=resume, overwrite=overwrite, progress=not quiet,
              echo=click.echo)
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(finetune_command)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime import PRECISIONS
+from ..precision import PRECISIONS
 
 CLF_CHOICES = ("svm", "logreg", "linear", "linear-svm")
 
@@ -149,9 +149,3 @@ def export_command(head, out, weights):
 
     path = export_head(head, out, weights)
     click.echo(f"wrote {path} and {path.with_suffix('.json')}")
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(fit_head_command)
-    cli.add_command(predict_command)
-    cli.add_command(export_command)

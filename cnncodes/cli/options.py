@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ..backbones import ARCHS
-from ..runtime import PRECISIONS
+from ..precision import PRECISIONS
 
 
 def backbone_options(f):
     f = click.option("--weights", default="DEFAULT", show_default=True,
                      help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a local state_dict file, or 'none'.")(f)
-    f = click.option("--arch", default="resnet18", show_default=True, type=click.Choice(list(ARCHS)), help="Backbone.")(f)
+    # A free string checked by the API (`backbones.check_arch`), so listing the choices here
+    # would not import torchvision before the arguments are even parsed.
+    f = click.option("--arch", default="resnet18", show_default=True, help="Backbone (a torchvision model name).")(f)
     return f
 
 
@@ -19,7 +20,7 @@ def runtime_options(f):
     f = click.option("--workers", type=int, default=None, help="Decode workers [default: sized to the machine].")(f)
     f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
     f = click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
-                     help="Autocast precision (fp16 needs CUDA).")(f)
+                     help="fp32 (true float32, TF32 off), tf32, bf16 or fp16 (tf32 and fp16 need CUDA).")(f)
     f = click.option("--channels-last/--no-channels-last", default=True, show_default=True,
                      help="NHWC memory layout (faster convolutions on CPU and tensor cores).")(f)
     return f

@@ -1,0 +1,122 @@
+"""The no-op check of `extract`, without torch: would this call rewrite the cache as it is?
+
+Importing torch and torchvision costs 3-6 s of CPU on a small machine, more than a whole
+rerun on an unchanged folder should take. So the cache records the *request* that made it
+(`request_key`: the arguments that decide its configuration, a local weights file's
+sha256, and the versions of the libraries that resolve names such as `DEFAULT`), and
+`up_to_date` compares that and a rescan of the folder with the cache using h5py alone.
+
+It answers "up to date" only when the full `extract` would: every file has the size and
+mtime recorded, in the same order, with the same labels and skipped reasons, no unfinished
+shards exist and no --strict/--overwrite asks for more. Anything else (including a cache
+written before requests were recorded) answers None and the full path decides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .folders import FolderLayout, ImageFile, discover
+from .store import read_table
+
+REQUEST_ATTR = "request"
+_VERSIONED = ("cnncodes", "torch", "torchvision", "timm")
+
+
+@dataclass
+class UpToDate:
+    """What a no-op `extract` reports: codes per split, skipped files, folder warnings."""
+
+    split_counts: dict[str, int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def request_key(*, arch: str, weights: str | None, weights_sha256: str, image_size: int | None, precision: str,
+                views: int, eval_views: int, seed: int) -> str:
+    """The JSON the cache records: equal keys give equal cache configurations."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = ""
+    return json.dumps({"arch": arch, "weights": weights, "weights_sha256": weights_sha256, "image_size": image_size,
+                       "precision": precision, "views": views, "eval_views": eval_views, "seed": seed,
+                       "versions": versions}, sort_keys=True)
+
+
+def weights_sha256(weights: str | None) -> str:
+    """The content hash of a local weights file ('' for a torchvision name or 'none'), as
+    `backbones.resolve_weights` records it: a file replaced in place changes the key."""
+    if not weights or not Path(weights).is_file():
+        return ""
+    try:
+        with open(weights, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return ""  # unreadable: the full path reports it
+
+
+def up_to_date(data: str | Path, out: str | Path, request: str, strict: bool = False) -> UpToDate | None:
+    """The report of a no-op `extract` if the cache `out` is exactly what `request` on
+    `data` would write, else None (then run the full `extract`)."""
+    out = Path(out)
+    if not out.is_file() or out.with_name(out.name + ".parts").exists():
+        return None
+    try:
+        f = h5py.File(out, "r")
+    except OSError:
+        return None
+    with f:
+        if f.attrs.get(REQUEST_ATTR) != request:
+            return None
+        layout = discover(data)
+        if strict and any(layout.ignored.values()):
+            return None  # --strict refuses ignored files: the full path says which
+        return _compare(f, layout)
+
+
+def _compare(f: h5py.File, layout: FolderLayout) -> UpToDate | None:
+    try:
+        classes = json.loads(f.attrs["classes"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    splits = sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+    if classes != layout.classes or splits != sorted(layout.splits):
+        return None
+    result = UpToDate({}, [], list(layout.warnings))
+    for split, files in layout.splits.items():
+        skipped = _split_skipped(f[split], files, layout.ignored.get(split, []))
+        if skipped is None:
+            return None
+        result.split_counts[split] = int(f[split]["features"].shape[0])
+        result.skipped += skipped
+    return result
+
+
+def _split_skipped(g: h5py.Group, files: list[ImageFile], ignored: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+    """The split's skipped list if its rows, labels and records match `files`, else None."""
+    if read_table(g, "files") != [(f.path, f.size, f.mtime_ns) for f in files]:
+        return None
+    paths = np.asarray(g["paths"].asstr()[()], dtype=object)
+    starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]]) if len(paths) else np.zeros(0, np.int64)
+    row_files = list(paths[starts])
+    with_rows = set(row_files)
+    if row_files != [f.path for f in files if f.path in with_rows]:
+        return None  # rows out of the folder's order, or rows of files no longer there
+    counts = np.diff(np.r_[starts, len(paths)])
+    labels = np.repeat([f.label for f in files if f.path in with_rows], counts)
+    if not np.array_equal(g["labels"][()], labels):
+        return None
+    old = read_table(g, "skipped")
+    reasons = dict(old)
+    expected = [(f.path, reasons.get(f.path, "skipped")) for f in files if f.path not in with_rows] + list(ignored)
+    return expected if [tuple(s) for s in old] == [tuple(s) for s in expected] else None
