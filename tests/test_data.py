@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pytest
@@ -114,9 +113,10 @@ def _truncated_jpeg(path):
     "name,content,reason",
     [
         ("zero.jpg", b"", "empty file"),
-        ("noise.jpg", os.urandom(2000), "not a readable image"),
+        ("noise.jpg", np.random.default_rng(0).bytes(2000), "not a readable image"),  # seeded: stable test ids
         ("text.png", b"this is not a png\n" * 10, "not a readable image"),
     ],
+    ids=["zero", "noise", "text"],
 )
 def test_bad_files_raise_badimage_with_reason(tmp_path, name, content, reason):
     path = tmp_path / name
