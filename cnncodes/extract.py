@@ -34,6 +34,7 @@ from .data import (
     view_seed,
 )
 from .errors import CnnCodesError, Interrupted
+from .gpu_decode import DeviceLoader, resolve_decode
 from .runtime import (
     FileLock,
     atomic_path,
@@ -67,6 +68,8 @@ class ExtractResult:
     codes: int = 0  # rows written by this call (images x views)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # all skipped files in the cache
     seconds: float = 0.0  # wall time of the network pass
+    decode: str = "cpu"  # where JPEGs were decoded: "cpu" or "gpu" (nvJPEG)
+    decode_fallbacks: int = 0  # with decode "gpu": images nvJPEG did not take, decoded by the CPU path
     up_to_date: bool = False
     split_counts: dict[str, int] = field(default_factory=dict)
 
@@ -103,6 +106,7 @@ def extract(
     batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
+    decode: str = "auto",
     precision: str = "fp32",
     channels_last: bool = True,
     strict: bool = False,
@@ -116,6 +120,7 @@ def extract(
     Resumable (rerun the same call after a crash), incremental (only new or changed
     files are extracted), and refuses to mix configurations unless `overwrite`.
     `batch_size` None = `inference_batch_size(device)` (16 on CPU, 128 on CUDA).
+    `decode` "auto" decodes JPEGs on the GPU (nvJPEG) when the network runs on one.
     """
     if views < 0 or eval_views < 0 or (batch_size is not None and batch_size < 1):
         raise CnnCodesError("--views/--eval-views must be >= 0 and --batch-size >= 1")
@@ -125,6 +130,7 @@ def extract(
     dev = resolve_device(device)
     batch_size = batch_size or inference_batch_size(dev)
     check_precision(precision, dev)
+    decode = resolve_decode(decode, dev)
     info = resolve_weights(arch, weights)
     pre = default_preprocessing(arch, info)
     if image_size:
@@ -139,13 +145,13 @@ def extract(
     parts = out.with_name(out.name + ".parts")
     dev = distributed.init(dev)
     try:
-        return _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision,
-                               channels_last, strict, checkpoint_every, progress, request)
+        return _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode,
+                               precision, channels_last, strict, checkpoint_every, progress, request)
     finally:
         distributed.cleanup()
 
 
-def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision, channels_last,
+def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode, precision, channels_last,
                     strict, checkpoint_every, progress, request) -> ExtractResult:
     """The body of `extract`: under torchrun every rank runs it, rank 0 alone locks and merges."""
     main = distributed.is_main()
@@ -169,9 +175,10 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
         result = ExtractResult(out)
         if any(todo.values()):
             mine = {s: _deal(files, batch_size) for s, files in todo.items()}
-            runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, strict)
+            runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, decode, strict)
             result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, checkpoint_every,
                                                                         progress and main)
+            result.decode, result.decode_fallbacks = runner.decode, runner.decode_fallbacks
             result.extracted, result.codes, result.seconds = _sum_over_ranks(result, dev)
         if main:
             done = _Done.collect(old, parts, layout)
@@ -348,7 +355,7 @@ class _Done:
 class _Runner:
     """Runs the headless backbone over the files still to do, writing shards as it goes."""
 
-    def __init__(self, config, info, pre, dev, precision, channels_last, batch_size, workers, strict):
+    def __init__(self, config, info, pre, dev, precision, channels_last, batch_size, workers, decode, strict):
         configure_threads(dev)
         self.model, _, self.dim = create_extractor(config.arch, info)
         if channels_last:
@@ -357,7 +364,8 @@ class _Runner:
         self.normalize = Normalize(pre.mean, pre.std, channels_last).to(dev)
         self.pre, self.config, self.dev, self.precision = pre, config, dev, precision
         self.batch_size = batch_size
-        self.workers = workers  # None: make_loader sizes them
+        self.workers, self.decode = workers, decode  # workers None: make_loader sizes them; decode "cpu" or "gpu"
+        self.decode_fallbacks = 0
         self.strict = strict
 
     @torch.inference_mode()
@@ -386,7 +394,11 @@ class _Runner:
         paths = [f.path for f in files]
         k = self.config.views_for(split)
         dataset = ImageFiles(layout.root, paths, self.pre.load, ViewMaker(self.pre, paths, k, self.config.seed))
-        loader = make_loader(dataset, self.batch_size, self.workers, self.dev)
+        if self.decode == "gpu":
+            loader = DeviceLoader(layout.root, paths, self.pre.load, dataset.transform, self.batch_size, self.dev,
+                                  self.workers or distributed.process_cores())
+        else:
+            loader = make_loader(dataset, self.batch_size, self.workers, self.dev)
         shard = _ShardWriter(parts, split, k + 1, distributed.rank())
         images = codes = 0
         try:
@@ -407,6 +419,7 @@ class _Runner:
             shard.flush()
             raise Interrupted(f"stopped; finished batches are saved in {parts}; rerun the same command to continue") from None
         shard.flush()
+        self.decode_fallbacks += getattr(loader, "fallbacks", 0)
         return images, codes
 
 

@@ -20,12 +20,14 @@ from .options import backbone_options, runtime_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
 @runtime_options
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded: gpu = nvJPEG batches (auto: when the network runs on CUDA).")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable file instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another configuration.")
 @click.option("--checkpoint-every", type=float, default=30.0, show_default=True, help="Seconds between resumable shard writes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract_command(data, out, arch, weights, image_size, views, eval_views, seed, batch_size, workers, device,
-                    precision, channels_last, strict, overwrite, checkpoint_every, quiet):
+                    precision, channels_last, decode, strict, overwrite, checkpoint_every, quiet):
     """Cache CNN codes of every image under DATA to an HDF5 file.
 
     DATA is DATA/<class>/<image> or DATA/{train,val,test}/<class>/<image>. Rerun the same
@@ -37,7 +39,7 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
     from ..extract import extract
 
     r = extract(data, out, arch=arch, weights=weights, image_size=image_size, views=views, eval_views=eval_views,
-                seed=seed, batch_size=batch_size, workers=workers, device=device, precision=precision,
+                seed=seed, batch_size=batch_size, workers=workers, device=device, decode=decode, precision=precision,
                 channels_last=channels_last, strict=strict, overwrite=overwrite, checkpoint_every=checkpoint_every,
                 progress=not quiet, log=lambda m: click.echo(m, err=True))
     if int(os.environ.get("RANK", "0")) != 0:
@@ -47,8 +49,9 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
     if r.up_to_date:
         click.echo(f"{out} is up to date ({counts} codes); nothing to extract")
     else:
+        gpu = f"; decoded on the GPU, {r.decode_fallbacks} by the CPU fallback" if r.decode == "gpu" else ""
         click.echo(f"extracted {r.extracted} images ({r.codes} codes) in {r.seconds:.1f} s "
-                   f"({r.images_per_s:.1f} img/s); skipped {len(r.skipped)} files; {out}: {counts} codes")
+                   f"({r.images_per_s:.1f} img/s){gpu}; skipped {len(r.skipped)} files; {out}: {counts} codes")
 
 
 def _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed, precision, strict) -> bool:
