@@ -1,6 +1,7 @@
 """Extraction throughput vs the model-only ceiling and a tutorial-style loop, in one run.
 
-    python bench/extract_speed.py [--data DIR] [--archs resnet18,resnet50] [--precisions fp32,bf16]
+    python bench/extract_speed.py [--data DIR] [--arch resnet18,resnet50] [--precisions fp32,bf16]
+                                  [--device cuda] [--save]
 
 For each arch and precision it prints, measured back to back on this machine:
   extract   images/s of `cnncodes.extract` on real JPEGs (decode, resize, network, shards;
@@ -12,6 +13,12 @@ For each arch and precision it prints, measured back to back on this machine:
             share the same cores (no GPU), each at its full speed, taking turns
   tutorial  images/s of the PyTorch tutorial's loop: ImageFolder + PIL transforms,
             DataLoader(batch_size=4, num_workers=4), fp32, NCHW, a forward per batch
+  command   images/s of the whole `python -m cnncodes extract` process (start-up, model
+            build, loop, final write), and its fixed cost: wall time minus the extraction
+            loop the command reports (median of 3 runs)
+On CUDA the decode line is printed twice: CPU workers (`make_loader`) and nvJPEG on the
+device (`gpu_decode.DeviceLoader`, what `extract --decode auto` uses there).
+`--save` writes the report to bench/results/extract_speed.txt (extract_speed-cuda.txt on CUDA).
 A shared machine is noisy (the ceiling alone moves by 20% from one minute to the next), so
 every extract run sits between two ceiling runs: ratio = the median over --repeats of
 extract / mean(ceiling before, ceiling after); the images/s shown are the best of the repeats.
@@ -22,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +47,7 @@ from common import default_data, hardware, timed  # noqa: E402
 from cnncodes.backbones import create_extractor  # noqa: E402
 from cnncodes.data import ImageFiles, Preprocessing, discover, make_loader  # noqa: E402
 from cnncodes.extract import ViewMaker, extract  # noqa: E402
+from cnncodes.gpu_decode import DeviceLoader  # noqa: E402
 from cnncodes.runtime import autocast, configure_threads, inference_batch_size, resolve_device  # noqa: E402
 
 
@@ -68,6 +79,36 @@ def decode(data: Path, batch: int, workers: int | None, device: torch.device) ->
     loader = make_loader(dataset, batch, workers, device)
     seconds, n = timed(lambda: sum(len(b.indices) for b in loader))
     return n / seconds
+
+
+def device_decode(data: Path, batch: int, device: torch.device) -> float:
+    """Images/s of the device decode path alone: threads read bytes, nvJPEG decodes, views on the device."""
+    layout = discover(data)
+    paths = [f.path for split in layout.splits.values() for f in split]
+    pre = Preprocessing()
+    loader = DeviceLoader(layout.root, paths, pre.load, ViewMaker(pre, paths, 0, 0), batch, device,
+                          threads=max(1, (os.cpu_count() or 2) - 1))
+    seconds, n = timed(lambda: sum(len(b.indices) for b in loader))
+    return n / seconds
+
+
+def command(data: Path, arch: str, precision: str, device: str, runs: int = 3) -> tuple[float, float]:
+    """(images/s of the whole `cnncodes extract` process, its fixed cost in s): medians of `runs`."""
+    rates, fixed = [], []
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", f"{tmp}/c.h5", "--arch", arch,
+                    "--weights", "none", "--precision", precision, "--device", device, "-q"]
+            start = time.perf_counter()
+            out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
+            wall = time.perf_counter() - start
+        images = int(out.split("extracted ")[1].split()[0])
+        loop = float(out.split(" codes) in ")[1].split()[0])
+        rates.append(images / wall)
+        fixed.append(wall - loop)
+    return statistics.median(rates), statistics.median(fixed)
 
 
 def tutorial(arch: str, data: Path, images: int, device: torch.device) -> float:
@@ -103,23 +144,34 @@ def best(repeats: int, fn) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--archs", default="resnet18,resnet50")
+    p.add_argument("--arch", "--archs", dest="archs", default="resnet18,resnet50", help="comma-separated list")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--batch-size", type=int, default=None, help="default: extract's (16 on CPU, 128 on CUDA)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best is kept")
     p.add_argument("--tutorial-images", type=int, default=160, help="images timed for the slow tutorial loop")
+    p.add_argument("--command-runs", type=int, default=3, help="whole-command runs per arch and precision (median)")
+    p.add_argument("--save", action="store_true", help="also write the report under bench/results/")
     args = p.parse_args()
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     data = args.data or default_data()
     device = resolve_device(args.device)
     configure_threads(device)
     batch = args.batch_size or inference_batch_size(device)
     n_images = sum(len(v) for v in discover(data).splits.values())
-    print(f"data: {data} ({n_images} images); batch {batch}; best of {args.repeats}; {hardware()}")
+    say(f"data: {data} ({n_images} images); batch {batch}; best of {args.repeats}; {hardware()}")
     dec = best(args.repeats, lambda: decode(data, batch, args.workers, device))
-    print(f"decode (loader alone): {dec:.1f} img/s")
-    print(f"{'arch':10} {'prec':5} {'extract':>9} {'ceiling':>9} {'ratio':>6} {'bound':>6} {'tutorial':>9} {'speed-up':>8}")
+    say(f"decode (loader alone, CPU workers): {dec:.1f} img/s")
+    if device.type == "cuda":
+        say(f"decode (nvJPEG + views on the GPU): {best(args.repeats, lambda: device_decode(data, batch, device)):.1f} img/s")
+    say(f"{'arch':10} {'prec':5} {'extract':>9} {'ceiling':>9} {'ratio':>6} {'bound':>6} {'tutorial':>9} {'speed-up':>8}"
+        f" {'command':>8} {'fixed s':>7}")
     rows = []
     for arch in args.archs.split(","):
         tut = best(args.repeats, lambda: tutorial(arch, data, args.tutorial_images, device))
@@ -143,12 +195,19 @@ def main() -> None:
             bound = dec / (dec + ceil) if device.type == "cpu" else 1.0
             speedup = ext / tut
             rows.append((ratio, speedup))
-            print(f"{arch:10} {precision:5} {ext:9.1f} {ceil:9.1f} {ratio:6.2f} {bound:6.2f} {tut:9.1f} {speedup:7.1f}x",
-                  flush=True)
-    print("images/s (best of the repeats); ratio = median of extract / ceiling around it (target >= 0.85);")
-    print("bound = decode / (decode + ceiling): the best ratio when decoding shares the network's cores;")
-    print("speed-up = extract / tutorial (target >= 5x)")
-    print(f"worst ratio {min(r for r, _ in rows):.2f}, worst speed-up {min(s for _, s in rows):.1f}x")
+            cmd_rate, cmd_fixed = command(data, arch, precision, args.device, args.command_runs)
+            say(f"{arch:10} {precision:5} {ext:9.1f} {ceil:9.1f} {ratio:6.2f} {bound:6.2f} {tut:9.1f} {speedup:7.1f}x"
+                f" {cmd_rate:8.1f} {cmd_fixed:7.2f}")
+    say("images/s (best of the repeats); ratio = median of extract / ceiling around it (target >= 0.85);")
+    say("bound = decode / (decode + ceiling): the best ratio when decoding shares the network's cores;")
+    say("speed-up = extract / tutorial (target >= 5x); command = images / wall time of the whole process,")
+    say("fixed s = its wall time minus the extraction loop (medians of --command-runs)")
+    say(f"worst ratio {min(r for r, _ in rows):.2f}, worst speed-up {min(s for _, s in rows):.1f}x")
+    if args.save:
+        name = "extract_speed-cuda.txt" if device.type == "cuda" else "extract_speed.txt"
+        out = Path(__file__).resolve().parent / "results" / name
+        out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
