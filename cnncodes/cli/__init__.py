@@ -44,16 +44,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import extract_cmd
+    """Add every command group; a failing import is a broken install and must say so (no skipping)."""
+    from . import demo_cmd, extract_cmd, finetune_cmd, head_cmd
 
-    extract_cmd.register(cli)
-    for name in ("head_cmd", "finetune_cmd", "demo_cmd"):
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            continue
+    for module in (extract_cmd, head_cmd, finetune_cmd, demo_cmd):
         module.register(cli)
 
 
