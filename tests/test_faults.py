@@ -313,3 +313,60 @@ def test_malicious_pickle_heads_and_models_are_refused_not_executed(image_folder
         assert r.returncode == 2 and needle in r.stderr, r.stderr
         _no_traceback(r)
         assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- the cache / run-folder lock
+
+_HOLD_LOCK = """
+import os, sys, time
+from cnncodes.runtime import FileLock
+lock = FileLock(sys.argv[1], "cache x").__enter__()
+child = os.fork()  # like a DataLoader worker forked after the lock was taken
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_lock_dies_with_its_process_not_with_forked_children(tmp_path):
+    from cnncodes.errors import CnnCodesError
+    from cnncodes.runtime import FileLock
+
+    target = tmp_path / "c.h5"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(target)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(CnnCodesError, match=f"in use by another cnncodes process \\(pid {holder.pid}\\)"):
+            FileLock(target, "cache x").__enter__()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the forked child still lives ...
+        with FileLock(target, "cache x"):  # ... and does not hold the lock
+            assert (tmp_path / "c.h5.lock").read_text() == str(os.getpid())
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_lock_refusal_never_names_a_dead_pid(tmp_path):
+    from cnncodes.errors import CnnCodesError
+    from cnncodes.runtime import FileLock
+
+    target = tmp_path / "c.h5"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(target)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child = int(holder.stdout.readline())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        # a holder that has not yet written its pid leaves the previous (dead) owner's in the file
+        (tmp_path / "c.h5.lock").write_text(str(dead.pid))
+        with pytest.raises(CnnCodesError) as e:
+            FileLock(target, "cache x").__enter__()
+        assert "in use by another cnncodes process;" in str(e.value) and str(dead.pid) not in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+        os.kill(child, signal.SIGKILL)
