@@ -58,6 +58,9 @@ from .store import (
 )
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
 @dataclass
 class ExtractResult:
     """What one `extract` call did."""
@@ -69,6 +72,7 @@ class ExtractResult:
     seconds: float = 0.0  # wall time of the network pass
     up_to_date: bool = False
     split_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # where a fast path did not apply
 
     @property
     def images_per_s(self) -> float:
@@ -137,10 +141,13 @@ def extract(
     parts = parts_folder(out)
     dev = distributed.init(dev)
     try:
-        return _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision,
-                               channels_last, strict, checkpoint_every, progress)
+        result = _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision,
+                                 channels_last, strict, checkpoint_every, progress)
     finally:
         distributed.cleanup()
+    for note in result.notes:
+        log(f"note: {note}")
+    return result
 
 
 def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision, channels_last,
@@ -163,7 +170,7 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
         stack.callback(lambda: old is not None and old.close())
         done = _Done.collect(old, parts, layout)
         todo = {s: [f for f in files if not done.has(s, f)] for s, files in layout.splits.items()}
-        result = ExtractResult(out)
+        result = ExtractResult(out, notes=_fast_path_notes(todo))
         if any(todo.values()):
             mine = {s: _deal(files, batch_size) for s, files in todo.items()}
             runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, strict)
@@ -185,6 +192,16 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
             result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}
         distributed.barrier()  # other ranks return only once the cache is complete
     return result
+
+
+def _fast_path_notes(todo: dict[str, list[ImageFile]]) -> list[str]:
+    """Say where a speed trick cannot apply (no silent fallback): the JPEG draft decode
+    (reduced DCT scale) exists only for JPEGs; other files are decoded at full size."""
+    other = [f.path for files in todo.values() for f in files if Path(f.path).suffix.lower() not in JPEG_SUFFIXES]
+    if not other:
+        return []
+    return [f"the JPEG draft decode (reduced DCT scale) does not apply to {len(other)} non-JPEG file(s) "
+            f"(by extension, e.g. {other[0]}): they are decoded at full size, then resized as usual"]
 
 
 def _cache_bytes(plans: dict[str, SplitPlan], dim: int) -> int:
