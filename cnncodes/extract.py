@@ -51,12 +51,16 @@ from .store import (
     RowSource,
     SplitPlan,
     SplitRows,
+    parts_folder,
     read_shard,
     read_table,
     write_cache,
     write_shard,
 )
 from .uptodate import request_key
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass
@@ -72,6 +76,7 @@ class ExtractResult:
     decode_fallbacks: int = 0  # with decode "gpu": images nvJPEG did not take, decoded by the CPU path
     up_to_date: bool = False
     split_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # where a fast path did not apply
 
     @property
     def images_per_s(self) -> float:
@@ -142,13 +147,16 @@ def extract(
         _fail_on_ignored(layout)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    parts = out.with_name(out.name + ".parts")
+    parts = parts_folder(out)
     dev = distributed.init(dev)
     try:
-        return _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode,
-                               precision, channels_last, strict, checkpoint_every, progress, request)
+        result = _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode,
+                                 precision, channels_last, strict, checkpoint_every, progress, request)
     finally:
         distributed.cleanup()
+    for note in result.notes:
+        log(f"note: {note}")
+    return result
 
 
 def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode, precision, channels_last,
@@ -171,8 +179,7 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
         stack.callback(lambda: old is not None and old.close())
         done = _Done.collect(old, parts, layout)
         todo = {s: [f for f in files if not done.has(s, f)] for s, files in layout.splits.items()}
-        done.close()
-        result = ExtractResult(out)
+        result = ExtractResult(out, notes=_fast_path_notes(todo))
         if any(todo.values()):
             mine = {s: _deal(files, batch_size) for s, files in todo.items()}
             runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, decode, strict)
@@ -190,12 +197,21 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
                 versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
                 check_space(out, _cache_bytes(plans, dim), f"; finished work is kept in {parts}")
                 write_cache(out, config, layout.classes, dim, plans, versions, request=request)
-            done.close()
-            shutil.rmtree(parts, ignore_errors=True)
+                shutil.rmtree(parts, ignore_errors=True)
             result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]
             result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}
         distributed.barrier()  # other ranks return only once the cache is complete
     return result
+
+
+def _fast_path_notes(todo: dict[str, list[ImageFile]]) -> list[str]:
+    """Say where a speed trick cannot apply (no silent fallback): the JPEG draft decode
+    (reduced DCT scale) exists only for JPEGs; other files are decoded at full size."""
+    other = [f.path for files in todo.values() for f in files if Path(f.path).suffix.lower() not in JPEG_SUFFIXES]
+    if not other:
+        return []
+    return [f"the JPEG draft decode (reduced DCT scale) does not apply to {len(other)} non-JPEG file(s) "
+            f"(by extension, e.g. {other[0]}): they are decoded at full size, then resized as usual"]
 
 
 def _cache_bytes(plans: dict[str, SplitPlan], dim: int) -> int:
@@ -250,35 +266,49 @@ def _open_existing(out: Path, config: CacheConfig, overwrite: bool) -> Cache | N
 
 
 def _prepare_parts(parts: Path, config: CacheConfig, overwrite: bool) -> None:
-    """The parts folder holds shards of one configuration; a stale one is refused or cleared."""
+    """The parts folder holds shards of one configuration (its config.json stamp).
+
+    Shards of this configuration are kept, with or without `overwrite`: rerunning an
+    interrupted `--overwrite` command resumes it. Shards of another or an unknown
+    configuration are discarded only with `overwrite`, otherwise refused.
+    """
     stamp = parts / "config.json"
-    no_work = not any(parts.glob("*.h5"))  # e.g. a run that failed before its first batch
-    if parts.exists() and (overwrite or no_work or not stamp.exists()):
+    if parts.exists() and not any(parts.glob("*.h5")):  # e.g. a run that failed before its first batch
         shutil.rmtree(parts)
     if parts.exists():
         try:
             theirs = CacheConfig.from_json(stamp.read_text())
-        except (ValueError, TypeError, OSError):
+        except FileNotFoundError:
             theirs = None
-        if theirs != config:
+        except (ValueError, TypeError) as e:
+            raise CnnCodesError(f"{stamp}: unreadable ({e}); pass --overwrite to discard the unfinished work in {parts}") from None
+        except OSError as e:
+            raise CnnCodesError(f"{stamp}: cannot read it ({e.strerror}); every shard is kept: fix the cause and rerun") from None
+        if theirs == config:
+            return
+        if not overwrite:
+            what = "another configuration" if theirs else "an unknown configuration (no config.json)"
             raise CnnCodesError(
-                f"{parts} holds unfinished work of another configuration; rerun that command to finish it, "
+                f"{parts} holds unfinished work of {what}; rerun that command to finish it, "
                 f"or pass --overwrite to discard it"
             )
-        return
+        shutil.rmtree(parts)
     parts.mkdir(parents=True)
     with atomic_path(stamp) as tmp:
         tmp.write_text(config.to_json())
 
 
 class _Done:
-    """What is already extracted, from the old cache and from shards, keyed by (split, path)."""
+    """What is already extracted, from the old cache and from shards, keyed by (split, path).
+
+    Shards are read one at a time and closed: their rows are named by path (`RowSource`),
+    so any number of shards works under a small open-files limit.
+    """
 
     def __init__(self):
         self.rows: dict[tuple[str, str], RowSource] = {}
         self.sigs: dict[tuple[str, str], tuple[int, int]] = {}
         self.skipped: dict[tuple[str, str], str] = {}
-        self.shards: list = []
         self.feature_dim = 0
 
     @classmethod
@@ -286,24 +316,24 @@ class _Done:
         done = cls()
         if old is not None:
             for split in old.splits:
-                done._add(split, old.file[split])
+                done._add(split, old.file[split], old.file[split])
         for path in sorted(parts.glob("*.h5")):
-            shard = read_shard(path)
+            shard = read_shard(path)  # raises, keeping every shard, unless this one is proven torn
             if shard is None:
                 path.unlink(missing_ok=True)  # a torn shard: its images are simply redone
                 continue
-            done.shards.append(shard)
-            done._add(path.name.split("-r")[0], shard)
+            with shard:
+                done._add(path.name.split("-r")[0], shard, path)
         return done
 
-    def _add(self, split: str, g) -> None:
+    def _add(self, split: str, g, source) -> None:
         if g["features"].shape[0]:
             self.feature_dim = int(g["features"].shape[1])
         paths = g["paths"].asstr()[()]
         start = 0
         for i in range(1, len(paths) + 1):  # rows of one image are contiguous
             if i == len(paths) or paths[i] != paths[start]:
-                self.rows[(split, paths[start])] = RowSource(g, start, i)
+                self.rows[(split, paths[start])] = RowSource(source, start, i)
                 start = i
         for p, size, mtime in read_table(g, "files"):
             self.sigs[(split, p)] = (size, mtime)
@@ -347,9 +377,6 @@ class _Done:
                 return False
         return True
 
-    def close(self) -> None:
-        for shard in self.shards:
-            shard.close()
 
 
 class _Runner:

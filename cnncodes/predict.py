@@ -34,8 +34,7 @@ from .data import (
 from .errors import CnnCodesError
 from .heads import LinearHead
 from .runtime import autocast, check_precision, configure_threads, inference_batch_size, resolve_device
-
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+from .store import HDF5_SIGNATURE
 
 
 @dataclass
@@ -100,9 +99,7 @@ def load_model(path: str | Path, weights: str | None = None) -> Model:
     """A head (.h5, with its backbone) or a saved classifier (.pt + .json), ready to predict."""
     from .classifier import load_classifier, meta_preprocessing
 
-    path = Path(path)
-    if not path.is_file():
-        raise CnnCodesError(f"{path}: no such file; pass a head from `cnncodes fit-head` or a classifier .pt")
+    path = resolve_model_path(path)
     if is_head_file(path):
         head = LinearHead.load(path)
         return Model(head_to_model(head, weights), head.classes, Preprocessing.from_dict(head.meta["preprocessing"]),
@@ -113,6 +110,37 @@ def load_model(path: str | Path, weights: str | None = None) -> Model:
     module, meta = load_classifier(path)
     return Model(module, list(meta["classes"]), meta_preprocessing(meta), meta["arch"], "classifier", "fp32",
                  meta.get("source", {}))
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model argument -> the file to load: a fine-tuning run folder gives its final model.pt;
+    a run's JSON metadata or checkpoint gets an error that says what the file is."""
+    from .classifier import FORMAT
+    from .finetune import BEST_MODEL, CHECKPOINT, MODEL
+
+    path = Path(path)
+    use = f"pass the run folder or its {MODEL}"
+    if path.is_dir():
+        if (path / MODEL).is_file():
+            return path / MODEL
+        unfinished = f"only {CHECKPOINT}: the run is unfinished; rerun it with --resume" if (path / CHECKPOINT).is_file() else ""
+        raise CnnCodesError(f"{path}: a folder without {MODEL}, so not a finished `cnncodes finetune` run "
+                            f"({unfinished or 'pass a run folder, a head .h5 or a classifier .pt'})")
+    if not path.is_file():
+        raise CnnCodesError(f"{path}: no such file; pass a head from `cnncodes fit-head`, a classifier .pt or a finetune run folder")
+    if path.suffix.lower() == ".json":
+        try:
+            is_meta = json.loads(path.read_text()).get("format") == FORMAT
+        except (ValueError, OSError, AttributeError, UnicodeDecodeError):
+            is_meta = False
+        if is_meta:
+            raise CnnCodesError(f"{path} is the metadata (class names, preprocessing) of the classifier "
+                                f"{path.with_suffix('.pt').name}; {use}, or {path.with_suffix('.pt')}")
+        raise CnnCodesError(f"{path}: a JSON file, not a model; pass a head .h5, a classifier .pt or a finetune run folder")
+    if path.name == CHECKPOINT:
+        raise CnnCodesError(f"{path} is a fine-tuning checkpoint (to --resume the run), not a classifier; {use} "
+                            f"(or {BEST_MODEL} with --select-best-on-val)")
+    return path
 
 
 def export_head(head_path: str | Path, out: str | Path, weights: str | None = None) -> Path:

@@ -140,7 +140,15 @@ def save_torch_atomic(obj, path: str | os.PathLike) -> None:
 
 
 class FileLock:
-    """An exclusive advisory lock on `<path>.lock`, released by the kernel if the process dies."""
+    """An exclusive lock on `<path>.lock` that dies with the process that took it.
+
+    A POSIX record lock (`fcntl.lockf`), not `flock`: forked children (DataLoader workers)
+    do not inherit it, so after a kill -9 no orphaned worker keeps the cache or run folder
+    locked; the kernel drops it when its owner dies. Record locks never conflict within one
+    process, so this process's own held locks are tracked in `_HELD`.
+    """
+
+    _HELD: set[str] = set()
 
     def __init__(self, path: str | os.PathLike, what: str):
         self.path = Path(str(path) + ".lock")
@@ -149,23 +157,43 @@ class FileLock:
 
     def __enter__(self) -> "FileLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in FileLock._HELD:
+            raise CnnCodesError(f"{self.what} is already in use by this process; write to another output")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+            holder = _live_pid(os.pread(fd, 64, 0))
+            os.close(fd)  # closing any fd of the file drops our record locks on it: we hold none
             raise CnnCodesError(
-                f"{self.what} is in use by another cnncodes process (pid {other}); wait for it to finish, "
-                f"or write to another output"
+                f"{self.what} is in use by another cnncodes process{f' (pid {holder})' if holder else ''}; "
+                f"wait for it to finish, or write to another output"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+        self._fd, self._key = fd, key
+        FileLock._HELD.add(key)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
+            FileLock._HELD.discard(self._key)
             self._fd = None
+
+
+def _live_pid(recorded: bytes) -> int | None:
+    """The pid written in a lock file if that process is alive (a holder that has only just
+    taken the lock may not have written its own pid yet: never name a dead one)."""
+    try:
+        pid = int(recorded.decode().strip())
+        if pid <= 0:
+            return None
+        os.kill(pid, 0)
+    except (ValueError, UnicodeDecodeError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, owned by another user
+        pass
+    return pid

@@ -20,6 +20,7 @@ Work in progress lives in `<cache>.parts/` as small HDF5 shards, each written at
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,13 @@ FORMAT = "cnncodes-cache"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 ROW_CHUNK = 1024  # rows per HDF5 chunk: ~2-8 MB for D = 512..2048
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def parts_folder(cache: str | Path) -> Path:
+    """Where the shards of an unfinished extract into `cache` live."""
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".parts")
 
 
 @dataclass(frozen=True)
@@ -193,12 +201,17 @@ class Cache:
             "preprocessing": self.config.preprocessing,
             "seed": self.config.seed,
             "splits": splits,
+            "pending": pending_shards(self.path),
             "versions": {k: a.get(f"{k}_version", "?") for k in ("cnncodes", "torch", "torchvision")},
         }
 
 
 def _open_h5(path: Path) -> h5py.File:
     if not path.exists():
+        waiting = pending_shards(path)
+        if waiting:
+            raise CnnCodesError(f"{path}: no cache file yet, but {waiting['shards']} shards ({waiting['images']} images) of an "
+                                f"interrupted extract wait in {waiting['folder']}; rerun the same `cnncodes extract` command to finish it")
         raise CnnCodesError(f"{path}: no such cache file; create it with `cnncodes extract DATA -o {path}`")
     try:
         return h5py.File(path, "r")
@@ -216,15 +229,69 @@ def write_shard(path: Path, rows: SplitRows) -> None:
 
 
 def read_shard(path: Path) -> h5py.File | None:
-    """Open a shard, or None if it is unreadable (it is then simply redone)."""
+    """Open a shard; None only when it is proven torn (not HDF5, truncated, wrong structure).
+
+    Shards hold finished work, so anything else that stops the read (too many open files,
+    permissions, I/O errors) raises a CnnCodesError naming the file and the fix: a torn shard
+    may be deleted and redone, an unreadable one never.
+    """
     try:
-        f = h5py.File(path, "r")
-        n = f["features"].shape[0]
-        if not all(f[k].shape == (n,) for k in ("labels", "paths", "views")):
+        with open(path, "rb") as f:
+            if f.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+                return None
+        shard = h5py.File(path, "r")
+    except OSError as e:
+        if e.errno is None:  # HDF5's own verdict on the bytes (no OS error behind it): torn
+            return None
+        raise ShardUnreadable(path, e) from None
+    try:
+        n = shard["features"].shape[0]
+        if not all(shard[k].shape == (n,) for k in ("labels", "paths", "views")):
             raise KeyError("shape")
-        return f
-    except (OSError, KeyError):
+        return shard
+    except KeyError:
+        shard.close()
         return None
+    except BaseException as e:
+        shard.close()
+        if isinstance(e, OSError) and e.errno is not None:
+            raise ShardUnreadable(path, e) from None
+        raise
+
+
+class ShardUnreadable(CnnCodesError):
+    """A shard that exists but cannot be read now: the run stops and every shard is kept."""
+
+    FIXES = {
+        errno.EMFILE: "raise the open-files limit (ulimit -n) and rerun the same command",
+        errno.ENFILE: "the system's open-file table is full: close other programs and rerun the same command",
+        errno.EACCES: "make the file readable (chmod/chown) and rerun the same command",
+        errno.EPERM: "make the file readable (chmod/chown) and rerun the same command",
+        errno.ENOSPC: "free disk space and rerun the same command",
+        errno.ENOMEM: "free memory and rerun the same command",
+    }
+
+    def __init__(self, path: Path, e: OSError):
+        fix = self.FIXES.get(e.errno, "fix the cause and rerun the same command")
+        reason = e.strerror or str(e).splitlines()[0]
+        super().__init__(f"{path}: cannot read this shard of finished work ({reason}); every shard is kept: {fix}")
+
+
+def pending_shards(cache: str | Path) -> dict | None:
+    """The unfinished work waiting beside `cache` (shards, images, torn shards), or None."""
+    folder = parts_folder(cache)
+    shards = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    if not shards:
+        return None
+    images = torn = 0
+    for path in shards:  # one open at a time
+        shard = read_shard(path)
+        if shard is None:
+            torn += 1
+            continue
+        with shard:
+            images += shard["files/paths"].shape[0] if "files/paths" in shard else 0
+    return {"folder": str(folder), "shards": len(shards), "images": images, "torn": torn}
 
 
 def _write_rows(f: h5py.Group, rows: SplitRows) -> None:
@@ -260,11 +327,40 @@ def read_table(parent: h5py.Group, name: str) -> list[tuple]:
 
 @dataclass
 class RowSource:
-    """A contiguous run of rows in an open HDF5 group (an old cache split or a shard)."""
+    """A contiguous run of rows in an open HDF5 group (an old cache split) or a shard file.
 
-    group: h5py.Group
+    Shards are named by path and opened only while their rows are copied (`_OneShardOpen`),
+    so merging any number of shards needs a handful of open files.
+    """
+
+    group: h5py.Group | Path
     start: int
     stop: int
+
+
+class _OneShardOpen:
+    """Gives the HDF5 group of a row source, keeping at most one shard file open."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.file: h5py.File | None = None
+
+    def group(self, source: h5py.Group | Path) -> h5py.Group:
+        if not isinstance(source, Path):
+            return source
+        if source != self.path:
+            self.close()
+            self.file = read_shard(source)
+            if self.file is None:
+                raise CnnCodesError(f"{source}: this shard was readable a moment ago and is now damaged; "
+                                    f"rerun the same command (its images are redone)")
+            self.path = source
+        return self.file
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.path = self.file = None
 
 
 def write_cache(
@@ -315,13 +411,18 @@ def _write_split(g: h5py.Group, plan: SplitPlan, dim: int) -> None:
                              chunks=(min(ROW_CHUNK, max(n, 1)), dim) if n else None, maxshape=(None, dim))
     paths, views = [], []
     at = 0
-    for run in _coalesce(plan.runs):
-        for lo in range(run.start, run.stop, 65536):
-            hi = min(run.stop, lo + 65536)
-            feats[at:at + hi - lo] = run.group["features"][lo:hi]
-            at += hi - lo
-        paths.extend(run.group["paths"].asstr()[run.start:run.stop])
-        views.append(run.group["views"][run.start:run.stop])
+    sources = _OneShardOpen()
+    try:
+        for run in _coalesce(plan.runs):
+            src = sources.group(run.group)
+            for lo in range(run.start, run.stop, 65536):
+                hi = min(run.stop, lo + 65536)
+                feats[at:at + hi - lo] = src["features"][lo:hi]
+                at += hi - lo
+            paths.extend(src["paths"].asstr()[run.start:run.stop])
+            views.append(src["views"][run.start:run.stop])
+    finally:
+        sources.close()
     g.create_dataset("labels", data=plan.labels.astype(np.int64))
     g.create_dataset("paths", data=np.array(paths, dtype=object), dtype=STR)
     g.create_dataset("views", data=np.concatenate(views).astype(np.int16) if views else np.zeros(0, np.int16))

@@ -219,3 +219,66 @@ def test_torchrun_two_processes_give_the_single_process_cache(tmp_path):
     assert run.stdout.count("extracted 26 images (44 codes)") == 1  # rank 0 reports, once, for both
     assert not list(tmp_path.glob("*.parts"))
     _assert_same_cache(single, multi, exact=True)
+
+
+# --------------------------------------------------------------------------- fast paths against the plain path
+
+
+def _extract_codes(data: Path, out: Path, monkeypatch, precision: str, draft: bool, **kw) -> tuple[dict, list[str]]:
+    """Codes by path (eval view) of an extract; draft=False decodes every JPEG at full size (the plain path)."""
+    from cnncodes.data import Preprocessing
+
+    logs: list[str] = []
+    with monkeypatch.context() as m:
+        if not draft:
+            m.setattr(Preprocessing, "draft_size", property(lambda self: 0))
+        extract(data, out, precision=precision, workers=0, progress=False, log=logs.append, **kw)
+    with Cache(out) as c:
+        codes = {(s, p): x for s in c.splits for p, x in zip(c.paths(s), c.features(s)[()])}
+    return codes, logs
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k])) for k in a)
+
+
+def test_bf16_and_jpeg_draft_codes_are_close_to_the_plain_path(tmp_path, monkeypatch):
+    """Measured on these images (resnet18, random weights, 32 px crops of 160 px JPEGs), max over
+    images of |fast - plain| / |plain|: draft decode 1.8e-2, bf16 8.6e-3. Bounds: 2x measured.
+    Both are > 0: each fast path really ran. A PNG gets no draft (and a note saying so)."""
+    data = write_folder(tmp_path / "data", {"train": 4, "val": 2}, size=160)
+    make_image(1, 77, 160).save(data / "train" / "dog" / "x.png")
+    kw = dict(arch="resnet18", weights="none", image_size=32)
+    plain, _ = _extract_codes(data, tmp_path / "plain.h5", monkeypatch, "fp32", False, **kw)
+    draft, logs = _extract_codes(data, tmp_path / "draft.h5", monkeypatch, "fp32", True, **kw)
+    bf16, _ = _extract_codes(data, tmp_path / "bf16.h5", monkeypatch, "bf16", False, **kw)
+    assert 0 < _max_rel_diff(draft, plain) < 3.6e-2
+    assert 0 < _max_rel_diff(bf16, plain) < 1.7e-2
+    assert np.array_equal(draft[("train", "train/dog/x.png")], plain[("train", "train/dog/x.png")])
+    assert any("JPEG draft decode (reduced DCT scale) does not apply to 1 non-JPEG file(s)" in m
+               and "train/dog/x.png" in m for m in logs), logs
+
+
+@pytest.mark.slow
+def test_fast_paths_keep_ants_bees_accuracy_with_real_resnet50(tmp_path, monkeypatch):
+    """bf16 and the JPEG draft decode, each against fp32 + full decode: logreg val accuracy within 0.5 pt."""
+    from conftest import HYMENOPTERA, RESNET50_KERAS
+
+    from cnncodes.heads import fit_head
+
+    if not (HYMENOPTERA.is_dir() and RESNET50_KERAS.is_file()):
+        pytest.skip(f"needs {HYMENOPTERA} and {RESNET50_KERAS} (../shared)")
+    kw = dict(arch="resnet50", weights=str(RESNET50_KERAS))
+    acc, codes = {}, {}
+    for name, precision, draft in (("plain fp32 full decode", "fp32", False), ("bf16", "bf16", False),
+                                   ("jpeg draft", "fp32", True)):
+        out = tmp_path / f"{precision}-{draft}.h5"
+        codes[name], _ = _extract_codes(HYMENOPTERA, out, monkeypatch, precision, draft, **kw)
+        _, report = fit_head(out, "logreg", "auto")
+        acc[name] = report["splits"]["val"]["accuracy"]
+    for name in acc:
+        diff = _max_rel_diff(codes[name], codes["plain fp32 full decode"])
+        print(f"{name}: val accuracy {100 * acc[name]:.2f}%, codes max relative difference {diff:.2e}")
+    for name in ("bf16", "jpeg draft"):
+        assert abs(acc[name] - acc["plain fp32 full decode"]) <= 0.005 + 1e-9, acc

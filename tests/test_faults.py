@@ -319,3 +319,164 @@ def test_malicious_pickle_heads_and_models_are_refused_not_executed(image_folder
         assert r.returncode == 2 and needle in r.stderr, r.stderr
         _no_traceback(r)
         assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- the cache / run-folder lock
+
+_HOLD_LOCK = """
+import os, sys, time
+from cnncodes.runtime import FileLock
+lock = FileLock(sys.argv[1], "cache x").__enter__()
+child = os.fork()  # like a DataLoader worker forked after the lock was taken
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_lock_dies_with_its_process_not_with_forked_children(tmp_path):
+    from cnncodes.errors import CnnCodesError
+    from cnncodes.runtime import FileLock
+
+    target = tmp_path / "c.h5"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(target)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(CnnCodesError, match=f"in use by another cnncodes process \\(pid {holder.pid}\\)"):
+            FileLock(target, "cache x").__enter__()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the forked child still lives ...
+        with FileLock(target, "cache x"):  # ... and does not hold the lock
+            assert (tmp_path / "c.h5.lock").read_text() == str(os.getpid())
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_lock_refusal_never_names_a_dead_pid(tmp_path):
+    from cnncodes.errors import CnnCodesError
+    from cnncodes.runtime import FileLock
+
+    target = tmp_path / "c.h5"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(target)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child = int(holder.stdout.readline())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        # a holder that has not yet written its pid leaves the previous (dead) owner's in the file
+        (tmp_path / "c.h5.lock").write_text(str(dead.pid))
+        with pytest.raises(CnnCodesError) as e:
+            FileLock(target, "cache x").__enter__()
+        assert "in use by another cnncodes process;" in str(e.value) and str(dead.pid) not in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+        os.kill(child, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- resource errors never destroy shards
+
+
+def _open_files_limit(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
+def _extracted(stdout: str) -> int:
+    return int(stdout.split("extracted ")[1].split()[0])
+
+
+def test_resume_under_a_small_open_files_limit_keeps_every_shard(tmp_path):
+    from cnncodes.store import pending_shards
+
+    data = write_folder(tmp_path / "data", {"train": 60, "val": 6}, size=32)
+    argv = lambda out, *extra: _extract_argv(data, out, "--batch-size", "1", "--image-size", "32", *extra)  # noqa: E731
+    reference = tmp_path / "reference.h5"
+    subprocess.run(argv(reference), check=True, capture_output=True, timeout=600)
+    out = tmp_path / "c.h5"
+    parts = tmp_path / "c.h5.parts"
+    proc = subprocess.Popen(argv(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("*.h5"))) < 100 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = sorted(parts.glob("*.h5"))
+    assert len(shards) >= 100, "the run finished before 100 shards: make it longer"
+    waiting = pending_shards(out)
+    assert waiting["shards"] == len(shards) and waiting["torn"] == 0 and waiting["images"] >= 100
+    info = run_cli_subprocess("info", out)
+    assert info.returncode == 2 and f"{len(shards)} shards ({waiting['images']} images)" in info.stderr
+
+    limited = subprocess.run(argv(out), capture_output=True, text=True, timeout=600, preexec_fn=_open_files_limit(40))
+    _no_traceback(limited)
+    if limited.returncode == 0:  # merged: shards went into the cache, none was redone
+        assert _extracted(limited.stdout) == 132 - waiting["images"]
+    else:  # stopped: one clear line, every shard still there
+        assert limited.returncode == 2 and "every shard is kept" in limited.stderr, limited.stderr
+        assert all(s.exists() for s in shards)
+        rerun = subprocess.run(argv(out), capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0 and _extracted(rerun.stdout) == 132 - waiting["images"], rerun.stderr
+    _same(out, reference)
+    assert not parts.exists()
+
+
+def test_unreadable_shard_stops_the_run_and_keeps_every_shard(tmp_path, monkeypatch):
+    """EACCES on one shard (injected: root reads any file) is no proof of a torn shard."""
+    import errno
+
+    from cnncodes import store
+    from cnncodes.errors import CnnCodesError
+    from cnncodes.extract import extract
+
+    data = write_folder(tmp_path / "data", {"train": 3})
+    out = tmp_path / "c.h5"
+    parts = tmp_path / "c.h5.parts"
+    real_write = store.write_cache
+    monkeypatch.setattr("cnncodes.extract.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
+    monkeypatch.setattr("cnncodes.extract.write_cache", real_write)
+    shards = sorted(parts.glob("*.h5"))
+    assert len(shards) == 3
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if Path(path) == shards[1]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(CnnCodesError, match=f"{shards[1]}: cannot read .*Permission denied.*every shard is kept: make the file readable"):
+        extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
+    assert sorted(parts.glob("*.h5")) == shards
+
+
+def test_interrupted_overwrite_resumes_when_rerun(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 20})
+    out = tmp_path / "c.h5"
+    subprocess.run(_extract_argv(data, out), check=True, capture_output=True, timeout=300)
+    new = ("--image-size", "32", "--overwrite", "--batch-size", "1")
+    proc = subprocess.Popen(_extract_argv(data, out, *new), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "c.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("*.h5"))) < 5 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = len(list(parts.glob("*.h5")))
+    assert saved >= 5
+    rerun = subprocess.run(_extract_argv(data, out, *new), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and _extracted(rerun.stdout) == 40 - saved, rerun.stderr
+    reference = tmp_path / "reference.h5"
+    subprocess.run(_extract_argv(data, reference, "--image-size", "32", "--batch-size", "1"), check=True, capture_output=True, timeout=300)
+    _same(out, reference)
+
+
+def run_cli_subprocess(*args):
+    return subprocess.run([sys.executable, "-m", "cnncodes", *map(str, args)], capture_output=True, text=True, timeout=300)

@@ -125,3 +125,26 @@ def test_classifier_refuses_weights_and_missing_inputs(trained, tmp_path):
         load_model(out, weights="none")
     with pytest.raises(CnnCodesError, match="no images to predict"):
         predict(out, [tmp_path / "nothing-here"], device="cpu")
+
+
+def test_predict_takes_a_finetune_run_folder_and_names_its_other_files(cli, trained, tmp_path):
+    """`predict RUN_DIR` uses the run's final model.pt; its model.json or checkpoint.pt get an error saying what they are."""
+    from cnncodes.finetune import finetune
+
+    run = tmp_path / "run"
+    finetune(trained["data"], run, arch="resnet18", weights="none", epochs=1, batch_size=4, image_size=32, workers=0,
+             device="cpu", echo=lambda _: None)
+    val = trained["data"] / "val"
+    by_folder = cli("predict", run, val, "--workers", "0")
+    by_file = cli("predict", run / "model.pt", val, "--workers", "0")
+    assert by_folder.stdout == by_file.stdout and "accuracy" in by_folder.stdout and len(by_folder.stdout.splitlines()) == 7
+    cases = [(run / "model.json", f"{run / 'model.json'} is the metadata (class names, preprocessing) of the classifier model.pt; "
+                                  "pass the run folder or its model.pt"),
+             (run / "checkpoint.pt", "is a fine-tuning checkpoint (to --resume the run), not a classifier"),
+             (trained["root"], "a folder without model.pt, so not a finished `cnncodes finetune` run")]
+    for model, message in cases:
+        proc = cli("predict", model, val, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    (run / "model.pt").unlink()
+    proc = cli("predict", run, val, check=False)
+    assert proc.returncode == 2 and "only checkpoint.pt: the run is unfinished; rerun it with --resume" in proc.stderr

@@ -103,7 +103,7 @@ def draw_confusion(report: dict, out: str) -> None:
 
 
 @click.command("predict")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write predictions (.csv or .json).")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Draw a sample of predictions (PNG).")
@@ -113,7 +113,7 @@ def draw_confusion(report: dict, out: str) -> None:
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
 @click.option("--workers", type=int, default=None, help="Decode workers [default: sized to the machine].")
 def predict_command(model, inputs, out, grid, weights, device, precision, batch_size, workers):
-    """Classify images (files and/or folders) with a head (.h5) or a classifier (.pt).
+    """Classify images (files and/or folders) with a head (.h5), a classifier (.pt) or a finetune RUN_DIR.
 
     A folder whose images sit in class-named subfolders (DIR/<class>/, DIR/val/<class>/) is
     labelled: accuracy is printed. Scores are softmax of the class scores (see docs).
