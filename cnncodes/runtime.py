@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from . import distributed
 from .errors import CnnCodesError, WriteFailed
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -61,14 +62,25 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (affinity aware, so it honours taskset and cgroup cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def process_cores() -> int:
+    """This process's share of the machine's cores: under torchrun its processes split them."""
+    return max(1, available_cores() // distributed.local_world_size())
+
+
 def configure_threads(device: torch.device) -> None:
     """Intra-op threads = this process's share of the cores (cgroups/affinity aware).
 
     Under torchrun the processes of one machine split its cores between them.
     """
     if device.type == "cpu":
-        from .distributed import process_cores
-
         torch.set_num_threads(process_cores())
 
 
