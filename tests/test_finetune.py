@@ -282,3 +282,12 @@ def test_cli_options_and_defaults_are_the_config_fields():
     defaults = {p.name: p.default for p in finetune_command.params if p.name in names}
     assert set(defaults) == names  # every recipe option has a flag
     assert FinetuneConfig(**defaults) == FinetuneConfig()  # and the flag's default is the config's
+
+
+def test_cli_flags_parse_into_the_config():
+    args = ["data", "-o", "run", "--freeze", "layer1,stem", "--image-size", "64", "--optimizer", "adamw", "--lr", "0.01",
+            "--epochs", "3", "--deterministic", "--no-channels-last", "--select-best-on-val"]
+    params = finetune_command.make_context("finetune", args).params
+    config = FinetuneConfig(**{k: v for k, v in params.items() if k not in ("data", "run_dir", "resume", "overwrite", "quiet")})
+    assert config == FinetuneConfig(freeze=("stem", "layer1"), image_size=64, optimizer="adamw", lr=0.01, epochs=3,
+                                    deterministic=True, channels_last=False, select_best_on_val=True)

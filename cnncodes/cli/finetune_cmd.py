@@ -19,7 +19,7 @@ _SHARED = ("arch", "weights", "workers", "device", "precision", "channels_last")
 # What a plain `type(default)` cannot say about an option.
 _OPTION_EXTRAS = {
     "optimizer": {"type": click.Choice(OPTIMIZERS)},
-    "freeze": {"default": "", "metavar": "STAGES", "show_default": False},
+    "freeze": {"type": str, "default": "", "metavar": "STAGES", "show_default": False},  # a comma list
     "image_size": {"type": int},
 }
 
