@@ -285,9 +285,10 @@ def test_cli_options_and_defaults_are_the_config_fields():
 
 
 def test_cli_flags_parse_into_the_config():
-    args = ["data", "-o", "run", "--freeze", "layer1,stem", "--image-size", "64", "--optimizer", "adamw", "--lr", "0.01",
-            "--epochs", "3", "--deterministic", "--no-channels-last", "--select-best-on-val"]
+    args = ["data", "-o", "run", "--freeze", "layer1,stem", "--image-size", "64", "--optimizer", "adamw",
+            "--lr", "0.01", "--epochs", "3", "--deterministic", "--no-channels-last", "--select-best-on-val"]
     params = finetune_command.make_context("finetune", args).params
-    config = FinetuneConfig(**{k: v for k, v in params.items() if k not in ("data", "run_dir", "resume", "overwrite", "quiet")})
+    steering = ("data", "run_dir", "resume", "overwrite", "quiet")
+    config = FinetuneConfig(**{k: v for k, v in params.items() if k not in steering})
     assert config == FinetuneConfig(freeze=("stem", "layer1"), image_size=64, optimizer="adamw", lr=0.01, epochs=3,
                                     deterministic=True, channels_last=False, select_best_on_val=True)

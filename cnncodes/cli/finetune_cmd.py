@@ -37,7 +37,7 @@ def _option(name: str):
         kwargs.update(is_flag=not f.default, show_default=f.default)
     else:
         decls = [_flag(name)]
-        if f.default is not None:
+        if isinstance(f.default, (int, float, str)):  # a tuple default would make click split text into letters
             kwargs["type"] = type(f.default)
     kwargs.update(_OPTION_EXTRAS.get(name, {}))
     return click.option(*decls, name, **kwargs)
