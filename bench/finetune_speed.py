@@ -37,15 +37,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnncodes import backbones, data, runtime
-from cnncodes import finetune as finetune_module
 from cnncodes.finetune import (
-    Recipe,
+    FinetuneConfig,
     TrainStep,
     determinism,
     loss_function,
     setup_run,
     train_epoch,
 )
+from cnncodes.finetune import loop as loop_module  # train_epoch builds its TrainStep from this module's global
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 
@@ -119,7 +119,7 @@ class _Interleaved(TrainStep):
 def interleaved(run, synthetic, steps: int) -> list[tuple[int, float, float]]:
     """Per-step (images, pipeline s, ceiling s scaled to the same images), real and synthetic alternating."""
     _Interleaved.synthetic, _Interleaved.pairs = synthetic, []
-    original, finetune_module.TrainStep = finetune_module.TrainStep, _Interleaved
+    original, loop_module.TrainStep = loop_module.TrainStep, _Interleaved
     try:
         epoch, per_epoch = 0, -(-len(run.train.dataset) // run.recipe.batch_size)
         while steps > 0:
@@ -127,7 +127,9 @@ def interleaved(run, synthetic, steps: int) -> list[tuple[int, float, float]]:
             train_epoch(run, epoch, max_steps=min(steps, per_epoch))
             steps, epoch = steps - per_epoch, epoch + 1
     finally:
-        finetune_module.TrainStep = original
+        loop_module.TrainStep = original
+    if not _Interleaved.pairs:  # the patch missed the module train_epoch reads TrainStep from
+        raise RuntimeError("no interleaved steps were timed: train_epoch no longer builds loop.TrainStep")
     return _Interleaved.pairs
 
 
@@ -188,10 +190,9 @@ def main(arch, precision, batch_size, steps, mode, rounds, warmup, workers, imag
         prep = backbones.default_preprocessing(arch, backbones.resolve_weights(arch, "none"))
         if image_size:
             prep = data.Preprocessing.for_image_size(image_size, prep)
-        recipe = Recipe(arch, "none", tuple(layout.classes), prep.to_dict(), epochs=1, batch_size=batch_size,
-                        lr=1e-3, head_lr_mult=1.0, weight_decay=0.0, optimizer="sgd", lr_step=7, lr_gamma=0.1,
-                        freeze=(), precision=precision, channels_last=channels_last, seed=0, deterministic=False,
-                        select_best_on_val=False, world_size=1)
+        config = FinetuneConfig(arch=arch, weights="none", epochs=1, batch_size=batch_size, precision=precision,
+                                channels_last=channels_last, workers=workers, image_size=image_size)
+        recipe = config.recipe("none", layout.classes, prep.to_dict(), world_size=1)
         run = setup_run(layout, None, recipe, "none", prep, dev, workers, progress=False)
         step = TrainStep(run.trainer, run.normalize, run.optimizer, run.scaler, dev, precision,
                          loss_function(False, dev))

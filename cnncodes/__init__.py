@@ -4,9 +4,8 @@ Frozen path: `extract` caches CNN codes to HDF5, heads train on them in seconds.
 Fine-tune path: `finetune` trains the whole network end to end.
 """
 
-__version__ = "0.1.0"
-
-from .errors import CnnCodesError  # noqa: E402
+from ._version import __version__
+from .errors import CnnCodesError
 
 __all__ = ["CnnCodesError", "__version__", "extract", "discover", "Cache"]
 

@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, FolderLayout, ImageFile, discover  # noqa: F401  (re-exported)
+from .runtime import available_cores, process_cores  # noqa: F401  (available_cores: re-exported for old callers)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -277,13 +278,6 @@ def collate_skipping(samples) -> Batch:
     return Batch(torch.tensor([i for i, _ in good], dtype=torch.long), images, failed)
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
-
-
 def default_workers(device: torch.device, cores: int) -> int:
     """Decode worker processes for a process that may use `cores` cores.
 
@@ -338,8 +332,6 @@ def make_loader(
     `workers` None = `default_workers` for them; with no workers the main process decodes on
     `threads` threads."""
     if threads is None:
-        from .distributed import process_cores  # imported here: distributed imports this module
-
         threads = process_cores()
     if workers is None:
         workers = default_workers(device, threads)

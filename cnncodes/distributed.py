@@ -82,15 +82,8 @@ def cleanup() -> None:
 
 
 def local_world_size() -> int:
-    """Processes of this run on this machine (they share its cores)."""
+    """Processes of this run on this machine (they share its cores: see `runtime.process_cores`)."""
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size())))
-
-
-def process_cores() -> int:
-    """This process's share of the machine's cores (cgroups/affinity aware)."""
-    from .data import available_cores
-
-    return max(1, available_cores() // local_world_size())
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

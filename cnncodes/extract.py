@@ -20,7 +20,8 @@ import torchvision
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import distributed
+from ._version import __version__
 from .backbones import create_extractor, default_preprocessing, resolve_weights
 from .data import (
     FolderLayout,

@@ -50,6 +50,21 @@ def inference_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
 
 
+def available_cores() -> int:
+    """Cores this process may run on (affinity aware, so it honours taskset and cgroup cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def process_cores() -> int:
+    """This process's share of the machine's cores: under torchrun its processes split them."""
+    from .distributed import local_world_size  # lazy: distributed imports torch
+
+    return max(1, available_cores() // local_world_size())
+
+
 def configure_threads(device: torch.device) -> None:
     """Intra-op threads = this process's share of the cores (cgroups/affinity aware).
 
@@ -57,8 +72,6 @@ def configure_threads(device: torch.device) -> None:
     """
     if device.type == "cpu":
         import torch
-
-        from .distributed import process_cores
 
         torch.set_num_threads(process_cores())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,8 @@ from conftest import write_folder
 
 from cnncodes import backbones, classifier, data, runtime
 from cnncodes.errors import CnnCodesError
-from cnncodes.finetune import finetune
+from cnncodes.cli.finetune_cmd import finetune_command
+from cnncodes.finetune import FinetuneConfig, finetune
 
 FAST = {"arch": "resnet18", "weights": "none", "image_size": 32, "batch_size": 8, "workers": 0, "progress": False}
 FAST_CLI = ("--weights", "none", "--image-size", "32", "--batch-size", "8", "--workers", "0", "-q")
@@ -248,3 +250,45 @@ def test_bad_input_is_one_clear_line(tmp_path, cli, case):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0]
+
+
+def test_config_is_validated_once_and_overrides_are_its_fields(tmp_path):
+    config = FinetuneConfig(freeze="layer2, stem", epochs=3)
+    assert config.freeze == ("stem", "layer2")  # network order, whatever the input order
+    with pytest.raises(CnnCodesError, match=r"^--lr must be > 0$"):
+        dataclasses.replace(config, lr=0)
+    with pytest.raises(CnnCodesError, match="unknown optimizer 'adam'"):
+        FinetuneConfig(optimizer="adam")
+    with pytest.raises(TypeError, match="learning_rate"):
+        finetune(tmp_path, tmp_path / "run", config, learning_rate=0.1)
+    recipe = config.recipe("none", ["cat", "dog"], {"crop": 32}, world_size=2)
+    assert (recipe.epochs, recipe.freeze, recipe.lr, recipe.world_size) == (3, ("stem", "layer2"), 1e-3, 2)
+
+
+def test_a_config_passed_whole_trains_like_keywords(tmp_path):
+    folder = write_folder(tmp_path / "data", {"": 3})
+    config = FinetuneConfig(arch="resnet18", weights="none", image_size=32, batch_size=8, workers=0, epochs=1,
+                            deterministic=True, seed=3)
+    whole = finetune(folder, tmp_path / "whole", config, progress=False, echo=lambda _: None)
+    keywords = finetune(folder, tmp_path / "keywords", epochs=1, deterministic=True, seed=3, echo=lambda _: None,
+                        **FAST)
+    a, b = torch.load(whole.model_path, weights_only=True), torch.load(keywords.model_path, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(whole.log_json.read_text())["recipe"] == json.loads(keywords.log_json.read_text())["recipe"]
+
+
+def test_cli_options_and_defaults_are_the_config_fields():
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    defaults = {p.name: p.default for p in finetune_command.params if p.name in names}
+    assert set(defaults) == names  # every recipe option has a flag
+    assert FinetuneConfig(**defaults) == FinetuneConfig()  # and the flag's default is the config's
+
+
+def test_cli_flags_parse_into_the_config():
+    args = ["data", "-o", "run", "--freeze", "layer1,stem", "--image-size", "64", "--optimizer", "adamw",
+            "--lr", "0.01", "--epochs", "3", "--deterministic", "--no-channels-last", "--select-best-on-val"]
+    params = finetune_command.make_context("finetune", args).params
+    steering = ("data", "run_dir", "resume", "overwrite", "quiet")
+    config = FinetuneConfig(**{k: v for k, v in params.items() if k not in steering})
+    assert config == FinetuneConfig(freeze=("stem", "layer1"), image_size=64, optimizer="adamw", lr=0.01, epochs=3,
+                                    deterministic=True, channels_last=False, select_best_on_val=True)

@@ -1,0 +1,134 @@
+"""The recipe's options, held once: `FinetuneConfig` (validated once) and the `Recipe` derived from it.
+
+`FinetuneConfig` is what a caller chooses; `Recipe` is what determines the trained weights (the
+config's weight-relevant fields plus what the run resolved: the weights' identity, the classes,
+the preprocessing, the world size). The Recipe is stored in every checkpoint and log and compared
+on --resume. The CLI builds its options from the config's fields (their defaults and `help`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .. import backbones
+from ..errors import CnnCodesError
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet stages, in network order
+OPTIMIZERS = ("sgd", "adamw")
+VAL_SPLITS = ("val", "valid", "validation")
+# Recipe keys that may differ on --resume: more epochs extend the run, and a new world size
+# only changes how the data are split between processes.
+RESUMABLE_CHANGES = ("epochs", "world_size")
+
+
+def _option(default: Any, help: str = "") -> Any:  # noqa: A002  (click's word)
+    """A config field whose `help` the CLI shows beside its flag."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every option of a fine-tuning run, grouped like the CLI's; invalid values raise CnnCodesError.
+
+    `freeze` accepts 'stem,layer1' or any iterable of stage names and is stored as a tuple in
+    network order. Change a copy with `dataclasses.replace(config, lr=...)` (validated again).
+    """
+
+    # model
+    arch: str = _option("resnet18", "Backbone.")
+    weights: str | None = _option("DEFAULT", "torchvision weights name, a local state_dict file, or 'none'.")
+    freeze: tuple[str, ...] = _option((), "Comma list of stages to keep fixed (weights and BatchNorm statistics), "
+                                          f"among {','.join(STAGES)}.")
+    image_size: int | None = _option(None, "Crop size; resize keeps the weights' ratio (256/224).")
+    # optimisation
+    optimizer: str = _option("sgd", "sgd uses momentum 0.9.")
+    lr: float = _option(1e-3, "Learning rate of the pretrained layers.")
+    head_lr_mult: float = _option(1.0, "The new fc layer's lr = lr x this.")
+    weight_decay: float = _option(0.0, "Weight decay of every trainable parameter.")
+    lr_step: int = _option(7, "StepLR: epochs between lr decays.")
+    lr_gamma: float = _option(0.1, "StepLR: lr decay factor.")
+    epochs: int = _option(25, "Epochs to train (with --resume: the total, so more epochs extend a run).")
+    batch_size: int = _option(32, "Images per step (per process under torchrun).")
+    # runtime
+    precision: str = _option("fp32", "Autocast precision (fp16 needs CUDA).")
+    channels_last: bool = _option(True, "NHWC memory layout (faster convolutions on CPU and tensor cores).")
+    workers: int | None = _option(None, "Decode workers [default: sized to the machine].")
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N.")
+    seed: int = _option(0, "Seed of data order and augmentation.")
+    deterministic: bool = _option(False, "Deterministic algorithms: a rerun or resume gives bitwise the same weights.")
+    # evaluation
+    select_best_on_val: bool = _option(False, "Also save the epoch with the best val accuracy "
+                                              "(an OPTIMISTIC figure: chosen on val).")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 2, "--batch-size must be >= 2 (BatchNorm cannot train on one image)"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.head_lr_mult > 0, "--head-lr-mult must be > 0"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.lr_step >= 1, "--lr-step must be >= 1"),
+            (0 < self.lr_gamma <= 1, "--lr-gamma must be in (0, 1]"),
+            (self.image_size is None or self.image_size >= 32, "--image-size must be >= 32 (ResNets downsample 32x)"),
+            (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}'; use one of {', '.join(OPTIMIZERS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CnnCodesError(message)
+        object.__setattr__(self, "freeze", parse_freeze(self.freeze))  # frozen: normalised once, here
+        backbones.check_arch(self.arch)
+
+    def recipe(self, weights_identity: str, classes: Iterable[str], preprocessing: dict, world_size: int) -> Recipe:
+        """The Recipe of a run of this config: its weight-relevant fields plus what the run resolved."""
+        resolved = {"weights": weights_identity, "classes": tuple(classes), "preprocessing": preprocessing,
+                    "world_size": world_size}
+        chosen = {f.name: getattr(self, f.name) for f in fields(Recipe) if f.name not in resolved}
+        return Recipe(**resolved, **chosen)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the trained weights; stored in the checkpoint, checked on resume.
+
+    The field names and order are the checkpoint's and log.json's `recipe` format: keep them.
+    Fields other than weights, classes, preprocessing and world_size are FinetuneConfig's.
+    """
+
+    arch: str
+    weights: str  # WeightsInfo.identity
+    classes: tuple[str, ...]
+    preprocessing: dict
+    epochs: int
+    batch_size: int
+    lr: float
+    head_lr_mult: float
+    weight_decay: float
+    optimizer: str
+    lr_step: int
+    lr_gamma: float
+    freeze: tuple[str, ...]
+    precision: str
+    channels_last: bool
+    seed: int
+    deterministic: bool
+    select_best_on_val: bool
+    world_size: int
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def parse_freeze(freeze: str | Iterable[str] | None) -> tuple[str, ...]:
+    """'stem,layer1' or an iterable of stage names -> a validated tuple in network order."""
+    if freeze is None:
+        return ()
+    names = freeze.split(",") if isinstance(freeze, str) else list(freeze)
+    names = {n.strip() for n in names if n.strip()}
+    unknown = sorted(names - set(STAGES))
+    if unknown:
+        raise CnnCodesError(f"--freeze: unknown stage(s) {', '.join(unknown)}; choose among {','.join(STAGES)}")
+    return tuple(s for s in STAGES if s in names)
