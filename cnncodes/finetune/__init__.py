@@ -15,224 +15,30 @@ Where things live (each module imports only those above it):
     loop.py    one epoch: train step, data views, per-rank sums, the epoch's log entry
     rundir.py  the run folder: lock, checkpoints, resume checks, RNG state, saved model
     report.py  log.csv, log.json, curves.png and the console lines
-    here       `finetune` (the API) and the run's orchestration
+    api.py     `finetune` (the API) and the run's orchestration
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import importlib
 
-import torch
-from torch import nn
-
-from .. import backbones, data, distributed, runtime
-from ..errors import CnnCodesError, Interrupted
-from .config import OPTIMIZERS, STAGES, VAL_SPLITS, FinetuneConfig, Recipe, parse_freeze
-from .loop import EvalView, Run, TrainStep, TrainViews, evaluate, make_split, run_epoch, train_epoch
-from .model import build_model, build_model_rank0_first, build_optimizer, loss_function
-from .report import epoch_line, final_lines, plot_curves, write_logs
-from .rundir import (
-    BEST_MODEL,
-    CHECKPOINT,
-    CURVES,
-    LOG_CSV,
-    LOG_JSON,
-    MODEL,
-    claim,
-    checkpoint_state,
-    determinism,
-    restore,
-    save_model,
-    seed_everything,
-)
-
-__all__ = [
-    "OPTIMIZERS", "STAGES", "FinetuneConfig", "FinetuneResult", "Recipe", "TrainStep", "build_model", "determinism",
-    "evaluate", "finetune", "loss_function", "parse_freeze", "setup_run", "train_epoch",
-]
+# name -> submodule. Imported on first use, so the CLI can build its options from
+# `config` (torch-free) without importing torch.
+_EXPORTS = {
+    "OPTIMIZERS": "config", "STAGES": "config", "FinetuneConfig": "config", "Recipe": "config", "parse_freeze": "config",
+    "TrainStep": "loop", "evaluate": "loop", "train_epoch": "loop",
+    "build_model": "model", "loss_function": "model",
+    "determinism": "rundir",
+    "FinetuneResult": "api", "finetune": "api", "setup_run": "api",
+}
+__all__ = sorted(_EXPORTS)
 
 
-@dataclass
-class FinetuneResult:
-    """What a run produced. `final` holds the honest numbers: the last epoch's, on the saved model."""
-
-    run_dir: Path
-    model_path: Path
-    checkpoint_path: Path
-    log_csv: Path
-    log_json: Path
-    curves_path: Path
-    classes: list[str]
-    has_val: bool
-    final: dict
-    history: list[dict]
-    best_on_val: dict | None = None  # OPTIMISTIC: the epoch was chosen on the validation split
-    best_model_path: Path | None = None
-    skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
-    resumed_from_epoch: int = 0
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
 
 
-def finetune(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    config: FinetuneConfig | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool | None = None,
-    echo: Callable[[str], None] = print,
-    **overrides: Any,
-) -> FinetuneResult:
-    """Fine-tune end to end on the image folder `data_dir`, writing the run to `out_dir`.
-
-    The recipe is `config` (default `FinetuneConfig()`) with `overrides`, any of its fields by name
-    (`finetune(data, out, epochs=3, lr=0.01)`). `resume`, `overwrite`, `progress` and `echo` steer
-    the run and do not change the weights. Writes `out_dir`/checkpoint.pt every epoch, log.csv,
-    log.json, curves.png and the final-epoch classifier model.pt (+ model.json, see
-    `classifier.save_classifier`). Under torchrun (WORLD_SIZE > 1) trains with
-    DistributedDataParallel; only rank 0 writes and prints. `progress=None` shows a progress bar
-    when stderr is a terminal.
-    """
-    config = _with_overrides(config, overrides)
-    if resume and overwrite:
-        raise CnnCodesError("--resume and --overwrite contradict each other; pass one")
-    own_group = distributed.launched() and not distributed.is_distributed()
-    device = distributed.init(runtime.resolve_device(config.device))
-    try:
-        runtime.check_precision(config.precision, device)
-        with determinism(config.deterministic, device):
-            return _finetune(Path(data_dir), Path(out_dir), config, device, resume, overwrite, progress, echo)
-    finally:
-        if own_group:
-            distributed.cleanup()
-
-
-def _with_overrides(config: FinetuneConfig | None, overrides: dict[str, Any]) -> FinetuneConfig:
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"finetune() got unexpected keyword argument(s) {', '.join(unknown)}; "
-                        f"recipe options are the fields of FinetuneConfig: {', '.join(sorted(names))}")
-    return dataclasses.replace(FinetuneConfig() if config is None else config, **overrides)
-
-
-def _layout(data_dir: Path, echo) -> tuple[data.FolderLayout, str | None]:
-    """The image folder's splits and classes (checked usable), and the name of its val split if any."""
-    layout = data.discover(data_dir)
-    if "train" not in layout.splits:
-        raise CnnCodesError(f"{data_dir}: split folders ({', '.join(layout.splits)}) but no train/; finetune needs "
-                            f"{data_dir}/train/<class>/<image> or {data_dir}/<class>/<image>")
-    if not layout.splits["train"]:
-        raise CnnCodesError(f"{data_dir}/train: no training images")
-    if len(layout.classes) < 2:
-        raise CnnCodesError(f"{data_dir}: only one class ({layout.classes[0]}); a classifier needs at least two class folders")
-    if distributed.is_main():
-        for note in layout.warnings:
-            echo(f"warning: {note}")
-        ignored = [p for entries in layout.ignored.values() for p, _ in entries]
-        if ignored:
-            echo(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[0]}")
-        if "test" in layout.splits:
-            echo(f"note: test split ({len(layout.splits['test'])} images) is not used by finetune; "
-                 f"evaluate the saved model on it with cnncodes predict")
-    val = next((s for s in VAL_SPLITS if layout.splits.get(s)), None)
-    return layout, val
-
-
-def _finetune(data_dir: Path, run_dir: Path, config: FinetuneConfig, device: torch.device, resume: bool,
-              overwrite: bool, progress: bool | None, echo: Callable[[str], None]) -> FinetuneResult:
-    echo = echo if distributed.is_main() else (lambda _msg: None)
-    layout, val_name = _layout(data_dir, echo)
-    if config.select_best_on_val and val_name is None:
-        raise CnnCodesError("--select-best-on-val needs a val split (DATA/val/<class>/<image>)")
-    info = backbones.resolve_weights(config.arch, config.weights)
-    prep = backbones.default_preprocessing(config.arch, info)
-    if config.image_size:
-        prep = data.Preprocessing.for_image_size(config.image_size, prep)
-    recipe = config.recipe(info.identity, layout.classes, prep.to_dict(), distributed.world_size())
-    with contextlib.ExitStack() as stack:
-        ckpt = claim(stack, run_dir, recipe, resume, overwrite, device)
-        return _train(layout, val_name, run_dir, recipe, info, prep, ckpt, device, config.workers, progress, echo)
-
-
-def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, weights: str | backbones.WeightsInfo | None,
-              prep: data.Preprocessing, device: torch.device, workers: int | None, progress: bool | None) -> Run:
-    """Model, optimizer, scheduler, scaler (DDP-wrapped under torchrun) and datasets for `recipe`."""
-    seed_everything(recipe.seed)
-    model, frozen = build_model_rank0_first(recipe, weights, device)
-    opt = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.head_lr_mult, recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16" and device.type == "cuda")
-    workers = data.default_workers(device, runtime.process_cores()) if workers is None else workers
-    runtime.configure_threads(device)  # each process on a machine takes its share of the cores
-    trainer = model
-    if distributed.is_distributed():
-        trainer = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    views = TrainViews(prep, [f.path for f in layout.splits["train"]], recipe.seed)
-    return Run(
-        recipe=recipe, device=device, model=model, trainer=trainer, frozen=frozen, optimizer=opt,
-        scheduler=scheduler, scaler=scaler,
-        normalize=data.Normalize(prep.mean, prep.std, recipe.channels_last).to(device),
-        train=make_split(layout, "train", prep, views),
-        val=make_split(layout, val_name, prep, EvalView(prep)) if val_name else None,
-        views=views, workers=workers,
-        progress=(sys.stderr.isatty() if progress is None else progress) and distributed.is_main(),
-    )
-
-
-def _train(layout, val_name, run_dir: Path, recipe: Recipe, weights, prep, ckpt, device, workers,
-           progress, echo) -> FinetuneResult:
-    run = setup_run(layout, val_name, recipe, weights, prep, device, workers, progress)
-    start_epoch = restore(run, ckpt) if ckpt is not None else 0
-    if start_epoch:
-        echo(f"resuming {run_dir} after epoch {start_epoch}/{recipe.epochs}")
-    main = distributed.is_main()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    best_path = run_dir / BEST_MODEL if recipe.select_best_on_val else None
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, recipe.epochs):
-            entry = run_epoch(run, epoch, echo)
-            run.history.append(entry)
-            echo(epoch_line(entry, recipe.epochs))
-            if main:
-                _after_epoch(run, entry, run_dir, layout, best_path)
-    except KeyboardInterrupt:
-        raise Interrupted(f"stopped during epoch {epoch + 1}/{recipe.epochs}; {len(run.history)} finished epoch(s) "
-                          f"are saved in {run_dir / CHECKPOINT}: rerun the same command with --resume to continue") from None
-    return _finish(run, run_dir, layout, best_path, start_epoch, echo)
-
-
-def _after_epoch(run: Run, entry: dict, run_dir: Path, layout, best_path: Path | None) -> None:
-    """Rank 0: best-on-val copy (if asked), then the checkpoint, then the logs (rebuilt from it on resume)."""
-    if best_path is not None and entry["val_acc"] is not None and (
-            run.best is None or entry["val_acc"] > run.best["val_acc"]):
-        run.best = {k: entry[k] for k in ("epoch", "val_acc", "val_loss", "val_images")}
-        save_model(run, best_path, layout, selected=f"epoch {entry['epoch']}, best val acc (OPTIMISTIC)")
-    runtime.save_torch_atomic(checkpoint_state(run, entry["epoch"]), run_dir / CHECKPOINT)
-    write_logs(run, run_dir, layout)
-
-
-def _finish(run: Run, run_dir: Path, layout, best_path, start_epoch: int, echo) -> FinetuneResult:
-    model_path = run_dir / MODEL
-    if distributed.is_main():
-        save_model(run, model_path, layout, selected=f"final epoch {run.history[-1]['epoch']}")
-        write_logs(run, run_dir, layout, final=True)
-        plot_curves(run.history, run_dir / CURVES)
-        for line in final_lines(run, model_path, best_path):
-            echo(line)
-    distributed.barrier()  # no rank exits (and tears the group down) while rank 0 still writes
-    return FinetuneResult(
-        run_dir=run_dir, model_path=model_path, checkpoint_path=run_dir / CHECKPOINT, log_csv=run_dir / LOG_CSV,
-        log_json=run_dir / LOG_JSON, curves_path=run_dir / CURVES, classes=list(run.recipe.classes),
-        has_val=run.val is not None, final=dict(run.history[-1]), history=list(run.history),
-        best_on_val=run.best, best_model_path=best_path if run.best else None, skipped=dict(run.skipped),
-        resumed_from_epoch=start_epoch,
-    )
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

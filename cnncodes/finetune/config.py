@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .. import backbones
 from ..errors import CnnCodesError
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet stages, in network order
@@ -80,7 +79,9 @@ class FinetuneConfig:
             if not ok:
                 raise CnnCodesError(message)
         object.__setattr__(self, "freeze", parse_freeze(self.freeze))  # frozen: normalised once, here
-        backbones.check_arch(self.arch)
+        from ..backbones import check_arch  # lazy: the CLI builds options from this module without torch
+
+        check_arch(self.arch)
 
     def recipe(self, weights_identity: str, classes: Iterable[str], preprocessing: dict, world_size: int) -> Recipe:
         """The Recipe of a run of this config: its weight-relevant fields plus what the run resolved."""
