@@ -44,15 +44,16 @@ def machine_line(result: dict) -> str:
     """Where and when: CPU, cores, memory, GPU, versions, load average before/after, commit."""
     m = result.get("machine", {})
     cores = m.get("cores")
-    load = result.get("load_before") or []
-    busy = bool(cores and load and max(load[:1] + (result.get("load_after") or [])[:1]) > 0.5 * cores)
+    load, after = result.get("load_before") or [], result.get("load_after") or []
+    # Before the run, any load is other jobs'; after it, the bench's own threads (one per core) count too.
+    busy = bool(cores) and ((load and load[0] > 0.5 * cores) or (after and after[0] > 1.5 * cores))
     commit = (result.get("git_commit") or "unknown")[:12]
     line = (f"Measured {result.get('date', '?')} on {m.get('cpu', '?')}, {cores} cores, {m.get('memory_gib')} GiB, "
             f"{m.get('gpu') or 'no GPU'}; torch {m.get('torch')}, torchvision {m.get('torchvision')}; "
-            f"load average (1/5/15 min) {_load(load)} before, {_load(result.get('load_after'))} after; "
+            f"load average (1/5/15 min) {_load(load)} before, {_load(after)} after; "
             f"commit {commit}.")
     if busy:
-        line += (" **Other jobs loaded the machine** (load average above half the cores): absolute times are "
+        line += (" **Other jobs loaded the machine** (load average beyond what the bench itself explains): absolute times are "
                  "inflated and noisy; ratios measured within the run hold better.")
     return line
 
