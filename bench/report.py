@@ -53,8 +53,8 @@ def machine_line(result: dict) -> str:
             f"load average (1/5/15 min) {_load(load)} before, {_load(after)} after; "
             f"commit {commit}.")
     if busy:
-        line += (" **Other jobs loaded the machine** (load average beyond what the bench itself explains): absolute times are "
-                 "inflated and noisy; ratios measured within the run hold better.")
+        line += (" **Other jobs loaded the machine** (load average beyond what the bench itself explains): "
+                 "absolute times are inflated and noisy; ratios measured within the run hold better.")
     return line
 
 
