@@ -1,29 +1,56 @@
-"""Cache CNN codes + linear head vs fine-tuning vs the tutorial's fixed extractor, side by side.
+"""Cache CNN codes + linear head vs fine-tuning vs the tutorial's fixed extractor, measured honestly.
 
-    python bench/compare.py [--data DIR] [--arch A] [--weights W] [--epochs E] [--views K]
-                            [--json out.json] [--plot out.png]
+    python bench/compare.py [--data DIR] [--arch A] [--weights W] [--precision P] [--epochs E]
+                            [--repeats R] [--measure-epochs M | --full] [--json FILE] [--plot PNG]
 
-With no arguments it runs on the embedded digits dataset (no download). The reference run:
+With no --data it runs on the embedded digits dataset (no download). The reference run:
     python bench/compare.py --data ../shared/data/hymenoptera_data --arch resnet50 \\
-        --weights ../shared/weights/resnet50-imagenet-keras.pth
+        --weights ../shared/weights/resnet50-imagenet-keras.pth --precision bf16 --full
 
-Paths, all on the same data and machine, in this one run:
-  cache     `cnncodes.extract` (train + val, plus --views) then `fit_head` for svm, logreg, linear
-  finetune  `cnncodes.finetune` end to end (the reference recipe: SGD 1e-3, momentum 0.9, StepLR 7/0.1)
-  fixed     the PyTorch tutorial's "fixed feature extractor" as peers run it: frozen backbone left in
-            train mode, new fc trained with the same optimizer and schedule, batch 4, fp32, the whole
-            forward pass recomputed every epoch
-Accuracy is always the final model's on val (no best-epoch picking). A path run for fewer
-epochs than asked (--measure-epochs) has its time extrapolated, and the table says so.
+Paths (PATHS), all on the same data and machine, in this one process:
+  cache     `cnncodes.extract` (train + val) then `fit_head` for svm, logreg, linear
+  finetune  `cnncodes.finetune.finetune`, the tutorial's recipe (SGD 1e-3, momentum 0.9, StepLR 7/0.1,
+            batch 4, a val pass every epoch); the final-epoch model is the one reported
+  fixed     the PyTorch tutorial's "fixed feature extractor" loop as written there (torchvision
+            ImageFolder + PIL transforms, 4 DataLoader workers, frozen backbone left in train mode,
+            new fc trained by the same recipe, the whole forward pass recomputed every epoch)
+One --precision and one layout (channels_last unless --no-channels-last) hold for every path;
+--fixed-as-written runs the tutorial loop in fp32 NCHW instead. Each path's precision, batch and
+layout are printed and stored, with every difference from the tutorial's recipe.
+
+How it is measured:
+  * Each path runs --repeats times (median), or, with --full, the epoch paths run all --epochs
+    once. Without --full they run --measure-epochs epochs and their time is EXTRAPOLATED:
+    wall time of the epochs run + the missing epochs at the median measured epoch time
+    (train + val pass); such a run has no final accuracy, only the accuracy after the epochs
+    run, stored apart. Accuracies are always the last epoch's on val, never the best epoch.
+  * The model-only ceiling (the same model, precision, batch and layout on a synthetic batch
+    already in memory: forward without gradients for extraction and val passes, a full SGD step
+    for training) is measured just before and after each run of each path, so it sees the
+    same machine load as the path; the median is used.
+  * Work: the cache path runs one forward per code; an epoch path one training step per train
+    image and one forward per val image, each epoch. Model-only time = work / ceilings.
+  * Bound: a speed-up cannot exceed (other path's model-only time) / (cache path's model-only
+    time) when both paths run at the same fraction of their ceilings. Each speed-up is printed
+    beside its bound and ratio / bound; a ratio above its bound means the other path lost time
+    outside the network (or the load changed), not that caching is faster than its work.
+Results go to bench/results/compare.json (machine, load average before/after, versions, date,
+git commit, exact command); `python bench/report.py` turns that file into the README's table.
+
+Adding a path (e.g. LP-FT, fine-tuning started from the cached head): subclass `EpochPath`
+(or `BenchPath`), give it a name, `settings`, `ceilings` and `run_once` (it can read the
+cache path's outputs from `ctx.outputs["cache"]`), and append an instance to PATHS.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
 import sys
 import tempfile
 import time
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,132 +58,374 @@ import torchvision
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware  # noqa: E402
-from extract_speed import ceiling  # noqa: E402
+from common import RESULTS, forward_ceiling, load_average, results_header, train_ceiling, write_results  # noqa: E402
+from report import render  # noqa: E402
 
-from cnncodes.backbones import create_model, default_preprocessing, resolve_weights  # noqa: E402
+from cnncodes.backbones import create_extractor, create_model, default_preprocessing, resolve_weights  # noqa: E402
 from cnncodes.data import Preprocessing, discover  # noqa: E402
 from cnncodes.errors import CnnCodesError  # noqa: E402
 from cnncodes.extract import extract  # noqa: E402
 from cnncodes.finetune import finetune  # noqa: E402
 from cnncodes.heads import fit_head  # noqa: E402
-from cnncodes.runtime import configure_threads, resolve_device  # noqa: E402
+from cnncodes.runtime import autocast, configure_threads, inference_batch_size, resolve_device  # noqa: E402
 
 HEADS = ("svm", "logreg", "linear")
+# The PyTorch transfer-learning tutorial's recipe, which the epoch paths follow.
+TUTORIAL = {"batch": 4, "workers": 4, "precision": "fp32", "channels_last": False, "lr": 1e-3, "momentum": 0.9,
+            "lr_step": 7, "lr_gamma": 0.1, "epochs": 25}
 
 
-def cache_path(args, data: Path, work: Path) -> list[dict]:
-    """Extract once, then fit each head: one row per head."""
-    start = time.perf_counter()
-    r = extract(data, work / "codes.h5", arch=args.arch, weights=args.weights, image_size=args.image_size,
-                views=args.views, eval_views=args.eval_views, precision=args.precision, batch_size=64,
-                device=args.device, overwrite=True, progress=False, log=lambda m: None)
-    extract_s = time.perf_counter() - start
-    rows = []
-    for clf in HEADS:
+# --------------------------------------------------------------------------- what a path did
+
+
+@dataclass
+class Settings:
+    """How a path runs its network: the figures are comparable only where these agree."""
+
+    precision: str
+    batch: int
+    channels_last: bool
+    detail: str = ""
+
+    def label(self) -> str:
+        return f"{self.precision}, batch {self.batch}, {'channels_last' if self.channels_last else 'NCHW'}" + (
+            f", {self.detail}" if self.detail else "")
+
+
+@dataclass
+class Work:
+    """Images through the network for the whole recipe: forwards without gradients, training steps."""
+
+    forward: float = 0.0
+    train: float = 0.0
+
+    def model_only_s(self, ceilings: dict[str, float]) -> float:
+        """Seconds the network alone would need at the measured ceilings (images/s)."""
+        return (self.forward / ceilings["forward"] if self.forward else 0.0) + (
+            self.train / ceilings["train"] if self.train else 0.0)
+
+
+@dataclass
+class Outcome:
+    """One run of one row of a path (the cache path gives one row per head)."""
+
+    seconds: float  # wall time to a trained model for the whole recipe (extrapolated if so marked)
+    measured_s: float  # wall time actually run
+    work: Work
+    parts: dict[str, float] = field(default_factory=dict)
+    epochs_run: int | None = None
+    extrapolated: bool = False
+    val_acc: float | None = None  # final epoch of a full run only
+    partial: dict | None = None  # accuracy after fewer epochs than the recipe's: not a final figure
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What every path shares: the parsed options, the data, the device, the preprocessing."""
+
+    args: argparse.Namespace
+    device: torch.device
+    prep: Preprocessing
+    classes: int
+    counts: dict[str, int]
+    work: Path
+    outputs: dict = field(default_factory=dict)  # a path's products for later paths (e.g. LP-FT)
+
+    @property
+    def epochs_to_run(self) -> int:
+        return self.args.epochs if self.args.full else min(self.args.measure_epochs, self.args.epochs)
+
+
+class BenchPath:
+    """One way to get a trained model. Subclasses say how it runs and what its ceilings are."""
+
+    name = "path"
+    kind = "epochs"
+
+    def settings(self, ctx: Context) -> Settings:
+        raise NotImplementedError
+
+    def differs(self, ctx: Context) -> list[str]:
+        """How this run departs from the tutorial's recipe (empty: it is the recipe)."""
+        return []
+
+    def repeats(self, ctx: Context) -> int:
+        return ctx.args.repeats
+
+    def ceilings(self, ctx: Context) -> dict[str, float]:
+        """Model-only images/s now: 'forward' (no gradients) and, for training paths, 'train'."""
+        raise NotImplementedError
+
+    def run_once(self, ctx: Context, out: Path) -> dict[str, Outcome]:
+        """Run the path once; one Outcome per row name."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- the cache path
+
+
+class CachePath(BenchPath):
+    """Extract the codes of train + val once, then fit each head (C chosen by CV on train)."""
+
+    name, kind = "cache", "cache"
+
+    def settings(self, ctx: Context) -> Settings:
+        return Settings(ctx.args.precision, ctx.args.extract_batch, ctx.args.channels_last,
+                        "BatchNorm folded, eval mode, cnncodes loader")
+
+    def differs(self, ctx: Context) -> list[str]:
+        return ["no training epochs: one forward per image, then a linear head on the cached codes"]
+
+    def ceilings(self, ctx: Context) -> dict[str, float]:
+        if not hasattr(self, "_model"):
+            model, _, _ = create_extractor(ctx.args.arch, "none")  # same speed as real weights
+            self._model = model.to(ctx.device, memory_format=_layout(ctx.args.channels_last))
+        s = self.settings(ctx)
+        return {"forward": forward_ceiling(self._model, s.batch, ctx.prep.crop, s.precision, s.channels_last,
+                                           ctx.device, ctx.args.ceiling_images)}
+
+    def run_once(self, ctx: Context, out: Path) -> dict[str, Outcome]:
+        a = ctx.args
         start = time.perf_counter()
-        _, report = fit_head(work / "codes.h5", clf=clf, tta=args.eval_views > 0, device=args.device)
-        fit_s = time.perf_counter() - start
+        r = extract(a.data, out / "codes.h5", arch=a.arch, weights=a.weights, image_size=a.image_size,
+                    precision=a.precision, batch_size=a.extract_batch, channels_last=a.channels_last,
+                    device=a.device, overwrite=True, progress=False, log=lambda m: None)
+        extract_s = time.perf_counter() - start
+        rows, heads = {}, {}
+        for clf in HEADS:
+            start = time.perf_counter()
+            heads[clf], report = fit_head(out / "codes.h5", clf=clf, device=a.device)
+            fit_s = time.perf_counter() - start
+            rows[f"cache+{clf}"] = Outcome(
+                seconds=extract_s + fit_s, measured_s=extract_s + fit_s, work=Work(forward=r.codes),
+                parts={"extract_s": extract_s, "fit_s": fit_s}, val_acc=report["splits"]["val"]["accuracy"],
+                extra={"C": report["C"], "codes": r.codes})
+        ctx.outputs["cache"] = {"codes": out / "codes.h5", "heads": heads}
+        return rows
+
+
+# --------------------------------------------------------------------------- epoch paths
+
+
+class EpochPath(BenchPath):
+    """A path that trains for the recipe's epochs with a val pass after each (the tutorial's shape)."""
+
+    def run_epochs(self, ctx: Context, out: Path, epochs: int) -> tuple[float, list[dict]]:
+        """Train `epochs` epochs; (wall seconds, one dict per epoch: train_images, val_images,
+        epoch_time_s (train + val pass), val_acc)."""
+        raise NotImplementedError
+
+    def run_once(self, ctx: Context, out: Path) -> dict[str, Outcome]:
+        m, e = ctx.epochs_to_run, ctx.args.epochs
+        wall, history = self.run_epochs(ctx, out, m)
+        per_epoch = statistics.median(h["epoch_time_s"] for h in history)
+        train_images = statistics.median(h["train_images"] for h in history)
+        val_images = statistics.median(h["val_images"] or 0 for h in history)
+        final = m == e
+        return {self.name: Outcome(
+            seconds=wall + (e - m) * per_epoch, measured_s=wall, epochs_run=m, extrapolated=not final,
+            work=Work(forward=e * val_images, train=e * train_images),
+            parts={"epoch_s": per_epoch, "setup_and_saves_s": wall - sum(h["epoch_time_s"] for h in history)},
+            val_acc=history[-1]["val_acc"] if final else None,
+            partial=None if final else {"epoch": m, "of": e, "val_acc": history[-1]["val_acc"]},
+            extra={"train_images": train_images, "val_images": val_images})}
+
+
+class FinetunePath(EpochPath):
+    """`cnncodes.finetune.finetune` end to end, with the tutorial's recipe (the library's defaults)."""
+
+    name = "finetune"
+
+    def settings(self, ctx: Context) -> Settings:
+        return Settings(ctx.args.precision, ctx.args.batch_size, ctx.args.channels_last,
+                        "cnncodes loader, val batch = train batch")
+
+    def differs(self, ctx: Context) -> list[str]:
+        return _differs(self.settings(ctx), ["cnncodes loader (uint8 decode and resize on threads, no worker "
+                                             "processes on small CPUs)",
+                                             "final-epoch model reported (the tutorial keeps the best val epoch)"])
+
+    def _models(self, ctx: Context):
+        if not hasattr(self, "_model"):
+            model, _ = create_model(ctx.args.arch, "none", num_classes=ctx.classes)
+            self._model = model.to(ctx.device, memory_format=_layout(ctx.args.channels_last))
+        return self._model
+
+    def ceilings(self, ctx: Context) -> dict[str, float]:
+        model, s, a = self._models(ctx), self.settings(ctx), ctx.args
+        model.train()
+        train = train_ceiling(model, model.parameters(), s.batch, ctx.prep.crop, s.precision, s.channels_last,
+                              ctx.device, a.ceiling_images, ctx.classes)
+        model.eval()
+        fwd = forward_ceiling(model, s.batch, ctx.prep.crop, s.precision, s.channels_last, ctx.device,
+                              a.ceiling_images)
+        return {"forward": fwd, "train": train}
+
+    def run_epochs(self, ctx: Context, out: Path, epochs: int) -> tuple[float, list[dict]]:
+        a = ctx.args
+        start = time.perf_counter()
+        res = finetune(a.data, out / "ft", arch=a.arch, weights=a.weights, epochs=epochs, batch_size=a.batch_size,
+                       image_size=a.image_size, precision=a.precision, channels_last=a.channels_last,
+                       device=a.device, seed=0, overwrite=True, progress=False, echo=lambda m: None)
+        wall = time.perf_counter() - start
+        return wall, [{k: h[k] for k in ("train_images", "val_images", "epoch_time_s", "val_acc")} for h in res.history]
+
+
+class TutorialFixedPath(EpochPath):
+    """The tutorial's fixed feature extractor loop, as written there (see the module docstring)."""
+
+    name = "fixed (tutorial)"
+
+    def settings(self, ctx: Context) -> Settings:
+        a = ctx.args
+        if a.fixed_as_written:
+            return Settings(TUTORIAL["precision"], TUTORIAL["batch"], TUTORIAL["channels_last"], _TUTORIAL_LOADER)
+        return Settings(a.precision, TUTORIAL["batch"], a.channels_last, _TUTORIAL_LOADER)
+
+    def differs(self, ctx: Context) -> list[str]:
+        return _differs(self.settings(ctx), ["final-epoch model reported (the tutorial keeps the best val epoch)"])
+
+    def _build(self, ctx: Context, weights: str):
+        s = self.settings(ctx)
+        model, _ = create_model(ctx.args.arch, weights)
+        model.requires_grad_(False)
+        model.fc = torch.nn.Linear(model.fc.in_features, ctx.classes)
+        return model.to(ctx.device, memory_format=_layout(s.channels_last))
+
+    def ceilings(self, ctx: Context) -> dict[str, float]:
+        if not hasattr(self, "_model"):
+            self._model = self._build(ctx, "none")
+        model, s, a = self._model, self.settings(ctx), ctx.args
+        model.train()  # as in the tutorial: the frozen backbone's BatchNorm runs in train mode
+        train = train_ceiling(model, model.fc.parameters(), s.batch, ctx.prep.crop, s.precision, s.channels_last,
+                              ctx.device, a.ceiling_images, ctx.classes)
+        model.eval()
+        fwd = forward_ceiling(model, s.batch, ctx.prep.crop, s.precision, s.channels_last, ctx.device,
+                              a.ceiling_images)
+        return {"forward": fwd, "train": train}
+
+    def run_epochs(self, ctx: Context, out: Path, epochs: int) -> tuple[float, list[dict]]:
+        a, s, pre = ctx.args, self.settings(ctx), ctx.prep
+        torch.manual_seed(0)
+        norm = transforms.Normalize(pre.mean, pre.std)
+        tfs = {"train": transforms.Compose([transforms.RandomResizedCrop(pre.crop), transforms.RandomHorizontalFlip(),
+                                            transforms.ToTensor(), norm]),
+               "val": transforms.Compose([transforms.Resize(pre.resize), transforms.CenterCrop(pre.crop),
+                                          transforms.ToTensor(), norm])}
+        # The tutorial's 4 workers on a small machine: torch warns, the recipe stands (and is labelled).
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        sets = {k: torchvision.datasets.ImageFolder(Path(a.data) / k, tf) for k, tf in tfs.items()}
+        loaders = {k: torch.utils.data.DataLoader(d, batch_size=s.batch, shuffle=k == "train",
+                                                  num_workers=TUTORIAL["workers"]) for k, d in sets.items()}
+        start = time.perf_counter()
+        model = self._build(ctx, a.weights)
+        opt = torch.optim.SGD(model.fc.parameters(), lr=TUTORIAL["lr"], momentum=TUTORIAL["momentum"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=TUTORIAL["lr_step"], gamma=TUTORIAL["lr_gamma"])
+        loss_fn = torch.nn.CrossEntropyLoss()
+        history = []
+        for _ in range(epochs):
+            t = time.perf_counter()
+            model.train()  # as in the tutorial: frozen BatchNorm still updates its running statistics
+            n_train = 0
+            for x, y in loaders["train"]:
+                x, y = self._to(x, ctx, s), y.to(ctx.device)
+                with autocast(ctx.device, s.precision):
+                    logits = model(x)
+                opt.zero_grad()
+                loss_fn(logits.float(), y).backward()
+                opt.step()
+                n_train += len(y)
+            sched.step()
+            model.eval()
+            correct = n_val = 0
+            with torch.no_grad():
+                for x, y in loaders["val"]:
+                    with autocast(ctx.device, s.precision):
+                        logits = model(self._to(x, ctx, s))
+                    correct += int((logits.argmax(1).cpu() == y).sum())
+                    n_val += len(y)
+            history.append({"train_images": n_train, "val_images": n_val, "epoch_time_s": time.perf_counter() - t,
+                            "val_acc": correct / n_val if n_val else None})
+        return time.perf_counter() - start, history
+
+    @staticmethod
+    def _to(x: torch.Tensor, ctx: Context, s: Settings) -> torch.Tensor:
+        return x.to(ctx.device).contiguous(memory_format=_layout(s.channels_last))
+
+
+_TUTORIAL_LOADER = f"ImageFolder + PIL transforms, {TUTORIAL['workers']} DataLoader workers, BatchNorm in train mode"
+PATHS: list[BenchPath] = [CachePath(), FinetunePath(), TutorialFixedPath()]
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _differs(s: Settings, more: list[str]) -> list[str]:
+    """The tutorial-recipe differences of an epoch path's settings, then `more`."""
+    out = []
+    if s.batch != TUTORIAL["batch"]:
+        out.append(f"batch {s.batch} (tutorial: {TUTORIAL['batch']})")
+    if s.precision != TUTORIAL["precision"]:
+        out.append(f"{s.precision} autocast (tutorial: fp32)")
+    if s.channels_last != TUTORIAL["channels_last"]:
+        out.append("channels_last (tutorial: NCHW)")
+    return out + more
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(path: BenchPath, ctx: Context) -> list[dict]:
+    """Run `path` its repeats, each between two ceiling measurements; one row dict per row name."""
+    load_before = load_average()
+    configure_threads(ctx.device)
+    ceilings = [path.ceilings(ctx)]
+    runs: list[dict[str, Outcome]] = []
+    for i in range(path.repeats(ctx)):
+        runs.append(path.run_once(ctx, ctx.work / f"{path.name}-{i}".replace(" ", "_")))
+        configure_threads(ctx.device)  # the tutorial's DataLoader workers must not leave it changed
+        ceilings.append(path.ceilings(ctx))
+        print(f"  {path.name} run {i + 1}: " + ", ".join(f"{k} {o.seconds:.1f} s" for k, o in runs[-1].items()),
+              flush=True)
+    median_ceilings = {k: statistics.median(c[k] for c in ceilings) for k in ceilings[0]}
+    rows = []
+    for name in runs[0]:
+        outs = [r[name] for r in runs]
+        last = outs[-1]
+        seconds = statistics.median(o.seconds for o in outs)
+        model_only = last.work.model_only_s(median_ceilings)
         rows.append({
-            "path": f"cache+{clf}", "extract_s": extract_s, "fit_s": fit_s, "train_s": 0.0, "eval_s": 0.0,
-            "images_per_s": r.images_per_s, "time_to_model_s": extract_s + fit_s,
-            "val_acc": report["splits"]["val"]["accuracy"], "C": report["C"],
-            "epochs_run": None, "extrapolated": False,
-            "note": f"{r.extracted} images, {r.codes} codes (views {args.views}, eval views {args.eval_views}); "
-                    f"val extraction included in extract",
+            "path": name, "kind": path.kind, "settings": asdict(path.settings(ctx)),
+            "settings_label": path.settings(ctx).label(), "differs_from_tutorial": path.differs(ctx),
+            "repeats": len(outs), "seconds": seconds, "seconds_each": [o.seconds for o in outs],
+            "measured_s_each": [o.measured_s for o in outs], "extrapolated": last.extrapolated,
+            "epochs_run": last.epochs_run, "epochs": ctx.args.epochs if last.epochs_run is not None else None,
+            "parts": {k: statistics.median(o.parts[k] for o in outs) for k in last.parts},
+            "val_acc": last.val_acc, "val_acc_each": [o.val_acc for o in outs], "partial": last.partial,
+            "work": asdict(last.work), "ceilings_each": ceilings, "ceilings": median_ceilings,
+            "model_only_s": model_only, "ceiling_share": model_only / seconds if seconds else None,
+            "load_before": load_before, "load_after": load_average(), **last.extra,
         })
     return rows
 
 
-def finetune_path(args, data: Path, work: Path) -> dict:
-    start = time.perf_counter()
-    res = finetune(data, work / "ft", arch=args.arch, weights=args.weights, epochs=args.measure_epochs,
-                   batch_size=args.batch_size, image_size=args.image_size, precision=args.precision,
-                   device=args.device, seed=0, overwrite=True, progress=False, echo=lambda m: None)
-    wall = time.perf_counter() - start
-    train_s = sum(h["train_time_s"] for h in res.history)
-    eval_s = sum(h["epoch_time_s"] - h["train_time_s"] for h in res.history)
-    images = sum(h["train_images"] for h in res.history)
-    return _epoch_row("finetune", args, args.measure_epochs, wall, train_s, eval_s, images, res.final["val_acc"])
+def ratios(rows: list[dict]) -> list[dict]:
+    """Each cache row's speed-up over each epoch path, beside the bound from model-only times."""
+    out = []
+    for c in (r for r in rows if r["kind"] == "cache"):
+        for p in (r for r in rows if r["kind"] != "cache"):
+            ratio, bound = p["seconds"] / c["seconds"], p["model_only_s"] / c["model_only_s"]
+            out.append({"cache": c["path"], "other": p["path"], "ratio": ratio, "bound": bound,
+                        "ratio_over_bound": ratio / bound, "extrapolated": p["extrapolated"]})
+    return out
 
 
-def _epoch_row(name: str, args, m: int, wall: float, train_s: float, eval_s: float, images: int, val_acc: float) -> dict:
-    """Scale a run of `m` epochs to `epochs`: setup once, train and eval per epoch."""
-    e = args.epochs
-    setup = max(0.0, wall - train_s - eval_s)
-    scale = e / m
-    return {
-        "path": name, "extract_s": 0.0, "fit_s": 0.0, "train_s": train_s * scale, "eval_s": eval_s * scale,
-        "images_per_s": images / train_s if train_s else 0.0, "time_to_model_s": setup + train_s * scale,
-        "val_acc": val_acc, "epochs_run": m, "extrapolated": m < e,
-        "note": (f"ran {m} of {e} epochs: times extrapolated x{scale:g}, accuracy after epoch {m}" if m < e
-                 else f"{e} epochs"),
-    }
-
-
-def fixed_extractor_path(args, data: Path) -> dict:
-    """The tutorial's fixed extractor, as written there (BN left in train mode, batch 4, fp32)."""
-    info = resolve_weights(args.arch, args.weights)
-    pre = default_preprocessing(args.arch, info)
-    if args.image_size:
-        pre = Preprocessing.for_image_size(args.image_size, pre)
-    norm = transforms.Normalize(pre.mean, pre.std)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(pre.crop), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), norm])
-    val_tf = transforms.Compose([transforms.Resize(pre.resize), transforms.CenterCrop(pre.crop), transforms.ToTensor(), norm])
-    sets = {s: torchvision.datasets.ImageFolder(data / s, tf) for s, tf in (("train", train_tf), ("val", val_tf))}
-    loaders = {s: torch.utils.data.DataLoader(d, batch_size=4, shuffle=s == "train", num_workers=4) for s, d in sets.items()}
-    start = time.perf_counter()
-    model, _ = create_model(args.arch, args.weights)
-    for p in model.parameters():
-        p.requires_grad = False
-    model.fc = torch.nn.Linear(model.fc.in_features, len(sets["train"].classes))
-    opt = torch.optim.SGD(model.fc.parameters(), lr=0.001, momentum=0.9)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    train_s = eval_s = 0.0
-    images = 0
-    acc = 0.0
-    for _ in range(args.fixed_measure_epochs):
-        t = time.perf_counter()
-        model.train()  # as in the tutorial: frozen BatchNorm still updates its running statistics
-        for x, y in loaders["train"]:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-            images += len(x)
-        sched.step()
-        train_s += time.perf_counter() - t
-        t = time.perf_counter()
-        model.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in loaders["val"]:
-                correct += int((model(x).argmax(1) == y).sum())
-                total += len(y)
-        acc = correct / total
-        eval_s += time.perf_counter() - t
-    wall = time.perf_counter() - start
-    return _epoch_row("fixed (tutorial)", args, args.fixed_measure_epochs, wall, train_s, eval_s, images, acc)
-
-
-def print_table(rows: list[dict], ceiling_ips: float, args) -> None:
-    print(f"\n{'path':17} {'extract':>8} {'fit':>6} {'train':>8} {'eval':>7} {'img/s':>7} {'to model':>9} "
-          f"{'val acc':>7} {'vs finetune':>11} {'vs fixed':>9}")
-    ft = next(r for r in rows if r["path"] == "finetune")
-    fx = next(r for r in rows if r["path"].startswith("fixed"))
-    for r in rows:
-        vs_ft = ft["time_to_model_s"] / r["time_to_model_s"]
-        vs_fx = fx["time_to_model_s"] / r["time_to_model_s"]
-        r["speedup_vs_finetune"], r["speedup_vs_fixed"] = vs_ft, vs_fx
-        print(f"{r['path']:17} {r['extract_s']:8.1f} {r['fit_s']:6.1f} {r['train_s']:8.1f} {r['eval_s']:7.1f} "
-              f"{r['images_per_s']:7.1f} {r['time_to_model_s']:8.1f}s {100 * r['val_acc']:6.2f}% "
-              f"{vs_ft:10.1f}x {vs_fx:8.1f}x")
-    print("times in seconds; 'to model' = wall time to a trained model (cache: extract train+val + fit; "
-          "others: setup + training epochs, per-epoch val excluded); speed-ups = other path's time / this path's")
-    for r in rows:
-        print(f"  {r['path']}: {r['note']}")
-    print(f"model-only forward ceiling ({args.arch}, {args.precision}, batch 64, channels_last): {ceiling_ips:.1f} img/s")
+def nominal_bound(rows: list[dict]) -> dict[str, float]:
+    """The bound if a backward cost two forwards at the same per-image speed everywhere."""
+    cache = next(r for r in rows if r["kind"] == "cache")["work"]["forward"]
+    return {r["path"]: (3 * r["work"]["train"] + r["work"]["forward"]) / cache for r in rows if r["kind"] != "cache"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -167,45 +436,55 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ax.scatter(r["time_to_model_s"], 100 * r["val_acc"], s=60)
-        ax.annotate(r["path"] + (" (extrap.)" if r["extrapolated"] else ""), (r["time_to_model_s"], 100 * r["val_acc"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=9)
+        acc = r["val_acc"] if r["val_acc"] is not None else (r["partial"] or {}).get("val_acc")
+        if acc is None:
+            continue
+        ax.scatter(r["seconds"], 100 * acc, s=60, marker="o" if r["val_acc"] is not None else "x")
+        label = r["path"] + (" (time extrapolated; accuracy after "
+                             f"{r['epochs_run']} of {r['epochs']} epochs)" if r["extrapolated"] else "")
+        ax.annotate(label, (r["seconds"], 100 * acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("wall time to a trained model (s, log scale)")
-    ax.set_ylabel("final val accuracy (%)")
+    ax.set_ylabel("val accuracy (%)")
     ax.set_title("cached CNN codes vs fine-tuning vs fixed extractor")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def parse_args() -> argparse.Namespace:
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="image folder with train/ and val/ (default: embedded digits)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--weights", default="DEFAULT", help="torchvision name, state_dict file, or none (DEFAULT falls back to none offline)")
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--measure-epochs", type=int, default=None,
-                   help="fine-tuning epochs actually run (default: --epochs); time is extrapolated")
-    p.add_argument("--fixed-measure-epochs", type=int, default=None,
-                   help="tutorial fixed-extractor epochs actually run (default: --measure-epochs)")
-    p.add_argument("--views", type=int, default=0)
-    p.add_argument("--eval-views", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=TUTORIAL["epochs"], help="the recipe's epochs")
+    p.add_argument("--full", action="store_true",
+                   help="run the epoch paths once for all --epochs (final accuracies, nothing extrapolated)")
+    p.add_argument("--measure-epochs", type=int, default=1,
+                   help="without --full: epochs the epoch paths run; their time is extrapolated to --epochs")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each path (median); with --full, of the cache path")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--precision", default="bf16" if not torch.cuda.is_available() else "fp16",
-                   help="for the cache and finetune paths (the tutorial path runs fp32, as written)")
-    p.add_argument("--batch-size", type=int, default=32, help="finetune batch size")
+                   help="every path's precision (the tutorial loop too, unless --fixed-as-written)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="NCHW on every path (default: channels_last)")
+    p.add_argument("--batch-size", type=int, default=TUTORIAL["batch"], help="fine-tuning batch (tutorial: 4)")
+    p.add_argument("--extract-batch", type=int, default=None, help="extraction batch (default: extract's own)")
+    p.add_argument("--fixed-as-written", action="store_true", help="the tutorial loop in fp32 NCHW, as written")
+    p.add_argument("--ceiling-images", type=int, default=48, help="images per model-only ceiling measurement")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, default=RESULTS / "compare.json")
     p.add_argument("--plot", type=Path)
-    args = p.parse_args()
-    args.measure_epochs = min(args.measure_epochs or args.epochs, args.epochs)
-    args.fixed_measure_epochs = min(args.fixed_measure_epochs or args.measure_epochs, args.epochs)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.measure_epochs < 1 or args.epochs < 1:
+        p.error("--repeats, --measure-epochs and --epochs must be >= 1")
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def context(args: argparse.Namespace, work: Path) -> Context:
     if args.data is None:
         from cnncodes.demo import write_digits
 
@@ -217,28 +496,36 @@ def main() -> None:
         print(f"note: {e}\nnote: using --weights none (random weights)")
         args.weights = "none"
     device = resolve_device(args.device)
-    configure_threads(device)
+    args.extract_batch = args.extract_batch or inference_batch_size(device)
     layout = discover(args.data)
-    counts = {s: len(f) for s, f in layout.splits.items()}
-    print(f"data: {args.data} {counts}; arch {args.arch}; weights {args.weights}; epochs {args.epochs}; "
-          f"precision {args.precision}\nhardware: {hardware()}")
-    rows = []
+    prep = default_preprocessing(args.arch, resolve_weights(args.arch, args.weights))
+    if args.image_size:
+        prep = Preprocessing.for_image_size(args.image_size, prep)
+    return Context(args, device, prep, len(layout.classes), {s: len(f) for s, f in layout.splits.items()}, work)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = results_header("compare")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        rows += cache_path(args, args.data, work)
-        print("cache path done", flush=True)
-        rows.append(finetune_path(args, args.data, work))
-        print("finetune path done", flush=True)
-        rows.append(fixed_extractor_path(args, args.data))
-        configure_threads(device)  # the tutorial's DataLoader workers may have changed it
-    ceiling_ips = ceiling(args.arch, args.precision, 64, 256, device)
-    print_table(rows, ceiling_ips, args)
-    result = {"data": str(args.data), "splits": counts, "arch": args.arch, "weights": args.weights,
-              "epochs": args.epochs, "measure_epochs": args.measure_epochs, "fixed_measure_epochs": args.fixed_measure_epochs, "views": args.views,
-              "eval_views": args.eval_views, "precision": args.precision, "hardware": hardware(),
-              "ceiling_images_per_s": ceiling_ips, "date": time.strftime("%Y-%m-%d"), "paths": rows}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        ctx = context(args, Path(tmp))
+        configure_threads(ctx.device)
+        print(f"data: {args.data} {ctx.counts}; arch {args.arch}; weights {args.weights}; recipe {args.epochs} epochs; "
+              f"{'full run' if args.full else f'{ctx.epochs_to_run} epoch(s) run, extrapolated'}; "
+              f"load average {result['load_before']}", flush=True)
+        rows = []
+        for path in PATHS:
+            rows += measure(path, ctx)
+    result.update({
+        "data": str(args.data), "splits": ctx.counts, "arch": args.arch, "weights": args.weights,
+        "image_size": ctx.prep.crop, "device": str(ctx.device), "epochs": args.epochs, "full": args.full,
+        "epochs_run": ctx.epochs_to_run, "repeats": args.repeats, "precision": args.precision,
+        "channels_last": args.channels_last, "paths": rows, "ratios": ratios(rows),
+        "nominal_bound": nominal_bound(rows),
+    })
+    write_results(result, args.json)
+    print(render(result, args.json.stem))
+    print(f"results: {args.json}")
     if args.plot:
         plot(rows, args.plot)
 

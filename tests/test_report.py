@@ -1,0 +1,105 @@
+"""bench/report.py: README blocks regenerated from results files, idempotently, nothing else touched."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import report  # noqa: E402
+
+HEADER = {"schema": 1, "command": "python bench/compare.py --data d --full", "date": "2026-11-25 18:00 UTC",
+          "git_commit": "0123456789abcdef", "load_before": [0.1, 0.2, 0.3], "load_after": [0.4, 0.5, 0.6],
+          "machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 8.0, "gpu": None, "torch": "2.x",
+                      "torchvision": "0.y"}}
+
+
+def compare_result(seconds: float) -> dict:
+    def row(path, kind, secs, model_only, acc, extrapolated=False):
+        return {"path": path, "kind": kind, "settings_label": "bf16, batch 4, channels_last", "repeats": 3,
+                "seconds": secs, "extrapolated": extrapolated, "epochs_run": 1 if extrapolated else None,
+                "epochs": 25, "val_acc": acc, "partial": {"epoch": 1, "of": 25, "val_acc": 0.8} if extrapolated else None,
+                "model_only_s": model_only, "ceiling_share": model_only / secs,
+                "differs_from_tutorial": ["bf16 autocast (tutorial: fp32)"] if kind != "cache" else []}
+
+    rows = [row("cache+logreg", "cache", seconds, 10.0, 0.9542), row("finetune", "epochs", 442.0, 500.0, None, True)]
+    ratio = 442.0 / seconds
+    return {**HEADER, "bench": "compare", "data": "ants", "splits": {"train": 245, "val": 153}, "arch": "resnet50",
+            "weights": "w.pth", "image_size": 224, "device": "cpu", "epochs": 25, "full": False, "epochs_run": 1,
+            "paths": rows, "nominal_bound": {"finetune": 55.7},
+            "ratios": [{"cache": "cache+logreg", "other": "finetune", "ratio": ratio, "bound": 50.0,
+                        "ratio_over_bound": ratio / 50.0, "extrapolated": True}]}
+
+
+README = """# project
+
+intro text
+<!-- bench:compare -->
+| old | typed | figures: 71.7x |
+<!-- /bench:compare -->
+between
+<!-- bench:elsewhere -->
+kept as is: no results file
+<!-- /bench:elsewhere -->
+<!-- bench:speed -->
+old speed table
+<!-- /bench:speed -->
+end
+"""
+
+
+def write(tmp_path: Path, seconds: float = 13.0) -> tuple[Path, Path]:
+    results = tmp_path / "results"
+    results.mkdir(exist_ok=True)
+    (results / "compare.json").write_text(json.dumps(compare_result(seconds)))
+    generic = {**HEADER, "bench": "speed", "table": {"columns": ["arch", "img/s"], "rows": [["resnet50", 72.7]]},
+               "notes": ["best of 3"]}
+    (results / "speed.json").write_text(json.dumps(generic))
+    (results / "old.json").write_text(json.dumps({"paths": []}))  # not a bench results file: ignored
+    readme = tmp_path / "README.md"
+    if not readme.exists():
+        readme.write_text(README)
+    return readme, results
+
+
+def test_blocks_are_replaced_from_results_and_the_rest_is_untouched(tmp_path):
+    readme, results = write(tmp_path)
+    assert report.main(["--readme", str(readme), "--results", str(results), "--check"]) == 1
+    assert report.main(["--readme", str(readme), "--results", str(results)]) == 0
+    text = readme.read_text()
+    assert "71.7x" not in text and "old speed table" not in text
+    assert "34.0x (extrapolated)" in text and "50.0x" in text and "| 0.68 |" in text  # 442/13, bound, ratio/bound
+    assert "EXTRAPOLATED" in text and "95.42%" in text and "not a full run" in text
+    assert "Test CPU, 2 cores" in text and "0.10/0.20/0.30 before" in text and "0.40/0.50/0.60 after" in text
+    assert "python bench/compare.py --data d --full" in text
+    assert "| resnet50 | 72.7 |" in text and "* best of 3" in text  # the generic renderer
+    assert "kept as is: no results file" in text
+    for kept in ("# project\n\nintro text\n<!-- bench:compare -->\n", "<!-- /bench:compare -->\nbetween\n",
+                 "<!-- /bench:speed -->\nend\n"):
+        assert kept in text
+
+
+def test_regenerating_is_idempotent_and_follows_new_results(tmp_path):
+    readme, results = write(tmp_path)
+    report.main(["--readme", str(readme), "--results", str(results)])
+    once = readme.read_text()
+    report.main(["--readme", str(readme), "--results", str(results)])
+    assert readme.read_text() == once
+    assert report.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+    write(tmp_path, seconds=26.0)  # a new run: the block follows it, nothing else changes
+    report.main(["--readme", str(readme), "--results", str(results)])
+    again = readme.read_text()
+    assert "17.0x (extrapolated)" in again and "34.0x" not in again
+    assert again.count("<!-- bench:compare -->") == 1 and again.count("<!-- /bench:compare -->") == 1
+    assert len(again.splitlines()) == len(once.splitlines())
+
+
+def test_loaded_machine_is_said_in_the_table(tmp_path):
+    result = compare_result(13.0)
+    assert "Other jobs loaded the machine" not in report.render(result)
+    result["load_after"] = [2.0, 1.0, 0.5]  # the bench's own 2 threads on 2 cores: not other jobs
+    assert "Other jobs loaded the machine" not in report.render(result)
+    result["load_before"] = [9.0, 5.0, 3.0]
+    assert "Other jobs loaded the machine" in report.render(result)
