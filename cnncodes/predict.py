@@ -116,7 +116,7 @@ def resolve_model_path(path: str | Path) -> Path:
     """A model argument -> the file to load: a fine-tuning run folder gives its final model.pt;
     a run's JSON metadata or checkpoint gets an error that says what the file is."""
     from .classifier import FORMAT
-    from .finetune import BEST_MODEL, CHECKPOINT, MODEL
+    from .finetune.rundir import BEST_MODEL, CHECKPOINT, MODEL
 
     path = Path(path)
     use = f"pass the run folder or its {MODEL}"
