@@ -13,13 +13,9 @@ import pytest
 
 from cnncodes import heads
 from cnncodes.errors import CnnCodesError
-from cnncodes.heads import (
-    LinearHead,
-    TorchLinearClassifier,
-    fit_head,
-    write_synthetic_cache,
-)
+from cnncodes.heads import LinearHead, TorchLinearClassifier, codes, fit_head, selection, sklearn_solver
 from cnncodes.store import Cache
+from cnncodes.testing import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +62,7 @@ def test_non_convergence_is_a_note_and_leaves_warning_filters_alone(synthetic, m
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
-    monkeypatch.setattr(heads, "_sklearn_estimator", lambda clf, seed, shape: LinearSVC(dual=True, max_iter=1))
+    monkeypatch.setattr(sklearn_solver, "_sklearn_estimator", lambda clf, seed, shape: LinearSVC(dual=True, max_iter=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         before = list(warnings.filters)
@@ -109,7 +105,7 @@ def test_cv_folds_never_split_the_views_of_an_image(synthetic, monkeypatch):
     with Cache(synthetic) as c:
         data = heads.load_train(c)
     for holdout_above in (10**9, 10):  # k-fold, then the held-out tenth used at scale
-        monkeypatch.setattr(heads, "HOLDOUT_ABOVE", holdout_above)
+        monkeypatch.setattr(selection, "HOLDOUT_ABOVE", holdout_above)
         fold, n_folds, _ = heads.cv_folds(data, 5, seed=0)
         assert n_folds == (5 if holdout_above > 10 else 1)
         for g in np.unique(data.groups):
@@ -262,7 +258,7 @@ def test_bad_caches_give_one_line_errors(cli, synthetic, tmp_path):
 
 
 def test_in_memory_heads_refuse_codes_larger_than_memory(synthetic, monkeypatch):
-    monkeypatch.setattr(heads, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(codes, "available_memory", lambda: 10_000)
     with pytest.raises(CnnCodesError, match=r"--clf svm needs about .* GiB .* --clf linear-svm streams the codes"):
         fit_head(synthetic, "svm")
     fit_head(synthetic, "linear", 1.0, max_iter=3)  # streams: no such limit
@@ -340,11 +336,12 @@ def test_image_groups_match_cache_groups(synthetic, tmp_path):
 STREAM_FIT = r"""
 import json, sys
 from cnncodes import heads
+from cnncodes.heads import codes
 
 def status_mb(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
 
-heads.IN_MEMORY_BYTES = 0  # stream every train split from the cache, whatever its size
+codes.IN_MEMORY_BYTES = 0  # stream every train split from the cache, whatever its size
 heads.fit_head(sys.argv[1], "linear", "auto", max_iter=3)  # warm-up (6k codes): lazy imports, BLAS and allocator pools
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = status_mb("VmRSS")
