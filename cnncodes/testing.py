@@ -11,12 +11,16 @@ import numpy as np
 from .runtime import atomic_path
 
 def write_synthetic_cache(path: str | Path, images: dict[str, int], dim: int = 512, n_classes: int = 10,
-                          views: int = 0, eval_views: int = 0, separation: float = 3.0, seed: int = 0) -> Path:
+                          views: int = 0, eval_views: int = 0, separation: float = 3.0, seed: int = 0,
+                          rank: int = 0) -> Path:
     """Write a cache in the `store` format with Gaussian class clusters, without holding it in memory.
 
     images: {split: number of source images}; train images get 1 + `views` rows, others
     1 + `eval_views`. Rows are sorted by class then image then view, like a real cache.
     `separation` is the distance between class means in units of the per-image noise.
+    rank > 0: class means and per-image variation live in a rank-`rank` subspace whose
+    directions carry power-law decaying variance (as in real CNN codes, where a few hundred
+    directions hold most of it), plus small isotropic noise; 0: isotropic clusters.
     """
     import torch
 
@@ -26,7 +30,13 @@ def write_synthetic_cache(path: str | Path, images: dict[str, int], dim: int = 5
 
     path = Path(path)
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(n_classes, dim)) * separation / np.sqrt(2 * dim)  # |c_i - c_j| ~ separation
+    basis = None
+    if rank:
+        # latent (rank) -> code (dim): decaying scales, rows normalised so a code value has variance ~1
+        scales = (1.0 + np.arange(rank)) ** -0.5
+        basis = rng.normal(size=(rank, dim)) * (scales / np.sqrt((scales ** 2).sum()))[:, None]
+    latent = rank or dim
+    centers = rng.normal(size=(n_classes, latent)) * separation / np.sqrt(2 * latent)  # |c_i - c_j| ~ separation
     classes = [f"class{k:03d}" for k in range(n_classes)]
     config = CacheConfig("resnet18", "none:seed0", "none", "fp32", Preprocessing().to_dict(), views, eval_views, seed)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -38,13 +48,14 @@ def write_synthetic_cache(path: str | Path, images: dict[str, int], dim: int = 5
             f.attrs[key] = getattr(config, key)
         for s_i, (split, n_img) in enumerate(images.items()):
             per = 1 + (views if split == "train" else eval_views)
-            _synthetic_split(f.create_group(split), n_img, per, centers, classes, ROW_CHUNK, STR, seed + 7919 * (s_i + 1))
+            _synthetic_split(f.create_group(split), n_img, per, centers, classes, ROW_CHUNK, STR, seed + 7919 * (s_i + 1),
+                             basis)
     return path
 
 
 def _synthetic_split(g: h5py.Group, n_img: int, per: int, centers: np.ndarray, classes: list[str],
-                     chunk: int, str_dtype, seed: int) -> None:
-    n, dim = n_img * per, centers.shape[1]
+                     chunk: int, str_dtype, seed: int, basis: np.ndarray | None = None) -> None:
+    n, dim = n_img * per, centers.shape[1] if basis is None else basis.shape[1]
     label_of_image = (np.arange(n_img) * len(classes)) // max(n_img, 1)  # sorted by class, like a folder
     feats = g.create_dataset("features", shape=(n, dim), dtype=np.float32, maxshape=(None, dim) if n else None,
                              chunks=(min(chunk, n), dim) if n else None)
@@ -52,7 +63,9 @@ def _synthetic_split(g: h5py.Group, n_img: int, per: int, centers: np.ndarray, c
     for lo in range(0, n_img, step):
         hi = min(lo + step, n_img)
         rng = np.random.default_rng([seed, lo])
-        base = centers[label_of_image[lo:hi]] + rng.normal(size=(hi - lo, dim))
+        base = centers[label_of_image[lo:hi]] + rng.normal(size=(hi - lo, centers.shape[1]))
+        if basis is not None:
+            base = base @ basis
         rows = np.repeat(base, per, axis=0) + 0.3 * rng.normal(size=((hi - lo) * per, dim))
         feats[lo * per:hi * per] = np.maximum(rows + 1.0, 0).astype(np.float32)  # ReLU codes are >= 0
     image_paths = np.array([f"{classes[c]}/{i:07d}.jpg" for i, c in enumerate(label_of_image)], dtype=object)

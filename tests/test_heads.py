@@ -371,3 +371,63 @@ def test_linear_head_streams_a_cache_several_times_its_memory_budget(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["grew_mb"] < budget_mb, out
     assert out["cv"]["strategy"].startswith("held-out 1/10") and out["val"] > 0.9, out
+
+
+# --------------------------------------------------------------------------- fast C search
+
+
+def test_C_path_stops_early_and_says_why(synthetic):
+    """svm/logreg walk C upwards; the early stop keeps the exhaustive search's scores and choice."""
+    for clf in ("svm", "logreg"):
+        full, rf = fit_head(synthetic, clf, patience=None)
+        assert rf["selection"]["stopped_early"] is None and len(rf["selection"]["cv_scores"]) == len(heads.C_GRID)
+        head, r = fit_head(synthetic, clf, patience=1)
+        sel, scores = r["selection"], rf["selection"]["cv_scores"]
+        tried = len(sel["cv_scores"])
+        assert sel["cv_scores"] == scores[:tried]  # same folds, same fits: the same numbers
+        stop = next(i for i in range(1, len(scores) + 1) if selection._stop_reason(heads.C_GRID, np.array(scores[:i]), 1)
+                    or i == len(scores))
+        assert tried == stop
+        assert head.C == heads.C_GRID[int(np.argmax(scores[:tried]))]
+        if tried < len(scores):
+            assert sel["stopped_early"].startswith(f"stopped after C={heads.C_GRID[tried - 1]:g}")
+            assert f"C={', '.join(f'{c:g}' for c in heads.C_GRID[tried:])} not fitted" in sel["stopped_early"]
+        if max(scores[:tried]) == max(scores):  # the curve never beat the stop's best later on
+            assert head.C == full.C
+
+
+@pytest.mark.parametrize("scores, patience, stops_after", [
+    ([0.5, 0.7, 0.9, 0.9, 0.9, 0.95, 0.95], 2, 5),  # plateau of 2 after the best: stop (0.95 is never seen)
+    ([0.5, 0.7, 0.9, 0.9, 0.9, 0.95, 0.95], 3, 7),
+    ([0.5, 0.7, 0.9, 0.8, 0.7, 0.6, 0.5], 2, 5),  # unimodal: stop right after two worse values
+    ([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95], 2, 7),  # rising: the whole grid
+    ([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95], None, 7),
+])
+def test_stop_rule(scores, patience, stops_after):
+    grid = heads.C_GRID
+    tried = next(i for i in range(1, 8) if selection._stop_reason(grid, np.array(scores[:i]), patience) or i == 7)
+    assert tried == stops_after
+
+
+@pytest.mark.parametrize("clf", ["svm", "logreg"])
+def test_row_space_fit_equals_the_plain_fit(clf):
+    """Fewer codes than dimensions: fitting in the row space (QR) gives the plain fit's model."""
+    from cnncodes.heads.sklearn_solver import _fit_C, _sklearn_estimator, fold_codes
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = np.maximum(rng.normal(size=(60, 200)) + rng.normal(size=(3, 200))[y], 0)
+    x = (x - x.mean(0)) / x.std(0)
+    for C in (0.01, 1.0):
+        models = []
+        for rotate in (False, True):
+            fc = fold_codes(clf, x, y, rotate=rotate)
+            assert (fc.basis is not None) == rotate and fc.x.shape[1] == (60 if rotate else 200)
+            if clf == "logreg":  # converge tightly: lbfgs stops on a max-norm gradient, which rotation changes
+                est = _sklearn_estimator(clf, 0, fc.x.shape).set_params(tol=1e-10, max_iter=10_000)
+            else:
+                est = _sklearn_estimator(clf, 0, fc.x.shape)
+            models.append(_fit_C(est, clf, fc, 3, C, []))
+        (w0, b0), (w1, b1) = models
+        tol = 1e-5 if clf == "svm" else 2e-3  # logreg fits float32 codes
+        np.testing.assert_allclose(x @ w1.T + b1, x @ w0.T + b0, rtol=tol, atol=tol * np.abs(x @ w0.T).max())

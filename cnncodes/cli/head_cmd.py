@@ -51,6 +51,8 @@ def _print_report(report: dict) -> None:
     if sel["auto"]:
         scores = ", ".join(f"{c:g}: {s:.3f}" for c, s in zip(sel["grid"], sel["cv_scores"]))
         click.echo(f"C = {sel['C']:g} chosen by {sel['strategy']}: CV accuracy {sel['cv_score']:.4f} ({scores})")
+        if sel.get("stopped_early"):
+            click.echo(f"C path {sel['stopped_early']}")
     else:
         click.echo(f"C = {sel['C']:g} (fixed)")
     for note in sel["notes"]:

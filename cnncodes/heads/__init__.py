@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import CnnCodesError
-from .names import C_GRID, CLFS, TORCH_CLFS
+from .names import C_GRID, CLFS, PATIENCE, TORCH_CLFS
 
 if TYPE_CHECKING:
     from .format import LinearHead
@@ -95,14 +95,15 @@ def __getattr__(name: str):
 
 def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None = "auto", *, tta: bool = False,
              folds: int = 5, grid: Sequence[float] = C_GRID, device: str = "auto", max_iter: int | None = None,
-             allow_unseen_classes: bool = False, seed: int = 0,
+             allow_unseen_classes: bool = False, seed: int = 0, patience: int | None = PATIENCE,
              log: Callable[[str], None] | None = None) -> tuple[LinearHead, dict]:
     """Fit a linear head on a cache's train split and report on every other split.
 
     clf: svm | logreg | linear | linear-svm (see the module docstring). C: "auto" (grouped CV
     on train only) or a number. tta: score held-out images by averaging all their stored
     views. Returns the head and a JSON-friendly report. Held-out splits are read only after
-    the head is fitted (their labels are checked first for classes the head cannot learn).
+    the head is fitted (their labels are checked first for classes the head cannot learn). patience:
+    svm/logreg stop the C path after that many larger C without a better CV accuracy (None: whole grid).
     """
     from ..runtime import resolve_device
     from ..store import Cache
@@ -126,7 +127,8 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
         data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
         heldout = [s for s in cache.splits if s != "train"]
         unseen = {s: unseen_classes(cache, s, data.classes, allow_unseen_classes) for s in heldout}
-        w, b, sel = fit_linear(data, clf, fixed_C, grid=grid, folds=folds, tta=tta, device=dev, max_iter=max_iter, seed=seed)
+        w, b, sel = fit_linear(data, clf, fixed_C, grid=grid, folds=folds, tta=tta, device=dev, max_iter=max_iter, seed=seed,
+                                patience=patience)
         fit_seconds = time.perf_counter() - start
         head = LinearHead(w, b, data.mean, data.scale, [cache.classes[i] for i in data.classes], clf, sel.C,
                           head_meta(cache, sel, tta))
