@@ -133,12 +133,13 @@ def main() -> None:
     args = ap.parse_args()
     from cnncodes.data import available_cores
 
-    sets = {"synthetic 1000x2048x12": synthetic(args.cache_dir, 1000)}
-    if args.large:
-        sets["synthetic 100000x2048x12"] = synthetic(args.cache_dir, 100_000)
+    sets = {}
     real = ants_bees(args.cache_dir)
     if real:
         sets["ants/bees resnet50 bf16"] = real
+    sets["synthetic 1000x2048x12"] = synthetic(args.cache_dir, 1000)
+    if args.large:
+        sets["synthetic 100000x2048x12"] = synthetic(args.cache_dir, 100_000)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "available_cores": available_cores(), "loadavg_before": os.getloadavg()},
               "repeats": args.repeats, "rows": []}
