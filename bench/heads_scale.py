@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--glibc-default", action="store_true",
                     help="keep glibc's dynamic mmap threshold: freed blocks stay in the heap, so the peak counts them too")
     args = ap.parse_args()
-    from cnncodes.heads import write_synthetic_cache
+    from cnncodes.testing import write_synthetic_cache
 
     print(f"{'codes':>9} {'dim':>5} {'GB':>5} {'clf':>10} {'fit s':>7} {'peak MB':>8} {'grew MB':>8} "
           f"{'C':>7} {'cv acc':>7} {'val acc':>7} {'load':>5}  C chosen by")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 import torch
 from torch import nn
 
@@ -295,15 +296,10 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: st
 
 def _predictions(items: list[Item], ok: np.ndarray, scores: np.ndarray, skipped, classes: list[str]) -> Predictions:
     good = np.flatnonzero(ok)
-    probs = _softmax(scores[good].astype(np.float64))
+    probs = softmax(scores[good].astype(np.float64), axis=1)
     rows = [{"path": items[i].name, "pred": classes[int(p.argmax())], "score": float(p.max()),
              "true": items[i].true, "split": items[i].split} for i, p in zip(good, probs)]
     return Predictions(rows, skipped, classes, scores[good])
-
-
-def _softmax(s: np.ndarray) -> np.ndarray:
-    e = np.exp(s - s.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def write_predictions(preds: Predictions, out: str | Path) -> None:

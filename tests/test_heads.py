@@ -13,13 +13,9 @@ import pytest
 
 from cnncodes import heads
 from cnncodes.errors import CnnCodesError
-from cnncodes.heads import (
-    LinearHead,
-    TorchLinearClassifier,
-    fit_head,
-    write_synthetic_cache,
-)
+from cnncodes.heads import LinearHead, TorchLinearClassifier, codes, fit_head, selection, sklearn_solver
 from cnncodes.store import Cache
+from cnncodes.testing import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +62,7 @@ def test_non_convergence_is_a_note_and_leaves_warning_filters_alone(synthetic, m
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
-    monkeypatch.setattr(heads, "_sklearn_estimator", lambda clf, seed, shape: LinearSVC(dual=True, max_iter=1))
+    monkeypatch.setattr(sklearn_solver, "_sklearn_estimator", lambda clf, seed, shape: LinearSVC(dual=True, max_iter=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         before = list(warnings.filters)
@@ -109,7 +105,7 @@ def test_cv_folds_never_split_the_views_of_an_image(synthetic, monkeypatch):
     with Cache(synthetic) as c:
         data = heads.load_train(c)
     for holdout_above in (10**9, 10):  # k-fold, then the held-out tenth used at scale
-        monkeypatch.setattr(heads, "HOLDOUT_ABOVE", holdout_above)
+        monkeypatch.setattr(selection, "HOLDOUT_ABOVE", holdout_above)
         fold, n_folds, _ = heads.cv_folds(data, 5, seed=0)
         assert n_folds == (5 if holdout_above > 10 else 1)
         for g in np.unique(data.groups):
@@ -262,7 +258,7 @@ def test_bad_caches_give_one_line_errors(cli, synthetic, tmp_path):
 
 
 def test_in_memory_heads_refuse_codes_larger_than_memory(synthetic, monkeypatch):
-    monkeypatch.setattr(heads, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(codes, "available_memory", lambda: 10_000)
     with pytest.raises(CnnCodesError, match=r"--clf svm needs about .* GiB .* --clf linear-svm streams the codes"):
         fit_head(synthetic, "svm")
     fit_head(synthetic, "linear", 1.0, max_iter=3)  # streams: no such limit
@@ -340,11 +336,12 @@ def test_image_groups_match_cache_groups(synthetic, tmp_path):
 STREAM_FIT = r"""
 import json, sys
 from cnncodes import heads
+from cnncodes.heads import codes
 
 def status_mb(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
 
-heads.IN_MEMORY_BYTES = 0  # stream every train split from the cache, whatever its size
+codes.IN_MEMORY_BYTES = 0  # stream every train split from the cache, whatever its size
 heads.fit_head(sys.argv[1], "linear", "auto", max_iter=3)  # warm-up (6k codes): lazy imports, BLAS and allocator pools
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = status_mb("VmRSS")
@@ -374,3 +371,63 @@ def test_linear_head_streams_a_cache_several_times_its_memory_budget(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["grew_mb"] < budget_mb, out
     assert out["cv"]["strategy"].startswith("held-out 1/10") and out["val"] > 0.9, out
+
+
+# --------------------------------------------------------------------------- fast C search
+
+
+def test_C_path_stops_early_and_says_why(synthetic):
+    """svm/logreg walk C upwards; the early stop keeps the exhaustive search's scores and choice."""
+    for clf in ("svm", "logreg"):
+        full, rf = fit_head(synthetic, clf, patience=None)
+        assert rf["selection"]["stopped_early"] is None and len(rf["selection"]["cv_scores"]) == len(heads.C_GRID)
+        head, r = fit_head(synthetic, clf, patience=1)
+        sel, scores = r["selection"], rf["selection"]["cv_scores"]
+        tried = len(sel["cv_scores"])
+        assert sel["cv_scores"] == scores[:tried]  # same folds, same fits: the same numbers
+        stop = next(i for i in range(1, len(scores) + 1) if selection._stop_reason(heads.C_GRID, np.array(scores[:i]), 1)
+                    or i == len(scores))
+        assert tried == stop
+        assert head.C == heads.C_GRID[int(np.argmax(scores[:tried]))]
+        if tried < len(scores):
+            assert sel["stopped_early"].startswith(f"stopped after C={heads.C_GRID[tried - 1]:g}")
+            assert f"C={', '.join(f'{c:g}' for c in heads.C_GRID[tried:])} not fitted" in sel["stopped_early"]
+        if max(scores[:tried]) == max(scores):  # the curve never beat the stop's best later on
+            assert head.C == full.C
+
+
+@pytest.mark.parametrize("scores, patience, stops_after", [
+    ([0.5, 0.7, 0.9, 0.9, 0.9, 0.95, 0.95], 2, 5),  # plateau of 2 after the best: stop (0.95 is never seen)
+    ([0.5, 0.7, 0.9, 0.9, 0.9, 0.95, 0.95], 3, 7),
+    ([0.5, 0.7, 0.9, 0.8, 0.7, 0.6, 0.5], 2, 5),  # unimodal: stop right after two worse values
+    ([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95], 2, 7),  # rising: the whole grid
+    ([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95], None, 7),
+])
+def test_stop_rule(scores, patience, stops_after):
+    grid = heads.C_GRID
+    tried = next(i for i in range(1, 8) if selection._stop_reason(grid, np.array(scores[:i]), patience) or i == 7)
+    assert tried == stops_after
+
+
+@pytest.mark.parametrize("clf", ["svm", "logreg"])
+def test_row_space_fit_equals_the_plain_fit(clf):
+    """Fewer codes than dimensions: fitting in the row space (QR) gives the plain fit's model."""
+    from cnncodes.heads.sklearn_solver import _fit_C, _sklearn_estimator, fold_codes
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = np.maximum(rng.normal(size=(60, 200)) + rng.normal(size=(3, 200))[y], 0)
+    x = (x - x.mean(0)) / x.std(0)
+    for C in (0.01, 1.0):
+        models = []
+        for rotate in (False, True):
+            fc = fold_codes(clf, x, y, rotate=rotate)
+            assert (fc.basis is not None) == rotate and fc.x.shape[1] == (60 if rotate else 200)
+            if clf == "logreg":  # converge tightly: lbfgs stops on a max-norm gradient, which rotation changes
+                est = _sklearn_estimator(clf, 0, fc.x.shape).set_params(tol=1e-10, max_iter=10_000)
+            else:
+                est = _sklearn_estimator(clf, 0, fc.x.shape)
+            models.append(_fit_C(est, clf, fc, 3, C, []))
+        (w0, b0), (w1, b1) = models
+        tol = 1e-5 if clf == "svm" else 2e-3  # logreg fits float32 codes
+        np.testing.assert_allclose(x @ w1.T + b1, x @ w0.T + b0, rtol=tol, atol=tol * np.abs(x @ w0.T).max())

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import click
 
+from ..heads.names import CLFS
 from ..precision import PRECISIONS
-
-CLF_CHOICES = ("svm", "logreg", "linear", "linear-svm")
 
 
 @click.command("fit-head")
 @click.argument("cache", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Head file to write (.h5).")
-@click.option("--clf", type=click.Choice(CLF_CHOICES), default="logreg", show_default=True,
+@click.option("--clf", type=click.Choice(CLFS), default="logreg", show_default=True,
               help="svm: LinearSVC; logreg: softmax regression; linear / linear-svm: torch heads that stream the cache.")
 @click.option("--C", "C", default="auto", show_default=True,
               help="Inverse regularisation, or 'auto': grouped cross-validation on train only.")
@@ -52,6 +51,8 @@ def _print_report(report: dict) -> None:
     if sel["auto"]:
         scores = ", ".join(f"{c:g}: {s:.3f}" for c, s in zip(sel["grid"], sel["cv_scores"]))
         click.echo(f"C = {sel['C']:g} chosen by {sel['strategy']}: CV accuracy {sel['cv_score']:.4f} ({scores})")
+        if sel.get("stopped_early"):
+            click.echo(f"C path {sel['stopped_early']}")
     else:
         click.echo(f"C = {sel['C']:g} (fixed)")
     for note in sel["notes"]:
@@ -74,27 +75,21 @@ def _print_report(report: dict) -> None:
 
 
 def draw_confusion(report: dict, out: str) -> None:
-    """One confusion-matrix panel per held-out split (matplotlib, Agg)."""
+    """One confusion-matrix panel per held-out split (scikit-learn's display, matplotlib Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     splits = {s: r for s, r in report["splits"].items() if r["images"]}
     if not splits:
         return
     fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 4.2), squeeze=False)
     for ax, (split, r) in zip(axes[0], splits.items()):
-        m = np.array(r["confusion"]["matrix"])
-        labels = r["confusion"]["labels"]
-        ax.imshow(m, cmap="Blues")
-        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-        ax.set_yticks(range(len(labels)), labels)
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        display = ConfusionMatrixDisplay(np.array(r["confusion"]["matrix"]), display_labels=r["confusion"]["labels"])
+        display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
         ax.set_title(f"{split}: accuracy {r['accuracy']:.3f}")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,172 @@
+"""fit-head speed with C chosen by grouped CV, against the plain scikit-learn recipe, in one run.
+
+For each code set: every head (`fit_head(..., C="auto")`: grouped 5-fold CV on train, or a
+held-out tenth above 50k codes; then the final fit), and the reference recipe,
+`GridSearchCV(make_pipeline(StandardScaler(), LinearSVC() | LogisticRegression()))` over the same
+C grid and the very same folds (`cv_folds`), refit on all of train. Median of --repeats runs;
+CV accuracy (per image, train only) and val accuracy beside each time. Nothing is chosen on val.
+
+Code sets: synthetic 1,000 x 2048 codes x 12 classes (`write_synthetic_cache(rank=256)`:
+post-ReLU-like, non-negative, class structure in a decaying low-rank subspace like real codes),
+with --large also 100,000 x 2048 x 12, and ants/bees with the real ResNet-50 (extracted once into
+--cache-dir; skipped when ../shared is absent).
+
+    python bench/heads_speed.py            # ~minutes on 2 idle cores
+    python bench/heads_speed.py --large    # + 100k codes (slow: the svm reference alone is many minutes)
+
+Writes bench/results/heads_speed.json and .txt. "wall" is elapsed time, "cpu" the process's CPU
+time (all threads): on a shared machine the load average (printed) inflates wall, not cpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HYMENOPTERA, RESNET50_KERAS, ROOT  # noqa: E402
+
+CLFS = ("svm", "logreg", "linear", "linear-svm")
+REFERENCE_OF = {"svm": "LinearSVC", "logreg": "LogisticRegression"}
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def measure(fn, repeats: int) -> dict:
+    """Median wall and CPU seconds of `fn()` over `repeats` runs, and the last run's result."""
+    walls, cpus, out = [], [], None
+    for _ in range(repeats):
+        w, c = time.perf_counter(), cpu_seconds()
+        out = fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(cpu_seconds() - c)
+    return {"wall_s": round(statistics.median(walls), 2), "cpu_s": round(statistics.median(cpus), 2),
+            "walls": [round(w, 2) for w in walls], **out}
+
+
+def ours(cache: Path, clf: str) -> dict:
+    from cnncodes.heads import fit_head
+
+    head, report = fit_head(cache, clf, "auto", device="cpu")
+    sel = report["selection"]
+    return {"C": head.C, "cv": sel["cv_score"], "val": report["splits"]["val"]["accuracy"],
+            "Cs_tried": len(sel["cv_scores"]), "stopped_early": sel["stopped_early"], "notes": sel["notes"]}
+
+
+def reference(cache: Path, name: str) -> dict:
+    """StandardScaler + GridSearchCV(LinearSVC | LogisticRegression) on our folds, plain view per image."""
+    from joblib import parallel_backend
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from cnncodes.data import available_cores
+    from cnncodes.heads import C_GRID, cv_folds, load_train
+    from cnncodes.store import Cache
+
+    with Cache(cache) as c:
+        data = load_train(c, in_memory=True)
+        x = c.features("train")[()]
+        xv, yv, vv = c.features("val")[()], c.labels("val"), c.views("val")
+        fold, n_folds, _ = cv_folds(data, 5, seed=0)
+    plain = data.views == 0  # the reference scores rows; our caches here hold one view per image
+    splits = [(np.flatnonzero(fold != f), np.flatnonzero((fold == f) & plain)) for f in range(n_folds)]
+    est = LinearSVC() if name == "LinearSVC" else LogisticRegression(max_iter=1000)
+    key = type(est).__name__.lower() + "__C"
+    search = GridSearchCV(make_pipeline(StandardScaler(), est), {key: list(C_GRID)}, cv=splits, n_jobs=available_cores())
+    with warnings.catch_warnings(), parallel_backend("threading"):  # threads: CPU time stays in this process
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        search.fit(x, data.y)
+    classes = data.classes  # cache class index of each label in data.y
+    val = float((classes[search.predict(xv[vv == 0])] == yv[vv == 0]).mean())
+    return {"C": search.best_params_[key], "cv": float(search.best_score_), "val": val, "Cs_tried": len(C_GRID)}
+
+
+def ants_bees(cache_dir: Path) -> Path | None:
+    if not (HYMENOPTERA.is_dir() and RESNET50_KERAS.is_file()):
+        print(f"# skipping ants/bees: {HYMENOPTERA} or {RESNET50_KERAS} is absent", flush=True)
+        return None
+    from cnncodes.extract import extract
+
+    out = cache_dir / "heads-speed-hymenoptera-resnet50-bf16.h5"
+    r = extract(HYMENOPTERA, out, arch="resnet50", weights=str(RESNET50_KERAS), precision="bf16", progress=False,
+                log=lambda m: None)
+    print(f"# {out}: {'up to date' if r.up_to_date else f'extracted in {r.seconds:.0f} s'}", flush=True)
+    return out
+
+
+def synthetic(cache_dir: Path, n: int) -> Path:
+    from cnncodes.testing import write_synthetic_cache
+
+    out = cache_dir / f"heads-speed-synthetic-{n}x2048x12.h5"
+    if not out.exists():
+        write_synthetic_cache(out, {"train": n, "val": max(500, n // 50)}, dim=2048, n_classes=12, separation=6.0,
+                              rank=256)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--large", action="store_true", help="also 100,000 x 2048 synthetic codes (slow)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clfs", default=",".join(CLFS))
+    ap.add_argument("--no-reference", action="store_true", help="skip the scikit-learn GridSearchCV reference")
+    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heads_speed.json")
+    args = ap.parse_args()
+    from cnncodes.data import available_cores
+
+    sets = {}
+    real = ants_bees(args.cache_dir)
+    if real:
+        sets["ants/bees resnet50 bf16"] = real
+    sets["synthetic 1000x2048x12"] = synthetic(args.cache_dir, 1000)
+    if args.large:
+        sets["synthetic 100000x2048x12"] = synthetic(args.cache_dir, 100_000)
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "available_cores": available_cores(), "loadavg_before": os.getloadavg()},
+              "repeats": args.repeats, "rows": []}
+    lines = [f"{'codes':<26} {'head':<28} {'wall s':>7} {'cpu s':>7} {'C':>7} {'CV acc':>7} {'val acc':>7}  C tried"]
+    print(lines[0], flush=True)
+    for label, cache in sets.items():
+        runs = [(clf, lambda c=clf: ours(cache, c)) for clf in args.clfs.split(",")]
+        if not args.no_reference:
+            runs += [(f"reference GridSearchCV({n})", lambda n=n: reference(cache, n)) for n in REFERENCE_OF.values()]
+        for head, fn in runs:
+            r = {"codes": label, "head": head, "loadavg": os.getloadavg()[0], **measure(fn, args.repeats)}
+            result["rows"].append(r)
+            line = (f"{label:<26} {head:<28} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} {r['C']:>7.0e} {r['cv']:>7.4f} "
+                    f"{r['val']:>7.4f}  {r['Cs_tried']}" + (" (stopped early)" if r.get("stopped_early") else ""))
+            lines.append(line)
+            print(line, flush=True)
+    result["machine"]["loadavg_after"] = os.getloadavg()
+    footer = (f"# {result['machine']['cores']} cores ({result['machine']['available_cores']} available), load average "
+              f"before {result['machine']['loadavg_before'][0]:.1f}, after {result['machine']['loadavg_after'][0]:.1f}; "
+              f"median of {args.repeats}")
+    lines.append(footer)
+    print(footer)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print(f"# wrote {args.out} and {args.out.with_suffix('.txt')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Linear heads on cached CNN codes: fit with grouped cross-validation of C, report, save as HDF5.
+
+Where things live (input -> output):
+
+- `names`: the head names (`CLFS`, `TORCH_CLFS`) and the C grid, shared with the CLI.
+- `format`: `LinearHead` and its HDF5 file (`save`/`load`), `softmax`, `as_class_rows`.
+- `codes`: the train split as the solvers see it (`load_train` -> `TrainSet`), streamed
+  blocks (`iter_blocks`), standardiser statistics, image ids per row, the memory budget.
+- `selection`: grouped folds, CV scores per (fold, C), the pick, the refit (`fit_linear`).
+- `sklearn_solver`: svm / logreg fold models (scikit-learn, in memory, threads).
+- `torch_solver`: linear / linear-svm fold models (minibatch Adam, streamed) and
+  `TorchLinearClassifier`, the same solver as a scikit-learn estimator.
+- `report`: scoring per image and the per-split report (accuracy, per class, confusion).
+- here: `fit_head`, cache in, (head, report) out.
+
+Every head, whatever trained it, ends as the same linear form: standardise the code
+(`(x - mean) / scale`), then `scores = coef @ z + intercept`, one row per class. Binary
+scikit-learn models (one coefficient row `w`) are stored as the two rows `[-w/2, w/2]`, so
+softmax(scores) equals their sigmoid and argmax their sign rule. That form folds into a
+ResNet's `fc` (see `LinearHead.folded` and `cnncodes.predict.export_head`).
+
+Heads (`--clf`):
+
+- ``svm``: scikit-learn `LinearSVC` (squared hinge, one-vs-rest), codes in memory.
+- ``logreg``: scikit-learn `LogisticRegression` (lbfgs, multinomial softmax), codes in memory,
+  warm-started along the C grid.
+- ``linear``: `TorchLinearClassifier` with the softmax loss: the same objective as ``logreg``
+  solved by minibatch Adam, streaming the cache in chunks (CPU or CUDA).
+- ``linear-svm``: `TorchLinearClassifier` with the multiclass (Crammer-Singer) hinge loss,
+  the streaming SVM.
+
+C means the same for all of them: the objective is ``mean loss + ||W||^2 / (2 C n)``
+(scikit-learn's ``||W||^2 / 2 + C * sum loss``, divided by ``C n``).
+
+Why minibatch Adam for the torch head (and not full-batch L-BFGS): caches larger than memory
+can only be visited in chunks, one block at a time, and a stochastic method needs nothing
+but the current block; L-BFGS needs exact full-data gradients every iteration, i.e. a full
+read of the cache per step (tens of reads per fit). The L2 penalty sits in the loss (Adam,
+not AdamW's decoupled decay) so the fit converges to the same regularised optimum that
+scikit-learn finds, and C is comparable across heads; a linear learning-rate decay to zero
+makes the last iterates settle. All candidate (fold, C) models are trained in the same pass
+as one batched (M, classes, D) weight tensor, so cross-validation costs one read of the
+data per epoch, not one per model.
+
+Choosing C (``C="auto"``, grid 1e-5 ... 10, one value per decade) uses the train split only.
+Folds are dealt per source image (the ids of `Cache.groups`, read in chunks by `image_groups`),
+stratified by class (`grouped_folds`: `StratifiedGroupKFold` for one-label groups, vectorised),
+so all views of an image land in one fold. Up to `HOLDOUT_ABOVE` codes: k-fold (default 5).
+Above it: one stratified, grouped held-out tenth of train, scored once (k-fold would mean k
+times the training work on a large cache for little gain in the estimate). A fold is scored as the
+final report is: per image, on the plain view (or averaging all views with ``tta``). The
+best mean accuracy wins; ties go to the smallest C (the most regularised). The standardiser
+is fitted once on all train codes (label-free statistics; per-fold scalers change CV scores
+negligibly and would cost an extra pass per fold). Held-out splits are read only after the
+head is fitted, for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import CnnCodesError
+from .names import C_GRID, CLFS, PATIENCE, TORCH_CLFS
+
+if TYPE_CHECKING:
+    from .format import LinearHead
+
+# Public names, imported from their module on first use: `cnncodes fit-head --help` (which needs
+# only CLFS) does not pay for torch and scikit-learn.
+_LAZY = {
+    "LinearHead": "format", "HEAD_FORMAT": "format", "HEAD_VERSION": "format", "softmax": "format",
+    "as_class_rows": "format",
+    "TrainSet": "codes", "load_train": "codes", "iter_blocks": "codes", "code_stats": "codes",
+    "image_groups": "codes", "available_memory": "codes",
+    "Selection": "selection", "cv_folds": "selection", "grouped_folds": "selection", "fit_linear": "selection",
+    "parse_C": "selection",
+    "TorchLinearClassifier": "torch_solver", "auto_epochs": "torch_solver",
+    "predict_images": "report", "evaluate_split": "report",
+}
+__all__ = ["CLFS", "TORCH_CLFS", "C_GRID", "fit_head", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None = "auto", *, tta: bool = False,
+             folds: int = 5, grid: Sequence[float] = C_GRID, device: str = "auto", max_iter: int | None = None,
+             allow_unseen_classes: bool = False, seed: int = 0, patience: int | None = PATIENCE,
+             log: Callable[[str], None] | None = None) -> tuple[LinearHead, dict]:
+    """Fit a linear head on a cache's train split and report on every other split.
+
+    clf: svm | logreg | linear | linear-svm (see the module docstring). C: "auto" (grouped CV
+    on train only) or a number. tta: score held-out images by averaging all their stored
+    views. Returns the head and a JSON-friendly report. Held-out splits are read only after
+    the head is fitted (their labels are checked first for classes the head cannot learn). patience:
+    svm/logreg stop the C path after that many larger C without a better CV accuracy (None: whole grid).
+    """
+    from ..runtime import resolve_device
+    from ..store import Cache
+    from .codes import check_memory, load_train
+    from .format import LinearHead, head_meta
+    from .report import evaluate_split, unseen_classes
+    from .selection import fit_linear, parse_C
+
+    log = log or (lambda m: None)
+    if clf not in CLFS:
+        raise CnnCodesError(f"unknown --clf '{clf}'; choose one of: {', '.join(CLFS)}")
+    fixed_C = parse_C(C)
+    dev = resolve_device(device)
+    if folds < 2:
+        raise CnnCodesError(f"--folds must be >= 2, got {folds}")
+
+    start = time.perf_counter()
+    with Cache(cache_path) as cache:
+        if clf not in TORCH_CLFS and "train" in cache.splits:
+            check_memory(clf, cache.features("train").size, cache.path, log)
+        data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
+        heldout = [s for s in cache.splits if s != "train"]
+        unseen = {s: unseen_classes(cache, s, data.classes, allow_unseen_classes) for s in heldout}
+        w, b, sel = fit_linear(data, clf, fixed_C, grid=grid, folds=folds, tta=tta, device=dev, max_iter=max_iter, seed=seed,
+                                patience=patience)
+        fit_seconds = time.perf_counter() - start
+        head = LinearHead(w, b, data.mean, data.scale, [cache.classes[i] for i in data.classes], clf, sel.C,
+                          head_meta(cache, sel, tta))
+        log(f"fitted {clf} in {fit_seconds:.1f} s: C={sel.C:g}" + (f" (CV accuracy {sel.score:.4f}, {sel.strategy})" if sel.auto else ""))
+        report = {
+            "cache": str(cache.path), "clf": clf, "C": sel.C, "selection": sel.to_dict(), "tta": tta,
+            "fit_seconds": round(fit_seconds, 3), "device": str(dev),
+            "train": {"images": len(np.unique(data.groups)), "codes": len(data.y)},
+            "splits": {s: evaluate_split(head, cache, s, tta, unseen[s]) for s in heldout},
+        }
+    if not heldout:
+        report["note"] = "no held-out split in the cache (only train): the CV accuracy is the only estimate"
+    return head, report
+

@@ -1,0 +1,203 @@
+"""Reading the train codes: blocks streamed from the cache, standardiser statistics, the in-memory
+train set, image ids per row, and the memory budget of the in-memory solvers.
+
+cache -> `load_train` -> `TrainSet` (codes standardised in memory, or the h5 dataset streamed by
+`iter_blocks`) -> the solvers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CnnCodesError
+
+PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
+BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
+IN_MEMORY_BYTES = 512 << 20  # torch heads load a train split smaller than this
+# Bytes per code value that svm/logreg hold: the float32 codes, plus per job a float32 fold copy
+# (logreg) or a float64 copy and liblinear's (index, value) pairs (svm).
+SKLEARN_BYTES_PER_VALUE = {"logreg": (4, 4), "svm": (4, 24)}
+
+
+def iter_blocks(features, rng: np.random.Generator | None = None, mean: np.ndarray | None = None,
+                scale: np.ndarray | None = None, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, float32 codes) blocks of an (N, D) h5 dataset or array; memory ~ two blocks.
+
+    With `rng`: pieces of PIECE_ROWS rows in shuffled order, rows shuffled within each block
+    (caches are sorted by class, so a block mixes pieces from all over the file); without, the
+    rows in order. `mean`/`scale`: standardise on the fly. Blocks are views of one buffer:
+    use each before asking for the next.
+    """
+    n, d = features.shape
+    starts = np.arange(0, n, PIECE_ROWS)
+    if rng is not None:
+        starts = rng.permutation(starts)
+    per_block = max(1, block_bytes // (4 * max(d, 1) * PIECE_ROWS))
+    buf = np.empty((min(per_block * PIECE_ROWS, n), d), np.float32)
+    mean32 = None if mean is None else mean.astype(np.float32)
+    scale32 = None if scale is None else scale.astype(np.float32)
+    for i in range(0, len(starts), per_block):
+        group = starts[i:i + per_block]
+        idx = np.concatenate([np.arange(s, min(s + PIECE_ROWS, n)) for s in group])
+        at = 0
+        for s in group:
+            e = min(s + PIECE_ROWS, n)
+            read_rows(features, s, e, buf[at:at + e - s])
+            at += e - s
+        x = buf[:at]
+        if rng is not None:
+            p = rng.permutation(len(idx))
+            idx, x = idx[p], x[p]
+        if mean32 is not None:
+            x -= mean32
+            x /= scale32
+        yield idx, x
+
+
+def read_rows(features, start: int, stop: int, out: np.ndarray) -> None:
+    if isinstance(features, h5py.Dataset) and features.dtype == np.float32:
+        features.read_direct(out, np.s_[start:stop])
+    else:
+        out[...] = features[start:stop]
+
+
+def code_stats(features, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and scale (std, 1 where constant) in one streaming pass.
+
+    Raises CnnCodesError naming the split and the count of codes holding NaN/inf.
+    """
+    n, d = features.shape
+    count, mean, m2, bad = 0, np.zeros(d), np.zeros(d), 0
+    for _, x in iter_blocks(features):
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            bad += int((~finite).sum())
+            x = x[finite]
+        if not len(x):
+            continue
+        # Chan et al.'s pairwise update (stable for millions of rows); float64 sums, float32 temporaries.
+        bm, bn = x.mean(axis=0, dtype=np.float64), len(x)
+        x -= bm.astype(np.float32)
+        np.square(x, out=x)
+        delta = bm - mean
+        mean = mean + delta * bn / (count + bn)
+        m2 = m2 + x.sum(axis=0, dtype=np.float64) + delta ** 2 * count * bn / (count + bn)
+        count += bn
+    if bad:
+        raise nonfinite_error(split, bad, n)
+    std = np.sqrt(m2 / max(count, 1))
+    scale = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max(initial=0))), std, 1.0)
+    return mean, scale
+
+
+def nonfinite_error(split: str, bad: int, n: int) -> CnnCodesError:
+    return CnnCodesError(f"{split}: {bad} of {n} codes hold NaN/inf values; the cache is damaged or the backbone "
+                         f"diverged: re-extract with `cnncodes extract --overwrite` (try --precision fp32)")
+
+
+
+@dataclass
+class TrainSet:
+    """The train split as the solvers see it: codes (h5 dataset, or standardised array) and row tags."""
+
+    features: object  # h5py.Dataset (streamed, standardised per block) or np.ndarray (already standardised)
+    y: np.ndarray  # index into `classes` (the classes present in train)
+    groups: np.ndarray  # source image per row
+    views: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    classes: np.ndarray  # cache class indices present in train, sorted
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.features, np.ndarray)
+
+    @property
+    def std_args(self) -> dict:
+        """mean/scale for `iter_blocks`: none when the array is already standardised."""
+        return {} if self.in_memory else {"mean": self.mean, "scale": self.scale}
+
+
+def load_train(cache, in_memory: bool | None = None) -> TrainSet:
+    """Validate the train split, compute the standardiser (streaming) and load it if it fits.
+
+    in_memory: True/False forces; None loads when smaller than IN_MEMORY_BYTES.
+    """
+    if "train" not in cache.splits:
+        have = ", ".join(cache.splits) or "none"
+        raise CnnCodesError(f"{cache.path}: no 'train' split (splits: {have}); a head is fitted on train: "
+                            f"extract DATA/train/<class>/<image> (or DATA/<class>/<image>)")
+    feats = cache.features("train")
+    labels = cache.labels("train")
+    if len(labels) == 0:
+        raise CnnCodesError(f"{cache.path}: the train split has no codes (all images skipped?); see `cnncodes info {cache.path}`")
+    classes, y = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise CnnCodesError(f"{cache.path}: the train split has only one class ('{cache.classes[classes[0]]}'); "
+                            f"a classifier needs training images of at least 2 classes")
+    groups = image_groups(cache, "train")
+    mean, scale = code_stats(feats, "train")
+    nbytes = feats.shape[0] * feats.shape[1] * 4
+    if in_memory or (in_memory is None and nbytes <= IN_MEMORY_BYTES):
+        x = np.empty(feats.shape, np.float32)
+        for lo in range(0, len(x), 65536):
+            read_rows(feats, lo, min(lo + 65536, len(x)), x[lo:lo + 65536])
+        x -= mean.astype(np.float32)
+        x /= scale.astype(np.float32)
+        feats = x
+    return TrainSet(feats, y.astype(np.int64), groups, cache.views("train"), mean, scale, classes)
+
+
+def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:
+    """One id per source image, like `Cache.groups`, reading the paths in chunks (memory ~ chunk).
+
+    Relies on the cache layout (an image's rows are contiguous, its plain view first) and
+    checks it: a new path must start exactly where views == 0.
+    """
+    paths = cache.require_split(split)["paths"]
+    views = cache.views(split)
+    ids = np.empty(len(views), np.int64)
+    last, current = None, -1
+    for lo in range(0, len(views), chunk):
+        p = np.asarray(paths.asstr()[lo:lo + chunk], dtype=object)
+        new = np.r_[p[0] != last, p[1:] != p[:-1]].astype(bool)
+        if not np.array_equal(new, views[lo:lo + chunk] == 0):
+            raise CnnCodesError(f"{cache.path}: {split} rows are not grouped by image (plain view first); the cache is "
+                                f"damaged: re-extract with `cnncodes extract --overwrite`")
+        ids[lo:lo + chunk] = current + np.cumsum(new)
+        current, last = ids[min(lo + chunk, len(ids)) - 1], p[-1]
+    return ids
+
+
+
+def check_memory(clf: str, values: int, path, log: Callable[[str], None]) -> None:
+    """Refuse an in-memory head that cannot fit in RAM; point to the streaming heads."""
+    fixed, per_job = SKLEARN_BYTES_PER_VALUE[clf]
+    need, free = values * (fixed + per_job), available_memory()
+    hint = f"--clf {'linear-svm' if clf == 'svm' else 'linear'} streams the codes from the cache in bounded memory"
+    if need > free:
+        raise CnnCodesError(f"{path}: --clf {clf} needs about {need / 2**30:.1f} GiB for {values / 1e6:.0f}M code values, "
+                            f"{free / 2**30:.1f} GiB are available: {hint}")
+    if values > 50_000_000:
+        log(f"note: --clf {clf} holds about {need / 2**30:.1f} GiB and solves on one core per fold/C; {hint} (faster at this size)")
+
+
+def available_memory() -> int:
+    """MemAvailable (Linux), else free physical memory, else 8 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+

@@ -1,0 +1,167 @@
+"""Choosing C: grouped, stratified folds over the train images, scoring each (fold, C) model per image,
+picking the best mean accuracy (ties to the smallest C), and refitting on all of train.
+
+`fit_linear`: TrainSet -> the fold models of one solver family -> CV scores -> C -> W (K, D), b (K,).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CnnCodesError
+from .codes import TrainSet
+from .names import C_GRID, PATIENCE, TORCH_CLFS
+from .report import predict_images
+
+HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
+HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
+
+
+def cv_folds(data: TrainSet, folds: int, seed: int) -> tuple[np.ndarray, int, str]:
+    """Fold id per row (all views of an image share it), the number of scored folds, a description.
+
+    k-fold up to HOLDOUT_ABOVE codes, else one held-out tenth (fold 0 held out, fold 1 trains).
+    """
+    n_images = len(np.unique(data.groups))
+    holdout = len(data.y) > HOLDOUT_ABOVE
+    k = HOLDOUT_FOLDS if holdout else min(folds, n_images)
+    if k < 2:
+        raise CnnCodesError(f"only {n_images} training image(s): too few to cross-validate C; pass a fixed --C (e.g. --C 0.01)")
+    fold = grouped_folds(data.y, data.groups, k, seed)
+    if holdout:
+        return np.where(fold == 0, 0, 1), 1, f"held-out 1/{HOLDOUT_FOLDS} of train images (more than {HOLDOUT_ABOVE} codes)"
+    return fold, k, f"{k}-fold over train images (views of one image in one fold)"
+
+
+def grouped_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Stratified, grouped k-fold ids per row: images are dealt to folds class by class, in random order.
+
+    What `StratifiedGroupKFold(shuffle=True)` does when each group (image) has one label,
+    vectorised: per class, fold sizes differ by at most one image (sklearn's greedy search is
+    O(images x folds) in Python, ~15 s for 40k images).
+    """
+    ids, first = np.unique(groups, return_index=True)
+    img_label = y[first]
+    rng = np.random.default_rng(seed)
+    fold_img = np.empty(len(ids), np.int64)
+    offset = 0
+    for c in np.unique(img_label):
+        members = rng.permutation(np.flatnonzero(img_label == c))
+        fold_img[members] = (offset + np.arange(len(members))) % k  # continue where the last class stopped
+        offset += len(members)
+    return fold_img[np.searchsorted(ids, groups)]
+
+
+@dataclass
+class Selection:
+    """Outcome of choosing C: the chosen value, the grid and mean CV accuracy per C tried."""
+
+    C: float
+    auto: bool
+    grid: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # mean per-image CV accuracy per grid value tried, ascending
+    score: float | None = None
+    strategy: str = ""
+    notes: list[str] = field(default_factory=list)
+    stopped: str | None = None  # why the C path ended before the end of the grid
+
+    def to_dict(self) -> dict:
+        return {"C": self.C, "auto": self.auto, "grid": self.grid, "cv_scores": self.scores,
+                "cv_score": self.score, "strategy": self.strategy, "notes": sorted(set(self.notes)),
+                "stopped_early": self.stopped}
+
+
+def _pick(grid: Sequence[float], fold_scores: np.ndarray) -> tuple[int, np.ndarray]:
+    """Best mean accuracy; ties go to the smallest C (grid ascending)."""
+    mean = fold_scores.mean(axis=0)
+    return int(np.flatnonzero(mean >= mean.max() - 1e-12)[0]), mean
+
+
+def _stop_reason(grid: Sequence[float], mean: np.ndarray, patience: int | None) -> str | None:
+    """Why the ascending C path may stop after the last value tried, or None to go on.
+
+    It stops once the last `patience` values tried have not beaten the best mean CV accuracy
+    (ties go to the smallest C, so a plateau counts as no gain): on a curve that rises and
+    then stays flat or falls, the exhaustive search would pick the same C.
+    """
+    tried = len(mean)
+    best = int(np.flatnonzero(mean >= mean.max() - 1e-12)[0])
+    if patience is None or tried >= len(grid) or tried - 1 - best < patience:
+        return None
+    skipped = ", ".join(f"{c:g}" for c in grid[tried:])
+    return (f"stopped after C={grid[tried - 1]:g}: CV accuracy had not improved on C={grid[best]:g} "
+            f"({mean[best]:.4f}) for {patience} larger values; C={skipped} not fitted")
+
+
+def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[float] = C_GRID, folds: int = 5,
+               tta: bool = False, device="cpu", max_iter: int | None = None, seed: int = 0,
+               patience: int | None = PATIENCE) -> tuple[np.ndarray, np.ndarray, Selection]:
+    """Fit `clf` on `data`; C=None chooses C by grouped CV. Returns W (K, D), b (K,) and the selection.
+
+    svm/logreg walk the grid upwards and stop after `patience` values without a better CV
+    accuracy (None: the whole grid); the torch heads train every C in one batched pass.
+    """
+    grid = sorted(float(c) for c in grid)
+    if C is None:
+        fold, n_folds, strategy = cv_folds(data, folds, seed)
+    else:
+        fold, n_folds, strategy, grid = np.zeros(len(data.y), np.int64), 0, "fixed C", [float(C)]
+    sel = Selection(C=float(C) if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
+    if clf in TORCH_CLFS:
+        return _fit_torch(data, clf, grid, fold, n_folds, sel, tta, device, max_iter, seed)
+    from .sklearn_solver import fold_path, sklearn_refit
+
+    if n_folds:
+        columns = []
+        with contextlib.closing(fold_path(clf, data, fold, n_folds, grid, seed, sel.notes)) as path:
+            for models in path:
+                columns.append(_fold_scores(data, fold, models, tta)[:, 0])
+                sel.stopped = _stop_reason(grid, np.mean(columns, axis=1), patience)
+                if sel.stopped:
+                    break
+        best, mean = _pick(grid[:len(columns)], np.stack(columns, axis=1))
+        sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
+    w, b = sklearn_refit(clf, data, sel.C, seed, sel.notes)
+    return w.astype(np.float64), b.astype(np.float64), sel
+
+
+def _fit_torch(data: TrainSet, clf: str, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection, tta: bool,
+               device, max_iter: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, Selection]:
+    """All (fold, C) models and the full-data model per C in one batched pass, then the pick."""
+    from .torch_solver import train_torch
+
+    G = len(grid)
+    heldout = np.repeat(np.r_[np.arange(n_folds), -1], G)  # fold models, then full-data models
+    w_all, b_all, _ = train_torch(data.features, data.y, len(data.classes), fold, heldout, np.tile(grid, n_folds + 1),
+                                  TORCH_CLFS[clf], epochs=max_iter, device=device, seed=seed, **data.std_args)
+    if n_folds:
+        fold_models = {f: (w_all[f * G:(f + 1) * G], b_all[f * G:(f + 1) * G]) for f in range(n_folds)}
+        best, mean = _pick(grid, _fold_scores(data, fold, fold_models, tta))
+        sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
+    best = grid.index(sel.C)
+    return w_all[n_folds * G + best].astype(np.float64), b_all[n_folds * G + best].astype(np.float64), sel
+
+
+def _fold_scores(data: TrainSet, fold: np.ndarray, fold_models: dict, tta: bool) -> np.ndarray:
+    """(n_folds, G) per-image accuracy of each fold's models on that fold's held-out images."""
+    preds = predict_images(data.features, data.groups, data.views, fold, fold_models, tta, **data.std_args)
+    return np.stack([(p == data.y[rows][:, None]).mean(axis=0) for rows, p in (preds[f] for f in sorted(fold_models))])
+
+
+def parse_C(value) -> float | None:
+    """'auto' -> None (cross-validate); a positive number -> float; else CnnCodesError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        c = float(value)
+    except (TypeError, ValueError):
+        raise CnnCodesError(f"--C must be 'auto' or a positive number, got {value!r}") from None
+    if not (c > 0 and math.isfinite(c)):
+        raise CnnCodesError(f"--C must be 'auto' or a positive number, got {value!r}")
+    return c
+

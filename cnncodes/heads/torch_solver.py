@@ -1,0 +1,186 @@
+"""The torch heads: M linear models (folds x C) trained at once by minibatch Adam on streamed blocks,
+and `TorchLinearClassifier`, the same solver as a scikit-learn estimator.
+
+codes (h5 dataset or array) + labels + fold ids -> W (M, K, D), b (M, K).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .codes import BLOCK_BYTES, PIECE_ROWS, iter_blocks
+from .format import softmax
+
+def train_torch(features, y: np.ndarray, n_classes: int, fold: np.ndarray, heldout: np.ndarray, Cs: np.ndarray,
+                 loss: str, *, mean=None, scale=None, epochs: int | None = None, batch_size: int = 256,
+                 lr: float = 0.01, device: str | torch.device = "cpu", seed: int = 0,
+                 block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray, int]:
+    """Train M = len(Cs) linear models at once by minibatch Adam; model m skips rows with fold == heldout[m].
+
+    Returns W (M, K, D), b (M, K) and the number of epochs run.
+    """
+    n, d = features.shape
+    dev = torch.device(device)
+    rows_per_model = np.array([(fold != h).sum() for h in heldout], dtype=np.float64)
+    # Two classes: scikit-learn penalises ||w1 - w0||^2 / 2 = ||W||^2 at the symmetric optimum.
+    lam = (2.0 if n_classes == 2 else 1.0) / (np.asarray(Cs, np.float64) * np.maximum(rows_per_model, 1))
+    epochs = epochs or auto_epochs(n, batch_size)
+    models = _Batched(heldout, lam, n_classes, d, loss, lr, epochs * _batches_per_epoch(n, d, batch_size, block_bytes), dev)
+    y_t = torch.as_tensor(y, dtype=torch.long, device=dev)
+    fold_t = torch.as_tensor(fold, dtype=torch.long, device=dev)
+    rng = np.random.default_rng(seed)
+    with _cpu_threads(dev, batch_size * models.w.numel()):
+        for _ in range(epochs):
+            for idx, x in iter_blocks(features, rng=rng, mean=mean, scale=scale, block_bytes=block_bytes):
+                xt, it = torch.from_numpy(x).to(dev, non_blocking=True), torch.from_numpy(idx).to(dev)
+                for s in range(0, len(idx), batch_size):
+                    rows = it[s:s + batch_size]
+                    models.step(xt[s:s + batch_size], y_t[rows], fold_t[rows])
+    return models.w.detach().cpu().numpy(), models.b.detach().cpu().numpy(), epochs
+
+
+class _Batched:
+    """M linear models trained as one (M, K, D) tensor; model m ignores rows whose fold is heldout[m]."""
+
+    def __init__(self, heldout: np.ndarray, lam: np.ndarray, n_classes: int, d: int, loss: str, lr: float,
+                 total_steps: int, dev: torch.device):
+        m = len(heldout)
+        self.w = torch.zeros(m, n_classes, d, device=dev, requires_grad=True)
+        self.b = torch.zeros(m, n_classes, device=dev, requires_grad=True)
+        self.lam = torch.tensor(lam, dtype=torch.float32, device=dev)
+        self.held = torch.as_tensor(heldout, dtype=torch.long, device=dev)[:, None]
+        self.loss = loss
+        self.opt = torch.optim.Adam([self.w, self.b], lr=lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: max(0.0, 1.0 - t / max(total_steps, 1)))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor) -> None:
+        """One Adam step on a batch: each model's mean loss over its rows + its L2 penalty."""
+        m, k, d = self.w.shape
+        scores = (x @ self.w.view(m * k, d).T).view(len(x), m, k).transpose(0, 1) + self.b[:, None, :]
+        mask = (fold[None, :] != self.held).float()
+        data = (_loss(scores, y, self.loss) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        objective = data.sum() + 0.5 * (self.lam * self.w.pow(2).sum((1, 2))).sum()
+        self.opt.zero_grad(set_to_none=True)
+        objective.backward()
+        self.opt.step()
+        self.sched.step()
+
+
+@contextlib.contextmanager
+def _cpu_threads(dev: torch.device, macs_per_step: int):
+    """One intra-op thread for small steps: thread hand-offs cost more than they save (10x on busy cores)."""
+    before = torch.get_num_threads()
+    if dev.type == "cpu" and macs_per_step < 1e9:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _loss(scores: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """(M, B, K) scores, (B,) labels -> (M, B) per-row loss."""
+    m, bsz, k = scores.shape
+    if loss == "softmax":
+        return torch.nn.functional.cross_entropy(scores.reshape(m * bsz, k), y.repeat(m), reduction="none").view(m, bsz)
+    true = scores.gather(2, y.view(1, -1, 1).expand(m, bsz, 1))
+    margins = (1 + scores - true).scatter(2, y.view(1, -1, 1).expand(m, bsz, 1), 0.0)
+    return margins.amax(2).clamp(min=0)  # Crammer-Singer: 1 + best wrong score - true score
+
+
+def _batches_per_epoch(n: int, d: int, batch_size: int, block_bytes: int) -> int:
+    per_block = max(1, block_bytes // (4 * max(d, 1) * PIECE_ROWS)) * PIECE_ROWS
+    full, rest = divmod(n, per_block)
+    return full * math.ceil(per_block / batch_size) + math.ceil(rest / batch_size)
+
+
+def auto_epochs(n: int, batch_size: int, target_steps: int = 1000) -> int:
+    """Enough epochs for ~`target_steps` Adam steps, and at least 3 passes over the data."""
+    return max(3, math.ceil(target_steps / math.ceil(max(n, 1) / batch_size)))
+
+
+class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
+    """Linear classifier trained with minibatch Adam in torch (CPU or CUDA), scikit-learn style.
+
+    Minimises ``mean loss + ||coef||^2 / (2 C n)``: with ``loss="softmax"`` this is
+    `LogisticRegression(C=C)`'s optimum (multinomial), with ``loss="hinge"`` a multiclass
+    (Crammer-Singer) linear SVM. Features are used as given: put a `StandardScaler` before it
+    in a `Pipeline` (the `cnncodes fit-head` path standardises for you, streaming).
+
+    Parameters: C (inverse regularisation), loss ("softmax" or "hinge"), max_iter (epochs;
+    None: ~1000 steps, >= 3 epochs), batch_size, lr (Adam, decayed linearly to 0),
+    device ("cpu", "cuda", ...), random_state (shuffling; zero init, so fits are reproducible).
+    """
+
+    def __init__(self, C: float = 1.0, loss: str = "softmax", max_iter: int | None = None, batch_size: int = 256,
+                 lr: float = 0.01, device: str = "cpu", random_state: int = 0):
+        self.C = C
+        self.loss = loss
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.lr = lr
+        self.device = device
+        self.random_state = random_state
+
+    def fit(self, X, y) -> TorchLinearClassifier:
+        """Fit on (n_samples, n_features) X and class labels y."""
+        if self.loss not in ("softmax", "hinge"):
+            raise ValueError(f"loss must be 'softmax' or 'hinge', got {self.loss!r}")
+        if not (isinstance(self.C, (int, float)) and self.C > 0):
+            raise ValueError(f"C must be a positive number, got {self.C!r}")
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], order="C")
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes in the data, "
+                             f"but the data contains only one class: {self.classes_[0]!r}")
+        x32 = np.ascontiguousarray(X, dtype=np.float32)
+        fold = np.zeros(len(y_idx), np.int64)
+        w, b, self.n_iter_ = train_torch(x32, y_idx, len(self.classes_), fold, np.array([-1]), np.array([float(self.C)]),
+                                          self.loss, epochs=self.max_iter, batch_size=self.batch_size, lr=self.lr,
+                                          device=self.device, seed=self.random_state)
+        self._W, self._b = w[0].astype(np.float64), b[0].astype(np.float64)
+        binary = len(self.classes_) == 2
+        self.coef_ = (self._W[1:] - self._W[:1]) if binary else self._W
+        self.intercept_ = (self._b[1:] - self._b[:1]) if binary else self._b
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        """Class scores (n, K); for two classes the score of classes_[1] minus classes_[0], shape (n,)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict(self, X) -> np.ndarray:
+        scores = self.decision_function(X)
+        idx = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
+        return self.classes_[idx]
+
+    def _has_proba(self) -> bool:
+        return self.loss == "softmax"
+
+    @available_if(_has_proba)
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax probabilities (loss="softmax" only, like SGDClassifier)."""
+        scores = self.decision_function(X)
+        scores = np.column_stack([-scores / 2, scores / 2]) if scores.ndim == 1 else scores
+        return softmax(scores)
+
+    @available_if(_has_proba)
+    def predict_log_proba(self, X) -> np.ndarray:
+        return np.log(self.predict_proba(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        return tags
+
