@@ -34,6 +34,7 @@ from .data import (
     view_seed,
 )
 from .errors import CnnCodesError, Interrupted
+from .manifest import ManifestOptions
 from .runtime import (
     FileLock,
     atomic_path,
@@ -109,8 +110,10 @@ def extract(
     checkpoint_every: float = 30.0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    manifest: ManifestOptions | None = None,
 ) -> ExtractResult:
-    """Extract CNN codes for every image under `data` into the HDF5 cache `out`.
+    """Extract CNN codes for every image under `data` (a folder or a CSV manifest read with
+    `manifest` options) into the HDF5 cache `out`.
 
     Resumable (rerun the same call after a crash), incremental (only new or changed
     files are extracted), and refuses to mix configurations unless `overwrite`.
@@ -118,7 +121,7 @@ def extract(
     """
     if views < 0 or eval_views < 0 or (batch_size is not None and batch_size < 1):
         raise CnnCodesError("--views/--eval-views must be >= 0 and --batch-size >= 1")
-    layout = discover(data)
+    layout = discover(data, manifest)
     for w in layout.warnings:
         log(f"warning: {w}")
     dev = resolve_device(device)
@@ -179,7 +182,7 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
                 dim = done.feature_dim or (old.feature_dim if old is not None else 0)
                 versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
                 check_space(out, _cache_bytes(plans, dim), f"; finished work is kept in {parts}")
-                write_cache(out, config, layout.classes, dim, plans, versions)
+                write_cache(out, config, layout.classes, dim, plans, versions, layout.manifest)
             done.close()
             shutil.rmtree(parts, ignore_errors=True)
             result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]
@@ -325,7 +328,7 @@ class _Done:
 
     def unchanged(self, old: Cache, plans: dict[str, SplitPlan], layout: FolderLayout) -> bool:
         """True when writing `plans` would reproduce `old` exactly (nothing to do)."""
-        if sorted(old.splits) != sorted(plans) or old.classes != layout.classes:
+        if sorted(old.splits) != sorted(plans) or old.classes != layout.classes or old.manifest != layout.manifest:
             return False
         for split, plan in plans.items():
             g = old.file[split]
