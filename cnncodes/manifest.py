@@ -78,7 +78,8 @@ def read_manifest(path: str | os.PathLike, options: ManifestOptions | None = Non
     """
     options = options or ManifestOptions()
     path = Path(path)
-    text = _read_text(path)
+    raw = _read_bytes(path)
+    text = _decode(path, raw)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns
@@ -95,20 +96,25 @@ def read_manifest(path: str | os.PathLike, options: ManifestOptions | None = Non
     if has_label:
         _check_labels_in_train(path, rows)
     how = "column" if has_split else ("val_fraction" if options.val_fraction is not None else "all train")
-    record = {"path": str(path.resolve()), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    record = {"path": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest(),
               "path_col": options.path_col, "label_col": options.label_col if has_label else None,
               "splits_from": how, "val_fraction": options.val_fraction,
               "seed": options.seed if options.val_fraction is not None else None}
     return Manifest(path, rows, record)
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_text(encoding="utf-8-sig")  # tolerate the BOM spreadsheet programs write
+        return path.read_bytes()
+    except OSError as e:
+        raise CnnCodesError(f"{path}: cannot read manifest ({e.strerror}); check its permissions") from None
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # tolerate the BOM spreadsheet programs write
     except UnicodeDecodeError as e:
         raise CnnCodesError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the manifest as UTF-8 CSV") from None
-    except OSError as e:
-        raise CnnCodesError(f"{path}: cannot read manifest ({e.strerror})") from None
 
 
 def _check_columns(path: Path, columns: list[str], options: ManifestOptions, require_labels: bool) -> bool:
