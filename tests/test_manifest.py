@@ -15,6 +15,7 @@ from cnncodes.data import discover
 from cnncodes.errors import CnnCodesError
 from cnncodes.extract import extract
 from cnncodes.manifest import ManifestOptions, read_manifest
+from cnncodes.predict import collect_inputs
 from cnncodes.store import Cache
 
 FAST = ("--weights", "none", "--image-size", "64", "--workers", "0", "-q")
@@ -79,6 +80,9 @@ def test_predict_on_a_manifest_prints_accuracy_and_keeps_its_paths(extracted, tm
     assert "skipped data/gone.jpg: no such file (renamed.csv line 6)" in r.stderr
     with open(out, newline="") as f:
         got = list(csv.DictReader(f))
+    unlabelled = write_manifest(root / "nolabel.csv", [[p] for p, _, _ in rows], header=("path",))
+    items, skipped = collect_inputs([unlabelled], ["cat", "dog"])
+    assert [(i.name, i.true, i.split) for i in items] == [(p, None, None) for p, _, _ in rows] and not skipped
     assert [g["path"] for g in got] == [p for p, _, _ in rows]
     assert [g["true"] for g in got] == [lab for _, lab, _ in rows]
 
@@ -104,6 +108,12 @@ def test_an_appended_row_is_extracted_and_nothing_else(extracted, tmp_path):
         np.testing.assert_array_equal(c.features("train")[: len(rows)], old_codes)  # copied, not recomputed
         assert c.labels("train")[-1] == 1
         assert c.manifest["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    relabelled = manifest.read_text().replace("new.jpg,dog", "new.jpg,cat")
+    manifest.write_text(relabelled)
+    third = extract(manifest, out, **kwargs)
+    assert third.extracted == 0 and not third.up_to_date  # a new label is rewritten, not re-extracted
+    with Cache(out) as c:
+        assert c.labels("train")[-1] == 0
 
 
 BAD = {
@@ -194,3 +204,16 @@ def test_discover_reads_a_manifest_as_a_layout(tmp_path):
     assert layout.classes == ["ant", "zebra"] and layout.root == tmp_path
     assert [(f.path, f.label) for f in layout.splits["test"]] == [("imgs/zebra/001.jpg", 1), ("imgs/ant/001.jpg", 0)]
     assert layout.manifest["splits_from"] == "column"
+
+
+def test_finetune_reads_a_manifest_through_discover(tmp_path):
+    """finetune's own discover call gets manifests (its CLI options are wired separately)."""
+    from cnncodes.finetune import finetune
+
+    write_folder(tmp_path / "imgs", {"": 3}, size=32)
+    rows = [[f"imgs/{c}/{i:03d}.jpg", c, "val" if i == 2 else "train"] for c in ("cat", "dog") for i in range(3)]
+    result = finetune(write_manifest(tmp_path / "m.csv", rows), tmp_path / "run", arch="resnet18", weights="none",
+                      epochs=1, batch_size=4, image_size=32, workers=0, device="cpu", progress=False,
+                      echo=lambda _: None)
+    assert result.classes == ["cat", "dog"] and result.has_val and result.model_path.exists()
+    assert result.history[-1]["epoch"] == 1
