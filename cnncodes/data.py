@@ -77,9 +77,11 @@ def discover(root: str | os.PathLike, manifest: ManifestOptions | None = None) -
         raise CnnCodesError(f"{root}: --val-fraction applies to CSV manifests; for a folder, "
                             f"put the val images in {root}/val/<class>/")
     if not root.exists():
-        raise CnnCodesError(f"{root}: no such folder; pass the root of an image folder (DATA/<class>/<image>)")
+        raise CnnCodesError(f"{root}: no such folder; pass the root of an image folder (DATA/<class>/<image>) "
+                            f"or a CSV manifest (.csv)")
     if not root.is_dir():
-        raise CnnCodesError(f"{root}: not a folder; pass the root of an image folder (DATA/<class>/<image>)")
+        raise CnnCodesError(f"{root}: not a folder; pass the root of an image folder (DATA/<class>/<image>) "
+                            f"or a CSV manifest (.csv with path,label columns)")
     split_dirs = {d.name: d for d in _subdirs(root) if d.name.lower() in SPLIT_NAMES}
     if not split_dirs:
         split_dirs = {"train": root}
