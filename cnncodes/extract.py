@@ -36,6 +36,7 @@ from .data import (
 )
 from .errors import CnnCodesError, Interrupted
 from .gpu_decode import DeviceLoader, resolve_decode
+from .manifest import ManifestOptions
 from .runtime import (
     FileLock,
     autocast,
@@ -117,8 +118,10 @@ def extract(
     checkpoint_every: float = 30.0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    manifest: ManifestOptions | None = None,
 ) -> ExtractResult:
-    """Extract CNN codes for every image under `data` into the HDF5 cache `out`.
+    """Extract CNN codes for every image under `data` (a folder or a CSV manifest read with
+    `manifest` options) into the HDF5 cache `out`.
 
     Resumable (rerun the same call after a crash), incremental (only new or changed
     files are extracted), and refuses to mix configurations unless `overwrite`.
@@ -127,7 +130,7 @@ def extract(
     """
     if views < 0 or eval_views < 0 or (batch_size is not None and batch_size < 1):
         raise CnnCodesError("--views/--eval-views must be >= 0 and --batch-size >= 1")
-    layout = discover(data)
+    layout = discover(data, manifest)
     for w in layout.warnings:
         log(f"warning: {w}")
     dev = resolve_device(device)
@@ -194,7 +197,8 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
                 dim = done.feature_dim or (old.feature_dim if old is not None else 0)
                 versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
                 check_space(out, _cache_bytes(plans, dim), f"; finished work is kept in {parts}")
-                write_cache(out, config, layout.classes, dim, plans, versions, request=request)
+                write_cache(out, config, layout.classes, dim, plans, versions, request=request,
+                            manifest=layout.manifest)
                 shutil.rmtree(parts, ignore_errors=True)
             result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]
             result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}

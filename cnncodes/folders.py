@@ -1,4 +1,4 @@
-"""Image folders: split/class discovery (plain os calls, importable without torch).
+"""Image folders and CSV manifests: split/class discovery (plain os calls, importable without torch).
 
 `discover()` turns DATA/<class>/<image> or DATA/{train,val,test}/<class>/<image> into a
 `FolderLayout`: one list of `ImageFile` per split. Kept apart from `data` (decoding,
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CnnCodesError
+from .manifest import Manifest, ManifestOptions, is_manifest, read_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
@@ -36,20 +37,30 @@ class FolderLayout:
     splits: dict[str, list[ImageFile]]
     ignored: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # split -> (path, reason)
     warnings: list[str] = field(default_factory=list)
+    manifest: dict | None = None  # for a CSV manifest: what the cache records about it (Manifest.record)
 
 
-def discover(root: str | os.PathLike) -> FolderLayout:
-    """Find splits and classes under `root`.
+def discover(root: str | os.PathLike, manifest: ManifestOptions | None = None) -> FolderLayout:
+    """Find splits and classes under `root`, or in the CSV manifest `root`.
 
     `root/{train,val,test}/<class>/<image>` gives one split per folder, sharing one
     class list; `root/<class>/<image>` gives a single split called "train". Files with
     other extensions inside class folders are listed in `ignored` with the reason.
+    A .csv file is read as a manifest with `manifest` options (see `cnncodes.manifest`):
+    the layout's root is its folder and each file's path is the row's path as written.
     """
     root = Path(root)
+    if is_manifest(root):
+        return manifest_layout(read_manifest(root, manifest))
+    if manifest is not None and manifest.val_fraction is not None:
+        raise CnnCodesError(f"{root}: --val-fraction applies to CSV manifests; for a folder, "
+                            f"put the val images in {root}/val/<class>/")
     if not root.exists():
-        raise CnnCodesError(f"{root}: no such folder; pass the root of an image folder (DATA/<class>/<image>)")
+        raise CnnCodesError(f"{root}: no such folder; pass the root of an image folder (DATA/<class>/<image>) "
+                            f"or a CSV manifest (.csv)")
     if not root.is_dir():
-        raise CnnCodesError(f"{root}: not a folder; pass the root of an image folder (DATA/<class>/<image>)")
+        raise CnnCodesError(f"{root}: not a folder; pass the root of an image folder (DATA/<class>/<image>) "
+                            f"or a CSV manifest (.csv with path,label columns)")
     split_dirs = {d.name: d for d in _subdirs(root) if d.name.lower() in SPLIT_NAMES}
     if not split_dirs:
         split_dirs = {"train": root}
@@ -76,6 +87,25 @@ def discover(root: str | os.PathLike) -> FolderLayout:
             if not entries:
                 layout.warnings.append(f"{split}/{c}: empty class folder, ignored")
     layout.warnings += _class_coverage_warnings(layout, found)
+    return layout
+
+
+def manifest_layout(m: Manifest) -> FolderLayout:
+    """A manifest's rows as a layout: classes are the sorted labels (as ImageFolder gives),
+    rows keep the manifest's order, and a row whose file is missing is listed in `ignored`
+    (skipped and reported like an unreadable image; fatal under --strict)."""
+    classes = sorted({r.label for r in m.rows})
+    index = {c: i for i, c in enumerate(classes)}
+    layout = FolderLayout(root=m.root, classes=classes, splits={}, manifest=m.record)
+    for r in m.rows:
+        files = layout.splits.setdefault(r.split, [])
+        ignored = layout.ignored.setdefault(r.split, [])
+        try:
+            st = (m.root / r.path).stat()
+        except OSError as e:
+            ignored.append((r.path, f"{e.strerror or 'cannot read file'} ({m.path.name} line {r.line})"))
+            continue
+        files.append(ImageFile(r.path, index[r.label], st.st_size, st.st_mtime_ns))
     return layout
 
 

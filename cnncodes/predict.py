@@ -34,6 +34,7 @@ from .data import (
 )
 from .errors import CnnCodesError
 from .heads import LinearHead
+from .manifest import ManifestOptions, is_manifest, read_manifest
 from .runtime import autocast, check_precision, configure_threads, inference_batch_size, resolve_device
 from .store import HDF5_SIGNATURE
 
@@ -203,19 +204,23 @@ class Item:
     split: str | None = None
 
 
-def collect_inputs(inputs: Sequence[str | Path], classes: Sequence[str]) -> tuple[list[Item], list[tuple[str, str]]]:
-    """Image files and folders -> items (+ (path, reason) for inputs that are not usable).
+def collect_inputs(inputs: Sequence[str | Path], classes: Sequence[str],
+                   manifest: ManifestOptions | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Image files, folders and CSV manifests -> items (+ (path, reason) for inputs that are not usable).
 
     In a folder, an image whose parent folder is named like a class of the model is
     labelled with it (DIR/<class>/x.jpg, DIR/val/<class>/x.jpg, or DIR = <class>); a
     first-level folder named train/val/test is recorded as its split (accuracy per split).
-    Files with non-image extensions are skipped and reported.
+    Files with non-image extensions are skipped and reported. A .csv is a manifest read
+    with `manifest` options: its rows keep their path as written, label and split (if any).
     """
     items, skipped = [], []
     known = set(classes)
     for given in inputs:
         p = Path(given)
-        if p.is_file():
+        if is_manifest(p):
+            _manifest_items(p, manifest, items, skipped)
+        elif p.is_file():
             items.append(Item(p, str(p)))
         elif p.is_dir():
             for f in _walk_images(p, skipped):
@@ -226,6 +231,18 @@ def collect_inputs(inputs: Sequence[str | Path], classes: Sequence[str]) -> tupl
         else:
             skipped.append((str(p), "no such file or folder"))
     return items, skipped
+
+
+def _manifest_items(path: Path, options: ManifestOptions | None, items: list[Item], skipped: list) -> None:
+    """A manifest's rows as items (labels optional); a missing file is skipped with its line."""
+    m = read_manifest(path, options, require_labels=False)
+    split_col = m.record["splits_from"] == "column"
+    for r in m.rows:
+        f = m.root / r.path
+        if not f.exists():
+            skipped.append((r.path, f"no such file ({path.name} line {r.line})"))
+            continue
+        items.append(Item(f, r.path, r.label or None, r.split if split_col else None))
 
 
 def _walk_images(folder: Path, skipped: list) -> list[Path]:
@@ -270,14 +287,16 @@ class Predictions:
 
 
 def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: str | None = None, device: str = "auto",
-            precision: str | None = None, batch_size: int | None = None, workers: int | None = None) -> Predictions:
-    """Classify image files and/or folders with a head or a classifier (see the module docstring).
+            precision: str | None = None, batch_size: int | None = None, workers: int | None = None,
+            manifest: ManifestOptions | None = None) -> Predictions:
+    """Classify image files, folders and/or CSV manifests (read with `manifest` options) with a
+    head or a classifier (see the module docstring).
 
     precision: None = the head's extraction precision (fp32 for classifiers; bf16 where fp16 is
     not available on the device).
     """
     model = load_model(model_path, weights)
-    items, skipped = collect_inputs(inputs, model.classes)
+    items, skipped = collect_inputs(inputs, model.classes, manifest)
     if not items:
         raise CnnCodesError("no images to predict: pass image files or folders holding images"
                             + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))

@@ -119,7 +119,7 @@ class Done:
 
     def unchanged(self, old: Cache, plans: dict[str, SplitPlan], layout: FolderLayout) -> bool:
         """True when writing `plans` would reproduce `old` exactly (nothing to do)."""
-        if sorted(old.splits) != sorted(plans) or old.classes != layout.classes:
+        if sorted(old.splits) != sorted(plans) or old.classes != layout.classes or old.manifest != layout.manifest:
             return False
         for split, plan in plans.items():
             g = old.file[split]

@@ -4,10 +4,11 @@ Layout (any HDF5 tool can read it; see README "Cache format"):
 
     /                       attrs: format, format_version, arch, weights, weights_name,
                             precision, preprocessing (JSON), views, eval_views, seed,
-                            classes (JSON), feature_dim, cnncodes/torch/torchvision versions
+                            classes (JSON), feature_dim, cnncodes/torch/torchvision versions,
+                            manifest (JSON; only for a CSV manifest: its path, sha256, columns, splits)
     /<split>/features       float32 (N, D), chunked
     /<split>/labels         int64 (N,)   index into `classes`
-    /<split>/paths          str (N,)     image path relative to the data root
+    /<split>/paths          str (N,)     image path relative to the data root (a manifest's: as written)
     /<split>/views          int16 (N,)   0 = the plain eval view, k >= 1 = augmented view k
     /<split>/files/{paths,size,mtime_ns}   every file processed, for incremental reruns
     /<split>/skipped/{paths,reasons}       files that could not be used, and why
@@ -174,6 +175,12 @@ class Cache:
             return {}
         return {p: (int(s), int(m)) for p, s, m in zip(g["paths"].asstr()[()], g["size"][()], g["mtime_ns"][()])}
 
+    @property
+    def manifest(self) -> dict | None:
+        """What the cache records of the CSV manifest it was extracted from (None: a folder)."""
+        text = self.file.attrs.get("manifest")
+        return json.loads(text) if text is not None else None
+
     def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Features and labels of a split in memory (float32, int64)."""
         return self.features(split)[()].astype(np.float32, copy=False), self.labels(split)
@@ -202,6 +209,7 @@ class Cache:
             "seed": self.config.seed,
             "splits": splits,
             "pending": pending_shards(self.path),
+            "manifest": self.manifest,
             "versions": {k: a.get(f"{k}_version", "?") for k in ("cnncodes", "torch", "torchvision")},
         }
 
@@ -371,6 +379,7 @@ def write_cache(
     splits: dict[str, "SplitPlan"],
     versions: dict[str, str],
     request: str = "",
+    manifest: dict | None = None,
 ) -> None:
     """Write the whole cache atomically, copying rows from their sources in final order.
 
@@ -385,6 +394,8 @@ def write_cache(
         f.attrs["classes"] = json.dumps(classes)
         f.attrs["feature_dim"] = feature_dim
         f.attrs["request"] = request
+        if manifest is not None:
+            f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
         for name, version in versions.items():
             f.attrs[f"{name}_version"] = str(version)
         for split, plan in splits.items():

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from .folders import FolderLayout, ImageFile, discover
+from .manifest import ManifestOptions
 from .store import read_table
 
 REQUEST_ATTR = "request"
@@ -65,9 +66,11 @@ def weights_sha256(weights: str | None) -> str:
         return ""  # unreadable: the full path reports it
 
 
-def up_to_date(data: str | Path, out: str | Path, request: str, strict: bool = False) -> UpToDate | None:
+def up_to_date(data: str | Path, out: str | Path, request: str, strict: bool = False,
+               manifest: ManifestOptions | None = None) -> UpToDate | None:
     """The report of a no-op `extract` if the cache `out` is exactly what `request` on
-    `data` would write, else None (then run the full `extract`)."""
+    `data` (a folder, or a CSV manifest read with `manifest` options) would write, else
+    None (then run the full `extract`)."""
     out = Path(out)
     if not out.is_file() or out.with_name(out.name + ".parts").exists():
         return None
@@ -78,10 +81,17 @@ def up_to_date(data: str | Path, out: str | Path, request: str, strict: bool = F
     with f:
         if f.attrs.get(REQUEST_ATTR) != request:
             return None
-        layout = discover(data)
+        layout = discover(data, manifest)
+        if _recorded_manifest(f) != layout.manifest:
+            return None  # another manifest file, columns or split: the full path decides
         if strict and any(layout.ignored.values()):
             return None  # --strict refuses ignored files: the full path says which
         return _compare(f, layout)
+
+
+def _recorded_manifest(f: h5py.File) -> dict | None:
+    text = f.attrs.get("manifest")
+    return json.loads(text) if text is not None else None
 
 
 def _compare(f: h5py.File, layout: FolderLayout) -> UpToDate | None:

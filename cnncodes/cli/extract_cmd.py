@@ -7,7 +7,7 @@ import os
 
 import click
 
-from .options import backbone_options, runtime_options
+from .options import backbone_options, manifest_from, manifest_options, runtime_options
 
 
 @click.command("extract")
@@ -17,7 +17,7 @@ from .options import backbone_options, runtime_options
 @click.option("--image-size", type=int, default=None, help="Crop size; resize keeps the weights' ratio (256/224).")
 @click.option("--views", type=int, default=0, show_default=True, help="Extra augmented codes per training image.")
 @click.option("--eval-views", type=int, default=0, show_default=True, help="Extra augmented codes per val/test image (for test-time averaging).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmented views (and of --val-fraction's split).")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
 @runtime_options
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
@@ -25,23 +25,28 @@ from .options import backbone_options, runtime_options
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable file instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another configuration.")
 @click.option("--checkpoint-every", type=float, default=30.0, show_default=True, help="Seconds between resumable shard writes.")
+@manifest_options()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract_command(data, out, arch, weights, image_size, views, eval_views, seed, batch_size, workers, device,
-                    precision, channels_last, decode, strict, overwrite, checkpoint_every, quiet):
+                    precision, channels_last, decode, strict, overwrite, checkpoint_every, path_col, label_col,
+                    val_fraction, quiet):
     """Cache CNN codes of every image under DATA to an HDF5 file.
 
-    DATA is DATA/<class>/<image> or DATA/{train,val,test}/<class>/<image>. Rerun the same
-    command to resume after a crash or to add images that appeared since.
+    DATA is DATA/<class>/<image>, DATA/{train,val,test}/<class>/<image>, or a CSV manifest
+    with columns path,label[,split]. Rerun the same command to resume after a crash or to
+    add images (or rows) that appeared since.
     """
+    manifest = manifest_from(path_col, label_col, val_fraction, seed)
     if not overwrite and _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed,
-                                               precision, strict):
+                                               precision, strict, manifest):
         return
     from ..extract import extract
 
     r = extract(data, out, arch=arch, weights=weights, image_size=image_size, views=views, eval_views=eval_views,
                 seed=seed, batch_size=batch_size, workers=workers, device=device, decode=decode, precision=precision,
                 channels_last=channels_last, strict=strict, overwrite=overwrite, checkpoint_every=checkpoint_every,
-                progress=not quiet, log=lambda m: click.echo(m, err=True))
+                progress=not quiet, log=lambda m: click.echo(m, err=True),
+                manifest=manifest)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for all
     _echo_skipped(r.skipped, out)
@@ -54,13 +59,14 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
                    f"({r.images_per_s:.1f} img/s){gpu}; skipped {len(r.skipped)} files; {out}: {counts} codes")
 
 
-def _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed, precision, strict) -> bool:
+def _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed, precision, strict,
+                          manifest) -> bool:
     """The rerun on an unchanged folder, answered without importing torch (see `uptodate`)."""
     from ..uptodate import request_key, up_to_date, weights_sha256
 
     request = request_key(arch=arch, weights=weights, weights_sha256=weights_sha256(weights), image_size=image_size,
                           precision=precision, views=views, eval_views=eval_views, seed=seed)
-    done = up_to_date(data, out, request, strict)
+    done = up_to_date(data, out, request, strict, manifest)
     if done is None:
         return False
     if int(os.environ.get("RANK", "0")) == 0:
@@ -98,6 +104,10 @@ def info_command(cache, as_json):
     p = info["preprocessing"]
     click.echo(f"preprocessing: resize {p['resize']}, center crop {p['crop']}, mean {p['mean']}, std {p['std']}")
     click.echo(f"classes ({len(info['classes'])}): {', '.join(info['classes'])}")
+    if info["manifest"]:
+        m = info["manifest"]
+        click.echo(f"manifest: {m['path']} (sha256 {m['sha256'][:12]}), splits from {m['splits_from']}"
+                   + (f" {m['val_fraction']} (seed {m['seed']})" if m["val_fraction"] is not None else ""))
     for name, s in info["splits"].items():
         click.echo(f"{name}: {s['images']} images, {s['codes']} codes ({s['views_per_image']} extra views each), "
                    f"{len(s['skipped'])} skipped")

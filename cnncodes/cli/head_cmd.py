@@ -9,6 +9,7 @@ import click
 
 from ..heads.names import CLFS
 from ..precision import PRECISIONS
+from .options import manifest_from, manifest_options
 
 
 @click.command("fit-head")
@@ -107,16 +108,19 @@ def draw_confusion(report: dict, out: str) -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="[default: the head's extraction precision]")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
 @click.option("--workers", type=int, default=None, help="Decode workers [default: sized to the machine].")
-def predict_command(model, inputs, out, grid, weights, device, precision, batch_size, workers):
-    """Classify images (files and/or folders) with a head (.h5), a classifier (.pt) or a finetune RUN_DIR.
+@manifest_options(split=False)
+def predict_command(model, inputs, out, grid, weights, device, precision, batch_size, workers, path_col, label_col):
+    """Classify images (files, folders and/or CSV manifests) with a head (.h5), a classifier (.pt)
+    or a finetune RUN_DIR.
 
     A folder whose images sit in class-named subfolders (DIR/<class>/, DIR/val/<class>/) is
-    labelled: accuracy is printed. Scores are softmax of the class scores (see docs).
+    labelled, and so is a manifest with a label column: accuracy is printed. Scores are
+    softmax of the class scores (see docs).
     """
     from ..predict import draw_grid, predict, write_predictions
 
     preds = predict(model, inputs, weights=weights, device=device, precision=precision, batch_size=batch_size,
-                    workers=workers)
+                    workers=workers, manifest=manifest_from(path_col, label_col))
     for path, reason in preds.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     if out:

@@ -24,3 +24,26 @@ def runtime_options(f):
     f = click.option("--channels-last/--no-channels-last", default=True, show_default=True,
                      help="NHWC memory layout (faster convolutions on CPU and tensor cores).")(f)
     return f
+
+
+def manifest_options(split: bool = True):
+    """--path-col/--label-col (and with `split`, --val-fraction) for a DATA given as a CSV manifest."""
+
+    def decorate(f):
+        if split:
+            f = click.option("--val-fraction", type=float, default=None, metavar="F",
+                             help="CSV without a split column: a seeded, stratified fraction F of each label "
+                                  "becomes val (seed: --seed) [default: all rows train].")(f)
+        f = click.option("--label-col", default="label", show_default=True, help="CSV manifest: the class column.")(f)
+        f = click.option("--path-col", default="path", show_default=True,
+                         help="CSV manifest: the image path column (relative to the CSV's folder, or absolute).")(f)
+        return f
+
+    return decorate
+
+
+def manifest_from(path_col: str, label_col: str, val_fraction: float | None = None, seed: int = 0):
+    """The CLI's manifest options as the `ManifestOptions` the API takes."""
+    from ..manifest import ManifestOptions
+
+    return ManifestOptions(path_col=path_col, label_col=label_col, val_fraction=val_fraction, seed=seed)
