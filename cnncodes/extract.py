@@ -1,4 +1,4 @@
-"""`extract`: one pass of a headless ResNet over an image folder, cached to HDF5.
+"""`extract`: one pass of a headless backbone over an image folder, cached to HDF5.
 
 images -> `data.ImageFiles` -> headless backbone -> shards in `<cache>.parts/` -> one cache.
 Shards are flushed at batch boundaries every `checkpoint_every` seconds, so a killed
@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .backbones import create_extractor, default_preprocessing, resolve_weights
+from .backbones import create_extractor, parse_layers, resolve_preprocessing, resolve_weights
 from .data import (
     FolderLayout,
     ImageFile,
@@ -96,6 +96,7 @@ def extract(
     arch: str = "resnet18",
     weights: str = "DEFAULT",
     image_size: int | None = None,
+    layers: str | None = None,
     views: int = 0,
     eval_views: int = 0,
     seed: int = 0,
@@ -115,6 +116,8 @@ def extract(
     Resumable (rerun the same call after a crash), incremental (only new or changed
     files are extracted), and refuses to mix configurations unless `overwrite`.
     `batch_size` None = `inference_batch_size(device)` (16 on CPU, 128 on CUDA).
+    `layers` ("NAME[,NAME...]"): pooled codes of those intermediate layers, concatenated,
+    instead of the classifier's input (`cnncodes archs ARCH --layers` lists the names).
     """
     if views < 0 or eval_views < 0 or (batch_size is not None and batch_size < 1):
         raise CnnCodesError("--views/--eval-views must be >= 0 and --batch-size >= 1")
@@ -125,10 +128,9 @@ def extract(
     batch_size = batch_size or inference_batch_size(dev)
     check_precision(precision, dev)
     info = resolve_weights(arch, weights)
-    pre = default_preprocessing(arch, info)
-    if image_size:
-        pre = Preprocessing.for_image_size(image_size, pre)
-    config = CacheConfig(arch, info.identity, info.name, precision, pre.to_dict(), views, eval_views, seed)
+    pre = resolve_preprocessing(arch, info, image_size)
+    layers = parse_layers(arch, layers)
+    config = CacheConfig(arch, info.identity, info.name, precision, pre.to_dict(), views, eval_views, seed, layers)
     if strict:
         _fail_on_ignored(layout)
     out = Path(out)
@@ -137,13 +139,13 @@ def extract(
     dev = distributed.init(dev)
     try:
         return _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision,
-                               channels_last, strict, checkpoint_every, progress)
+                               channels_last, strict, checkpoint_every, progress, log)
     finally:
         distributed.cleanup()
 
 
 def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, precision, channels_last,
-                    strict, checkpoint_every, progress) -> ExtractResult:
+                    strict, checkpoint_every, progress, log=print) -> ExtractResult:
     """The body of `extract`: under torchrun every rank runs it, rank 0 alone locks and merges."""
     main = distributed.is_main()
     with contextlib.ExitStack() as stack:
@@ -166,7 +168,8 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
         result = ExtractResult(out)
         if any(todo.values()):
             mine = {s: _deal(files, batch_size) for s, files in todo.items()}
-            runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, strict)
+            runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, strict,
+                             log if main else None)
             result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, checkpoint_every,
                                                                         progress and main)
             result.extracted, result.codes, result.seconds = _sum_over_ranks(result, dev)
@@ -345,9 +348,9 @@ class _Done:
 class _Runner:
     """Runs the headless backbone over the files still to do, writing shards as it goes."""
 
-    def __init__(self, config, info, pre, dev, precision, channels_last, batch_size, workers, strict):
+    def __init__(self, config, info, pre, dev, precision, channels_last, batch_size, workers, strict, log=None):
         configure_threads(dev)
-        self.model, _, self.dim = create_extractor(config.arch, info)
+        self.model, _, self.dim = create_extractor(config.arch, info, layers=config.layers, log=log)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model = self.model.to(dev)

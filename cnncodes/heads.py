@@ -873,6 +873,7 @@ def _head_meta(cache, sel: Selection, tta: bool) -> dict:
     cfg = cache.config
     return {"arch": cfg.arch, "weights": cfg.weights, "weights_name": cfg.weights_name, "precision": cfg.precision,
             "preprocessing": cfg.preprocessing, "feature_dim": cache.feature_dim, "cache": str(cache.path),
+            "layers": getattr(cfg, "layers", ""),
             "cv": sel.to_dict(), "tta": tta, "cnncodes_version": __version__}
 
 

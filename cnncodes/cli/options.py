@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ..backbones import ARCHS
 from ..runtime import PRECISIONS
 
 
 def backbone_options(f):
     f = click.option("--weights", default="DEFAULT", show_default=True,
-                     help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a local state_dict file, or 'none'.")(f)
-    f = click.option("--arch", default="resnet18", show_default=True, type=click.Choice(list(ARCHS)), help="Backbone.")(f)
+                     help="The arch's weights name (DEFAULT, IMAGENET1K_V1, ...), a local state_dict file, or 'none'.")(f)
+    f = click.option("--arch", default="resnet18", show_default=True,
+                     help="Backbone: any torchvision classification model (resnet50, densenet121, vit_b_16, ...) "
+                          "or timm:NAME; `cnncodes archs` lists them.")(f)
     return f
 
 
