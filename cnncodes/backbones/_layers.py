@@ -15,11 +15,16 @@ from ._api import Backbone
 
 
 def layer_names(bb: Backbone) -> list[str]:
-    """The node names `--layer` accepts for this model (eval-mode graph), in forward order."""
+    """The names `--layer` accepts (modules and fx nodes of the eval-mode graph), in forward order."""
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    _, names = get_graph_node_names(_traceable(bb))
-    return names
+    _, nodes = get_graph_node_names(_traceable(bb))
+    names: dict[str, None] = {}
+    for node in nodes:  # a module name (e.g. `layer2`) gives the output of its last node
+        parts = node.split(".")
+        for i in range(1, len(parts) + 1):
+            names.setdefault(".".join(parts[:i]), None)
+    return list(names)
 
 
 def _traceable(bb: Backbone) -> nn.Module:

@@ -47,7 +47,7 @@ def _register() -> None:
     from . import extract_cmd
 
     extract_cmd.register(cli)
-    for name in ("head_cmd", "finetune_cmd", "demo_cmd"):
+    for name in ("head_cmd", "finetune_cmd", "demo_cmd", "archs_cmd"):
         try:
             module = __import__(f"{__name__}.{name}", fromlist=["register"])
         except ModuleNotFoundError as e:
