@@ -97,6 +97,7 @@ def extract(
     weights: str = "DEFAULT",
     image_size: int | None = None,
     layers: str | None = None,
+    preprocess_like: str | None = None,
     views: int = 0,
     eval_views: int = 0,
     seed: int = 0,
@@ -118,6 +119,7 @@ def extract(
     `batch_size` None = `inference_batch_size(device)` (16 on CPU, 128 on CUDA).
     `layers` ("NAME[,NAME...]"): pooled codes of those intermediate layers, concatenated,
     instead of the classifier's input (`cnncodes archs ARCH --layers` lists the names).
+    `preprocess_like`: the weights name whose preprocessing a weights file follows (default DEFAULT's).
     """
     if views < 0 or eval_views < 0 or (batch_size is not None and batch_size < 1):
         raise CnnCodesError("--views/--eval-views must be >= 0 and --batch-size >= 1")
@@ -128,7 +130,7 @@ def extract(
     batch_size = batch_size or inference_batch_size(dev)
     check_precision(precision, dev)
     info = resolve_weights(arch, weights)
-    pre = resolve_preprocessing(arch, info, image_size)
+    pre = resolve_preprocessing(arch, info, image_size, preprocess_like)
     layers = parse_layers(arch, layers)
     config = CacheConfig(arch, info.identity, info.name, precision, pre.to_dict(), views, eval_views, seed, layers)
     if strict:

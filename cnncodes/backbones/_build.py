@@ -140,11 +140,18 @@ def fixed_size(arch: str, info: WeightsInfo) -> int | None:
     return None
 
 
-def resolve_preprocessing(arch: str, info: WeightsInfo, image_size: int | None = None) -> Preprocessing:
+def resolve_preprocessing(arch: str, info: WeightsInfo, image_size: int | None = None,
+                          like: str | None = None) -> Preprocessing:
     """Precedence as timm's: `image_size` override > the weights' preprocessing > the arch's default.
 
+    `like` names the weights whose preprocessing a local file or `none` follows (`IMAGENET1K_V1`:
+    256/224 where DEFAULT is V2's 232/224); a file trained like V1 loses ~2.6 points otherwise.
     The override keeps the weights' resize/crop ratio; an arch with a fixed input size refuses it.
     """
+    if like:
+        if info.kind in ("torchvision", "timm"):
+            raise CnnCodesError("--preprocess-like applies to --weights FILE or none; named weights bring their own")
+        info = resolve_weights(arch, like)
     pre = default_preprocessing(arch, info)
     if not image_size or image_size == pre.crop:
         return pre

@@ -17,6 +17,8 @@ from .options import backbone_options, runtime_options
 @click.option("--image-size", type=int, default=None, help="Crop size; resize keeps the weights' ratio (256/224).")
 @click.option("--layer", "layers", default=None, metavar="NAME[,NAME...]",
               help="Cache pooled codes of these intermediate layers, concatenated (`cnncodes archs ARCH --layers`).")
+@click.option("--preprocess-like", default=None, metavar="WEIGHTS",
+              help="With --weights FILE: use these named weights' preprocessing (e.g. IMAGENET1K_V1) [default: DEFAULT's].")
 @click.option("--views", type=int, default=0, show_default=True, help="Extra augmented codes per training image.")
 @click.option("--eval-views", type=int, default=0, show_default=True, help="Extra augmented codes per val/test image (for test-time averaging).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
@@ -26,7 +28,7 @@ from .options import backbone_options, runtime_options
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another configuration.")
 @click.option("--checkpoint-every", type=float, default=30.0, show_default=True, help="Seconds between resumable shard writes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def extract_command(data, out, arch, weights, image_size, layers, views, eval_views, seed, batch_size, workers, device,
+def extract_command(data, out, arch, weights, image_size, layers, preprocess_like, views, eval_views, seed, batch_size, workers, device,
                     precision, channels_last, strict, overwrite, checkpoint_every, quiet):
     """Cache CNN codes of every image under DATA to an HDF5 file.
 
@@ -35,7 +37,7 @@ def extract_command(data, out, arch, weights, image_size, layers, views, eval_vi
     """
     from ..extract import extract
 
-    r = extract(data, out, arch=arch, weights=weights, image_size=image_size, layers=layers, views=views, eval_views=eval_views,
+    r = extract(data, out, arch=arch, weights=weights, image_size=image_size, layers=layers, preprocess_like=preprocess_like, views=views, eval_views=eval_views,
                 seed=seed, batch_size=batch_size, workers=workers, device=device, precision=precision,
                 channels_last=channels_last, strict=strict, overwrite=overwrite, checkpoint_every=checkpoint_every,
                 progress=not quiet, log=lambda m: click.echo(m, err=True))
