@@ -234,6 +234,12 @@ def test_timm_backbone_extracts_with_its_own_preprocessing(tmp_path):
     r = extract(data, tmp_path / "c.h5", arch="timm:resnet10t", weights="none", image_size=64, **QUIET)
     with Cache(r.cache) as c:
         assert c.feature_dim == 512 == B.code_dim("timm:resnet10t") and c.config.arch == "timm:resnet10t"
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("resnet10t").state_dict(), str(tmp_path / "w.safetensors"))  # a full timm state_dict
+    model, info, dim = B.create_extractor("timm:resnet10t", str(tmp_path / "w.safetensors"), fold_bn=False)
+    assert info.kind == "file" and dim == 512
     bb = B.create_backbone("timm:test_vit", "none")
     assert bb.fixed_size == 160 and bb.classifier_name == "head"
     with pytest.raises(CnnCodesError, match="takes only 160x160"):

@@ -53,6 +53,10 @@ def _create(name: str, info: WeightsInfo, num_classes: int, device=None):
         kw["device"] = device
     if info.kind != "timm":
         return timm.create_model(name, pretrained=False, **kw)
+    if not cached_offline(PREFIX + info.name) and not _hub_reachable():
+        raise CnnCodesError(f"timm weights {info.name} are not in the local cache and huggingface.co cannot be reached "
+                            f"(offline?); download them once online (HF cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
+                            f"or pass --weights PATH to a local .safetensors/.pth, or --weights none")
     try:
         # the hub cache only; timm reads its files with weights_only=True or as safetensors
         return timm.create_model(info.name, pretrained=True, **kw)
@@ -60,6 +64,17 @@ def _create(name: str, info: WeightsInfo, num_classes: int, device=None):
         raise CnnCodesError(f"cannot get timm weights {info.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             f"offline? download them once online (HF cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
                             f"or pass --weights PATH to a local .safetensors/.pth, or --weights none") from e
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline run fails at once instead of after the hub client's retries."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def build(arch: str, info: WeightsInfo, device=None) -> Backbone:
