@@ -81,23 +81,26 @@ def resolve_weights(arch: str, weights: str | None) -> WeightsInfo:
     return info
 
 
-def create_backbone(arch: str, weights: str | WeightsInfo | None) -> Backbone:
-    """The full classification model of `arch` with its weights, wrapped with its head API."""
+def create_backbone(arch: str, weights: str | WeightsInfo | None, num_classes: int | None = None) -> Backbone:
+    """The full classification model of `arch` with its weights, wrapped with its head API.
+
+    With `num_classes`, the classifier is replaced by a fresh one of that size (fine-tuning),
+    initialised from the same seeded stream as the model, so runs are reproducible.
+    """
     arch = canonical_arch(arch)
     info = weights if isinstance(weights, WeightsInfo) else resolve_weights(arch, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        return (_timm if is_timm(arch) else _torchvision).build(arch, info)
+        bb = (_timm if is_timm(arch) else _torchvision).build(arch, info)
+        if num_classes is not None:
+            bb.reset_classifier(num_classes)
+    return bb
 
 
 def create_model(arch: str, weights: str | WeightsInfo | None,
                  num_classes: int | None = None) -> tuple[nn.Module, WeightsInfo]:
     """The model with its weights; with `num_classes`, a fresh classifier of that size (fine-tuning)."""
-    bb = create_backbone(arch, weights)
-    if num_classes is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            bb.reset_classifier(num_classes)
+    bb = create_backbone(arch, weights, num_classes)
     return bb.model, bb.info
 
 
