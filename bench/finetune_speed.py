@@ -166,7 +166,7 @@ def _report_rounds(run, step, synthetic, steps: int, rounds: int, device) -> Non
 
 
 @click.command()
-@click.option("--arch", default="resnet18", type=click.Choice(list(backbones.ARCHS)), show_default=True)
+@click.option("--arch", default="resnet18", show_default=True)
 @click.option("--precision", default="fp32", type=click.Choice(runtime.PRECISIONS), show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--steps", default=8, show_default=True, help="Timed real steps (per round in rounds mode).")

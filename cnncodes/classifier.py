@@ -1,7 +1,9 @@
 """The saved-classifier format shared by `finetune`, `export` and `predict`.
 
-A classifier is two files: `NAME.pt`, a plain torchvision state_dict that
-`torchvision.models.<arch>(num_classes=C)` loads strictly, and `NAME.json` beside it with
+A classifier is two files: `NAME.pt`, a plain state_dict of the arch with a C-class classifier
+(torchvision: `torchvision.models.get_model(arch, num_classes=C)` loads it strictly, except
+SqueezeNet, whose classifier conv is followed by no ReLU here; timm: `timm.create_model(NAME,
+num_classes=C)`), and `NAME.json` beside it with
 the arch, class names, preprocessing and where the weights came from. No pickle: the
 state_dict is read with `torch.load(weights_only=True)`.
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .backbones import ARCHS, check_arch, load_state_file
+from .backbones import create_backbone, load_state_file
 from .data import Preprocessing
 from .errors import CnnCodesError
 from .runtime import atomic_path, save_torch_atomic
@@ -57,11 +59,10 @@ def read_classifier_meta(path: str | Path) -> dict:
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
-    """The classifier as a torchvision model in eval mode, and its metadata."""
+    """The classifier as a model in eval mode, and its metadata."""
     meta = read_classifier_meta(path)
     arch = meta["arch"]
-    check_arch(arch)
-    model = ARCHS[arch][0](num_classes=int(meta["num_classes"]))
+    model = create_backbone(arch, "none").reset_classifier(int(meta["num_classes"]))
     state = load_state_file(path)
     try:
         model.load_state_dict(state, strict=True)

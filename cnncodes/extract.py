@@ -1,4 +1,4 @@
-"""`extract`: one pass of a headless ResNet over an image folder, cached to HDF5.
+"""`extract`: one pass of a headless backbone over an image folder, cached to HDF5.
 
 images -> `data.ImageFiles` -> headless backbone -> shards in `<cache>.parts/` -> one cache.
 Shards are flushed at batch boundaries every `checkpoint_every` seconds, so a killed
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ._version import __version__
-from .backbones import create_extractor, default_preprocessing, resolve_weights
+from .backbones import create_extractor, parse_layers, resolve_preprocessing, resolve_weights
 from .data import (
     FolderLayout,
     ImageFile,
@@ -104,6 +104,8 @@ def extract(
     arch: str = "resnet18",
     weights: str = "DEFAULT",
     image_size: int | None = None,
+    layers: str | None = None,
+    preprocess_like: str | None = None,
     views: int = 0,
     eval_views: int = 0,
     seed: int = 0,
@@ -127,6 +129,9 @@ def extract(
     files are extracted), and refuses to mix configurations unless `overwrite`.
     `batch_size` None = `inference_batch_size(device)` (16 on CPU, 128 on CUDA).
     `decode` "auto" decodes JPEGs on the GPU (nvJPEG) when the network runs on one.
+    `layers` ("NAME[,NAME...]"): pooled codes of those intermediate layers, concatenated,
+    instead of the classifier's input (`cnncodes archs ARCH --layers` lists the names).
+    `preprocess_like`: the weights name whose preprocessing a weights file follows (default DEFAULT's).
     """
     if views < 0 or eval_views < 0 or (batch_size is not None and batch_size < 1):
         raise CnnCodesError("--views/--eval-views must be >= 0 and --batch-size >= 1")
@@ -138,12 +143,12 @@ def extract(
     check_precision(precision, dev)
     decode = resolve_decode(decode, dev)
     info = resolve_weights(arch, weights)
-    pre = default_preprocessing(arch, info)
-    if image_size:
-        pre = Preprocessing.for_image_size(image_size, pre)
-    config = CacheConfig(arch, info.identity, info.name, precision, pre.to_dict(), views, eval_views, seed)
     request = request_key(arch=arch, weights=weights, weights_sha256=info.sha256, image_size=image_size,
-                          precision=precision, views=views, eval_views=eval_views, seed=seed)
+                          precision=precision, views=views, eval_views=eval_views, seed=seed, layers=layers,
+                          preprocess_like=preprocess_like)
+    pre = resolve_preprocessing(arch, info, image_size, preprocess_like)
+    layers = parse_layers(arch, layers)
+    config = CacheConfig(arch, info.identity, info.name, precision, pre.to_dict(), views, eval_views, seed, layers)
     if strict:
         _fail_on_ignored(layout)
     out = Path(out)
@@ -152,7 +157,7 @@ def extract(
     dev = distributed.init(dev)
     try:
         result = _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode,
-                                 precision, channels_last, strict, checkpoint_every, progress, request)
+                                 precision, channels_last, strict, checkpoint_every, progress, request, log)
     finally:
         distributed.cleanup()
     for note in result.notes:
@@ -161,7 +166,7 @@ def extract(
 
 
 def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode, precision, channels_last,
-                    strict, checkpoint_every, progress, request) -> ExtractResult:
+                    strict, checkpoint_every, progress, request, log=print) -> ExtractResult:
     """The body of `extract`: under torchrun every rank runs it, rank 0 alone locks and merges."""
     main = distributed.is_main()
     with contextlib.ExitStack() as stack:
@@ -183,7 +188,8 @@ def _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch
         result = ExtractResult(out, notes=_fast_path_notes(todo))
         if any(todo.values()):
             mine = {s: _deal(files, batch_size) for s, files in todo.items()}
-            runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, decode, strict)
+            runner = _Runner(config, info, pre, dev, precision, channels_last, batch_size, workers, decode, strict,
+                             log if main else None)
             result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, checkpoint_every,
                                                                         progress and main)
             result.decode, result.decode_fallbacks = runner.decode, runner.decode_fallbacks
@@ -270,9 +276,9 @@ def _open_existing(out: Path, config: CacheConfig, overwrite: bool) -> Cache | N
 class _Runner:
     """Runs the headless backbone over the files still to do, writing shards as it goes."""
 
-    def __init__(self, config, info, pre, dev, precision, channels_last, batch_size, workers, decode, strict):
+    def __init__(self, config, info, pre, dev, precision, channels_last, batch_size, workers, decode, strict, log=None):
         configure_threads(dev)
-        self.model, _, self.dim = create_extractor(config.arch, info)
+        self.model, _, self.dim = create_extractor(config.arch, info, layers=config.layers, log=log)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model = self.model.to(dev)

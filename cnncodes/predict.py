@@ -1,7 +1,7 @@
 """Predict with a head (.h5 from `fit-head`) or a classifier (.pt from `finetune`/`export`); export heads.
 
-A head becomes a plain torchvision classifier by folding its standardiser and weights into
-the backbone's `fc` (`head_to_model`): `predict` runs that model, and `export` saves it with
+A head becomes a plain classifier of its arch by folding its standardiser and weights into
+the backbone's final classification layer (`head_to_model`): `predict` runs that model, and `export` saves it with
 `classifier.save_classifier`, so both give the same scores by construction.
 
 The `score` of a prediction is softmax(class scores): a probability for logreg/linear heads
@@ -23,7 +23,7 @@ from scipy.special import softmax
 import torch
 from torch import nn
 
-from .backbones import WeightsInfo, create_model, resolve_weights
+from .backbones import WeightsInfo, create_backbone, resolve_weights
 from .data import (
     IMAGE_EXTENSIONS,
     SPLIT_NAMES,
@@ -73,17 +73,17 @@ def head_weights(head: LinearHead, weights: str | None) -> WeightsInfo:
 
 
 def head_to_model(head: LinearHead, weights: str | None = None) -> nn.Module:
-    """The head's backbone with `fc` = the head (standardiser folded in), in eval mode."""
+    """The head's backbone with its classifier = the head (standardiser folded in), in eval mode."""
+    if head.meta.get("layers"):
+        raise CnnCodesError(f"head was trained on codes of intermediate layers ({head.meta['layers']}), which no "
+                            f"classifier of {head.meta['arch']} can take; predict and export need a head fitted on "
+                            f"a cache extracted without --layer")
     info = head_weights(head, weights)
-    module, _ = create_model(head.meta["arch"], info)
-    if module.fc.in_features != head.n_features:
-        raise CnnCodesError(f"head expects {head.n_features}-d codes but {head.meta['arch']} gives {module.fc.in_features}-d")
+    bb = create_backbone(head.meta["arch"], info)
+    if bb.num_features != head.n_features:
+        raise CnnCodesError(f"head expects {head.n_features}-d codes but {head.meta['arch']} gives {bb.num_features}-d")
     w, b = head.folded()
-    module.fc = nn.Linear(head.n_features, len(head.classes))
-    with torch.no_grad():
-        module.fc.weight.copy_(torch.from_numpy(w))
-        module.fc.bias.copy_(torch.from_numpy(b))
-    return module.eval()
+    return bb.set_classifier(torch.from_numpy(w), torch.from_numpy(b)).eval()
 
 
 def is_head_file(path: str | Path) -> bool:

@@ -58,6 +58,7 @@ class CacheConfig:
     views: int = 0
     eval_views: int = 0
     seed: int = 0
+    layers: str = ""  # "" = the classifier's input; else pooled intermediate layers "NAME,NAME"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

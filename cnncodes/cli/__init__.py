@@ -23,6 +23,7 @@ COMMANDS = {
     "export": ("head_cmd", "export_command"),
     "finetune": ("finetune_cmd", "finetune_command"),
     "demo": ("demo_cmd", "demo_command"),
+    "archs": ("archs_cmd", "archs_command"),
 }
 
 

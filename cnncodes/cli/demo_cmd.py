@@ -8,7 +8,7 @@ import click
 @click.command("demo")
 @click.option("--dir", "workdir", default="cnncodes-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the dataset, cache and head go.")
-@click.option("--arch", default="resnet18", show_default=True, help="Backbone (a torchvision model name).")
+@click.option("--arch", default="resnet18", show_default=True, help="Backbone (`cnncodes archs` lists them).")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="torchvision weights name, a local state_dict file, or 'none' (used if DEFAULT cannot be had).")
 @click.option("--image-size", default=64, show_default=True, type=int, help="Crop size (digits are small).")

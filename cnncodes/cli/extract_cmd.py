@@ -15,6 +15,10 @@ from .options import backbone_options, manifest_from, manifest_options, runtime_
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Cache file to create or extend (.h5).")
 @backbone_options
 @click.option("--image-size", type=int, default=None, help="Crop size; resize keeps the weights' ratio (256/224).")
+@click.option("--layer", "layers", default=None, metavar="NAME[,NAME...]",
+              help="Cache pooled codes of these intermediate layers, concatenated (`cnncodes archs ARCH --layers`).")
+@click.option("--preprocess-like", default=None, metavar="WEIGHTS",
+              help="With --weights FILE: use these named weights' preprocessing (e.g. IMAGENET1K_V1) [default: DEFAULT's].")
 @click.option("--views", type=int, default=0, show_default=True, help="Extra augmented codes per training image.")
 @click.option("--eval-views", type=int, default=0, show_default=True, help="Extra augmented codes per val/test image (for test-time averaging).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmented views (and of --val-fraction's split).")
@@ -27,9 +31,9 @@ from .options import backbone_options, manifest_from, manifest_options, runtime_
 @click.option("--checkpoint-every", type=float, default=30.0, show_default=True, help="Seconds between resumable shard writes.")
 @manifest_options()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def extract_command(data, out, arch, weights, image_size, views, eval_views, seed, batch_size, workers, device,
-                    precision, channels_last, decode, strict, overwrite, checkpoint_every, path_col, label_col,
-                    val_fraction, quiet):
+def extract_command(data, out, arch, weights, image_size, layers, preprocess_like, views, eval_views, seed, batch_size,
+                    workers, device, precision, channels_last, decode, strict, overwrite, checkpoint_every, path_col,
+                    label_col, val_fraction, quiet):
     """Cache CNN codes of every image under DATA to an HDF5 file.
 
     DATA is DATA/<class>/<image>, DATA/{train,val,test}/<class>/<image>, or a CSV manifest
@@ -37,13 +41,15 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
     add images (or rows) that appeared since.
     """
     manifest = manifest_from(path_col, label_col, val_fraction, seed)
-    if not overwrite and _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed,
-                                               precision, strict, manifest):
+    request = dict(arch=arch, weights=weights, image_size=image_size, views=views, eval_views=eval_views, seed=seed,
+                   precision=precision, layers=layers, preprocess_like=preprocess_like)
+    if not overwrite and _report_if_up_to_date(data, out, request, strict, manifest):
         return
     from ..extract import extract
 
-    r = extract(data, out, arch=arch, weights=weights, image_size=image_size, views=views, eval_views=eval_views,
-                seed=seed, batch_size=batch_size, workers=workers, device=device, decode=decode, precision=precision,
+    r = extract(data, out, arch=arch, weights=weights, image_size=image_size, layers=layers,
+                preprocess_like=preprocess_like, views=views, eval_views=eval_views, seed=seed, batch_size=batch_size,
+                workers=workers, device=device, decode=decode, precision=precision,
                 channels_last=channels_last, strict=strict, overwrite=overwrite, checkpoint_every=checkpoint_every,
                 progress=not quiet, log=lambda m: click.echo(m, err=True),
                 manifest=manifest)
@@ -59,14 +65,12 @@ def extract_command(data, out, arch, weights, image_size, views, eval_views, see
                    f"({r.images_per_s:.1f} img/s){gpu}; skipped {len(r.skipped)} files; {out}: {counts} codes")
 
 
-def _report_if_up_to_date(data, out, arch, weights, image_size, views, eval_views, seed, precision, strict,
-                          manifest) -> bool:
+def _report_if_up_to_date(data, out, request: dict, strict: bool, manifest) -> bool:
     """The rerun on an unchanged folder, answered without importing torch (see `uptodate`)."""
     from ..uptodate import request_key, up_to_date, weights_sha256
 
-    request = request_key(arch=arch, weights=weights, weights_sha256=weights_sha256(weights), image_size=image_size,
-                          precision=precision, views=views, eval_views=eval_views, seed=seed)
-    done = up_to_date(data, out, request, strict, manifest)
+    key = request_key(weights_sha256=weights_sha256(request["weights"]), **request)
+    done = up_to_date(data, out, key, strict, manifest)
     if done is None:
         return False
     if int(os.environ.get("RANK", "0")) == 0:

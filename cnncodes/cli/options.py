@@ -9,10 +9,10 @@ from ..precision import PRECISIONS
 
 def backbone_options(f):
     f = click.option("--weights", default="DEFAULT", show_default=True,
-                     help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a local state_dict file, or 'none'.")(f)
-    # A free string checked by the API (`backbones.check_arch`), so listing the choices here
-    # would not import torchvision before the arguments are even parsed.
-    f = click.option("--arch", default="resnet18", show_default=True, help="Backbone (a torchvision model name).")(f)
+                     help="The arch's weights name (DEFAULT, IMAGENET1K_V1, ...), a local state_dict file, or 'none'.")(f)
+    f = click.option("--arch", default="resnet18", show_default=True,
+                     help="Backbone: any torchvision classification model (resnet50, densenet121, vit_b_16, ...) "
+                          "or timm:NAME; `cnncodes archs` lists them.")(f)
     return f
 
 

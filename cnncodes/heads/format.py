@@ -149,4 +149,5 @@ def head_meta(cache, selection, tta: bool) -> dict:
     cfg = cache.config
     return {"arch": cfg.arch, "weights": cfg.weights, "weights_name": cfg.weights_name, "precision": cfg.precision,
             "preprocessing": cfg.preprocessing, "feature_dim": cache.feature_dim, "cache": str(cache.path),
+            "layers": getattr(cfg, "layers", ""),
             "cv": selection.to_dict(), "tta": tta, "cnncodes_version": __version__}
