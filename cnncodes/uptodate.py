@@ -24,7 +24,8 @@ import h5py
 import numpy as np
 
 from .folders import FolderLayout, ImageFile, discover
-from .store import read_table
+from .errors import CnnCodesError
+from .store import Cache, read_table
 
 REQUEST_ATTR = "request"
 _VERSIONED = ("cnncodes", "torch", "torchvision", "timm")
@@ -72,16 +73,20 @@ def up_to_date(data: str | Path, out: str | Path, request: str, strict: bool = F
     if not out.is_file() or out.with_name(out.name + ".parts").exists():
         return None
     try:
-        f = h5py.File(out, "r")
-    except OSError:
+        cache = Cache(out)  # validated as every reader validates it: damage is the full path's to report
+    except CnnCodesError:
         return None
-    with f:
+    with cache:
+        f = cache.file
         if f.attrs.get(REQUEST_ATTR) != request:
             return None
         layout = discover(data)
         if strict and any(layout.ignored.values()):
             return None  # --strict refuses ignored files: the full path says which
-        return _compare(f, layout)
+        try:
+            return _compare(f, layout)
+        except (KeyError, OSError, ValueError, TypeError):
+            return None  # a damaged cache: the full path names the damage and the fix
 
 
 def _compare(f: h5py.File, layout: FolderLayout) -> UpToDate | None:
