@@ -44,6 +44,7 @@ from .runtime import (
     check_space,
     configure_threads,
     inference_batch_size,
+    process_cores,
     resolve_device,
 )
 from .resume import Done, prepare_parts
@@ -317,7 +318,7 @@ class _Runner:
         dataset = ImageFiles(layout.root, paths, self.pre.load, ViewMaker(self.pre, paths, k, self.config.seed))
         if self.decode == "gpu":
             loader = DeviceLoader(layout.root, paths, self.pre.load, dataset.transform, self.batch_size, self.dev,
-                                  self.workers or distributed.process_cores())
+                                  self.workers or process_cores())
         else:
             loader = make_loader(dataset, self.batch_size, self.workers, self.dev)
         shard = _ShardWriter(parts, split, k + 1, distributed.rank())

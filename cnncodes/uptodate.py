@@ -24,8 +24,9 @@ import h5py
 import numpy as np
 
 from .folders import FolderLayout, ImageFile, discover
+from .errors import CnnCodesError
 from .manifest import ManifestOptions
-from .store import read_table
+from .store import Cache, read_table
 
 REQUEST_ATTR = "request"
 _VERSIONED = ("cnncodes", "torch", "torchvision", "timm")
@@ -76,23 +77,22 @@ def up_to_date(data: str | Path, out: str | Path, request: str, strict: bool = F
     if not out.is_file() or out.with_name(out.name + ".parts").exists():
         return None
     try:
-        f = h5py.File(out, "r")
-    except OSError:
+        cache = Cache(out)  # validated as every reader validates it: damage is the full path's to report
+    except CnnCodesError:
         return None
-    with f:
+    with cache:
+        f = cache.file
         if f.attrs.get(REQUEST_ATTR) != request:
             return None
         layout = discover(data, manifest)
-        if _recorded_manifest(f) != layout.manifest:
+        if cache.manifest != layout.manifest:
             return None  # another manifest file, columns or split: the full path decides
         if strict and any(layout.ignored.values()):
             return None  # --strict refuses ignored files: the full path says which
-        return _compare(f, layout)
-
-
-def _recorded_manifest(f: h5py.File) -> dict | None:
-    text = f.attrs.get("manifest")
-    return json.loads(text) if text is not None else None
+        try:
+            return _compare(f, layout)
+        except (KeyError, OSError, ValueError, TypeError):
+            return None  # a damaged cache: the full path names the damage and the fix
 
 
 def _compare(f: h5py.File, layout: FolderLayout) -> UpToDate | None:
