@@ -18,10 +18,12 @@ For each arch and precision it prints, measured back to back on this machine:
             loop the command reports (median of 3 runs)
 On CUDA the decode line is printed twice: CPU workers (`make_loader`) and nvJPEG on the
 device (`gpu_decode.DeviceLoader`, what `extract --decode auto` uses there).
-`--save` writes the report to bench/results/extract_speed.txt (extract_speed-cuda.txt on CUDA).
+`--save` writes bench/results/extract_speed.json (extract_speed-cuda.json on CUDA; `python
+bench/report.py` renders it into the README) and the printout beside it as .txt.
 A shared machine is noisy (the ceiling alone moves by 20% from one minute to the next), so
-every extract run sits between two ceiling runs: ratio = the median over --repeats of
-extract / mean(ceiling before, ceiling after); the images/s shown are the best of the repeats.
+every extract run sits between two ceiling runs: ratio = the median over --repeats (>= 3) of
+extract / mean(ceiling before, ceiling after); every images/s shown is a median of --repeats.
+Each arch runs at its own crop (the weights' preprocessing, as `extract` resolves it).
 Targets: extract >= 0.85 x ceiling, and >= 5 x tutorial.
 """
 
@@ -42,20 +44,26 @@ import torchvision
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_data, hardware, timed  # noqa: E402
+from common import default_data, hardware, results_header, timed, write_results  # noqa: E402
 
-from cnncodes.backbones import create_extractor  # noqa: E402
+from cnncodes.backbones import create_backbone, create_extractor, resolve_preprocessing, resolve_weights  # noqa: E402
 from cnncodes.data import ImageFiles, Preprocessing, discover, make_loader  # noqa: E402
 from cnncodes.extract import ViewMaker, extract  # noqa: E402
 from cnncodes.gpu_decode import DeviceLoader  # noqa: E402
 from cnncodes.runtime import autocast, configure_threads, inference_batch_size, resolve_device  # noqa: E402
 
 
+def preprocessing(arch: str) -> Preprocessing:
+    """The arch's default preprocessing, as `extract --weights none` resolves it."""
+    return resolve_preprocessing(arch, resolve_weights(arch, "none"))
+
+
 def ceiling(arch: str, precision: str, batch: int, images: int, device: torch.device) -> float:
     """Images/s of the extractor model alone on synthetic, pre-normalised tensors."""
     model, _, _ = create_extractor(arch, "none")
     model = model.to(device, memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    crop = preprocessing(arch).crop
+    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
     steps = max(1, math.ceil(images / batch))
 
     @torch.inference_mode()
@@ -112,18 +120,17 @@ def command(data: Path, arch: str, precision: str, device: str, runs: int = 3) -
 
 
 def tutorial(arch: str, data: Path, images: int, device: torch.device) -> float:
-    """Images/s of the tutorial-style loop (its transforms, batch 4, 4 workers, fp32, NCHW)."""
+    """Images/s of the tutorial-style loop (its transforms, batch 4, 4 workers, fp32, NCHW, BN unfolded)."""
+    pre = preprocessing(arch)
     tf = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Resize(pre.resize), transforms.CenterCrop(pre.crop), transforms.ToTensor(),
         transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
     ])
     roots = [data / s for s in ("train", "val") if (data / s).is_dir()] or [data]
     dataset = torch.utils.data.ConcatDataset([torchvision.datasets.ImageFolder(r, tf) for r in roots])
     subset = torch.utils.data.Subset(dataset, range(min(images, len(dataset))))
     loader = torch.utils.data.DataLoader(subset, batch_size=4, shuffle=False, num_workers=4)
-    model = getattr(torchvision.models, arch)()
-    model.fc = torch.nn.Identity()
-    model = model.eval().to(device)
+    model = create_backbone(arch, "none").headless().eval().to(device)
 
     def run() -> int:
         n = 0
@@ -137,8 +144,8 @@ def tutorial(arch: str, data: Path, images: int, device: torch.device) -> float:
     return n / seconds
 
 
-def best(repeats: int, fn) -> float:
-    return max(fn() for _ in range(repeats))
+def median(repeats: int, fn) -> float:
+    return statistics.median(fn() for _ in range(repeats))
 
 
 def main() -> None:
@@ -149,7 +156,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: extract's (16 on CPU, 128 on CUDA)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best is kept")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement (median; at least 3)")
     p.add_argument("--tutorial-images", type=int, default=160, help="images timed for the slow tutorial loop")
     p.add_argument("--command-runs", type=int, default=3, help="whole-command runs per arch and precision (median)")
     p.add_argument("--save", action="store_true", help="also write the report under bench/results/")
@@ -165,16 +172,19 @@ def main() -> None:
     configure_threads(device)
     batch = args.batch_size or inference_batch_size(device)
     n_images = sum(len(v) for v in discover(data).splits.values())
-    say(f"data: {data} ({n_images} images); batch {batch}; best of {args.repeats}; {hardware()}")
-    dec = best(args.repeats, lambda: decode(data, batch, args.workers, device))
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3 (medians of fewer runs are not reported)")
+    result = results_header("extract_speed-cuda" if device.type == "cuda" else "extract_speed")
+    say(f"data: {data} ({n_images} images); batch {batch}; median of {args.repeats}; {hardware()}")
+    dec = median(args.repeats, lambda: decode(data, batch, args.workers, device))
     say(f"decode (loader alone, CPU workers): {dec:.1f} img/s")
     if device.type == "cuda":
-        say(f"decode (nvJPEG + views on the GPU): {best(args.repeats, lambda: device_decode(data, batch, device)):.1f} img/s")
+        say(f"decode (nvJPEG + views on the GPU): {median(args.repeats, lambda: device_decode(data, batch, device)):.1f} img/s")
     say(f"{'arch':10} {'prec':5} {'extract':>9} {'ceiling':>9} {'ratio':>6} {'bound':>6} {'tutorial':>9} {'speed-up':>8}"
         f" {'command':>8} {'fixed s':>7}")
-    rows = []
+    rows, table = [], []
     for arch in args.archs.split(","):
-        tut = best(args.repeats, lambda: tutorial(arch, data, args.tutorial_images, device))
+        tut = median(args.repeats, lambda: tutorial(arch, data, args.tutorial_images, device))
         for precision in args.precisions.split(","):
             def run_extract() -> float:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -191,23 +201,29 @@ def main() -> None:
                 ratios.append(exts[-1] / ((before + after) / 2))
                 ceilings.append(after)
                 before = after
-            ext, ceil, ratio = max(exts), max(ceilings), statistics.median(ratios)
+            ext, ceil, ratio = statistics.median(exts), statistics.median(ceilings), statistics.median(ratios)
             bound = dec / (dec + ceil) if device.type == "cpu" else 1.0
             speedup = ext / tut
             rows.append((ratio, speedup))
             cmd_rate, cmd_fixed = command(data, arch, precision, args.device, args.command_runs)
             say(f"{arch:10} {precision:5} {ext:9.1f} {ceil:9.1f} {ratio:6.2f} {bound:6.2f} {tut:9.1f} {speedup:7.1f}x"
                 f" {cmd_rate:8.1f} {cmd_fixed:7.2f}")
-    say("images/s (best of the repeats); ratio = median of extract / ceiling around it (target >= 0.85);")
+            table.append([arch, precision, f"{ext:.1f}", f"{ceil:.1f}", f"{ratio:.2f}", f"{bound:.2f}", f"{tut:.1f}",
+                          f"{speedup:.1f}x", f"{cmd_rate:.1f}", f"{cmd_fixed:.2f}"])
+    say("images/s (median of the repeats); ratio = median of extract / ceiling around it (target >= 0.85);")
     say("bound = decode / (decode + ceiling): the best ratio when decoding shares the network's cores;")
     say("speed-up = extract / tutorial (target >= 5x); command = images / wall time of the whole process,")
     say("fixed s = its wall time minus the extraction loop (medians of --command-runs)")
     say(f"worst ratio {min(r for r, _ in rows):.2f}, worst speed-up {min(s for _, s in rows):.1f}x")
     if args.save:
-        name = "extract_speed-cuda.txt" if device.type == "cuda" else "extract_speed.txt"
-        out = Path(__file__).resolve().parent / "results" / name
-        out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+        out = Path(__file__).resolve().parent / "results" / f"{result['bench']}.json"
+        result["table"] = {"columns": ["arch", "precision", "extract img/s", "ceiling img/s", "ratio", "bound",
+                                       "tutorial img/s", "speed-up", "command img/s", "fixed s"], "rows": table}
+        result["notes"] = [f"{n_images} images of {data.name}, batch {batch}, --weights none (same speed as real "
+                           f"weights), median of {args.repeats} runs; decode alone {dec:.1f} img/s"] + lines[-5:]
+        write_results(result, out)
+        out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.txt').name}")
 
 
 if __name__ == "__main__":
