@@ -136,3 +136,22 @@ def test_folded_head_weights_are_the_classifier(probe):
     init = load_init_head(probe["logreg"]["path"], "resnet18", "none:seed0", prep, reversed_classes)
     x, _ = _val_codes(probe["cache"])
     np.testing.assert_allclose(x @ init.weight.T + init.bias, head.decision_function(x)[:, ::-1], rtol=1e-6, atol=1e-6)
+
+
+def test_compare_lpft_path_counts_the_cache_head_and_reports_its_epochs(probe, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import compare
+
+    args = compare.parse_args(["--data", str(probe["data"]), "--weights", "none", "--epochs", "1", "--full",
+                               "--repeats", "1", "--image-size", str(SIZE), "--precision", "fp32", "--lpft"])
+    assert [p.name for p in compare.selected_paths(args)][:3] == ["cache", "finetune", "lpft"]
+    ctx = compare.context(args, tmp_path)
+    ctx.outputs["cache"] = {"heads": {"logreg": probe["logreg"]["head"]}, "seconds": {"logreg": 1000.0},
+                            "forward": 33}
+    row = compare.LPFTPath().run_once(ctx, tmp_path / "lpft")["lpft"]
+    assert row.seconds > 1000.0 and row.parts["cache_head_s"] == 1000.0  # the head's time is in the total
+    assert row.epochs_run == 1 and not row.extrapolated and row.val_acc is not None  # final epoch 1, not epoch 0
+    assert row.extra["epoch0_val_acc"] == probe["logreg"]["val_acc"]
+    assert row.work.train == 6 * len(CLASSES) and row.work.forward == 33 + 2 * 5 * len(CLASSES)
