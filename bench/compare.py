@@ -288,8 +288,8 @@ class LPFTPath(FinetunePath):
     head = "logreg"
 
     def differs(self, ctx: Context) -> list[str]:
-        return super().differs(ctx) + [f"classifier started from the cache path's {self.head} head (LP-FT, "
-                                       f"head lr x {INIT_HEAD_LR_MULT:g}); the cache path's extract + fit time is included"]
+        return super().differs(ctx) + [(f"classifier started from the cache path's {self.head} head (LP-FT, "
+                                        f"head lr x {INIT_HEAD_LR_MULT:g}); its extract + fit time is included")]
 
     def run_epochs(self, ctx: Context, out: Path, epochs: int) -> tuple[float, list[dict]]:
         a, cache = ctx.args, ctx.outputs.get("cache")

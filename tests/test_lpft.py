@@ -1,4 +1,4 @@
-"""LP-FT (`finetune --init-head`): the run starts exactly where the fit-head head is, and refuses heads that do not fit."""
+"""LP-FT (`finetune --init-head`): the run starts where the fit-head head is; heads that do not fit are refused."""
 
 from __future__ import annotations
 
@@ -126,9 +126,9 @@ def test_head_lr_mult_defaults_lower_for_a_trained_head_unless_given():
 
 def test_folded_head_weights_are_the_classifier(probe):
     """The fold W' = coef / scale, b' = intercept - W' @ mean gives the head's scores on raw codes."""
-    from cnncodes.finetune.lpft import load_init_head
     from cnncodes.backbones import default_preprocessing, resolve_weights
     from cnncodes.data import Preprocessing
+    from cnncodes.finetune.lpft import load_init_head
 
     head: LinearHead = probe["logreg"]["head"]
     prep = Preprocessing.for_image_size(SIZE, default_preprocessing("resnet18", resolve_weights("resnet18", "none")))
