@@ -5,12 +5,15 @@
 
 With no --data it runs on the embedded digits dataset (no download). The reference run:
     python bench/compare.py --data ../shared/data/hymenoptera_data --arch resnet50 \\
-        --weights ../shared/weights/resnet50-imagenet-keras.pth --precision bf16 --full
+        --weights ../shared/weights/resnet50-imagenet-keras.pth --precision bf16 --full --lpft
 
 Paths (PATHS), all on the same data and machine, in this one process:
   cache     `cnncodes.extract` (train + val) then `fit_head` for svm, logreg, linear
   finetune  `cnncodes.finetune.finetune`, the tutorial's recipe (SGD 1e-3, momentum 0.9, StepLR 7/0.1,
             batch 4, a val pass every epoch); the final-epoch model is the one reported
+  lpft      (with --lpft) LP-FT: the finetune path's recipe started from the cache path's logreg head
+            (`finetune --init-head`); its time includes the cache path's extract + logreg fit time,
+            and its row also stores the epoch-0 val accuracy (the head's, before any step)
   fixed     the PyTorch tutorial's "fixed feature extractor" loop as written there (torchvision
             ImageFolder + PIL transforms, 4 DataLoader workers, frozen backbone left in train mode,
             new fc trained by the same recipe, the whole forward pass recomputed every epoch)
@@ -37,9 +40,9 @@ How it is measured:
 Results go to bench/results/compare.json (machine, load average before/after, versions, date,
 git commit, exact command); `python bench/report.py` turns that file into the README's table.
 
-Adding a path (e.g. LP-FT, fine-tuning started from the cached head): subclass `EpochPath`
-(or `BenchPath`), give it a name, `settings`, `ceilings` and `run_once` (it can read the
-cache path's outputs from `ctx.outputs["cache"]`), and append an instance to PATHS.
+Adding a path: subclass `EpochPath` (or `BenchPath`), give it a name, `settings`, `ceilings` and
+`run_once` (it can read the cache path's outputs from `ctx.outputs["cache"]`, as `LPFTPath`
+does), and append an instance to PATHS.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from cnncodes.data import Preprocessing, discover  # noqa: E402
 from cnncodes.errors import CnnCodesError  # noqa: E402
 from cnncodes.extract import extract  # noqa: E402
 from cnncodes.finetune import finetune  # noqa: E402
+from cnncodes.finetune.config import INIT_HEAD_LR_MULT  # noqa: E402
 from cnncodes.heads import fit_head  # noqa: E402
 from cnncodes.runtime import autocast, configure_threads, inference_batch_size, resolve_device  # noqa: E402
 
@@ -192,16 +196,17 @@ class CachePath(BenchPath):
                     precision=a.precision, batch_size=a.extract_batch, channels_last=a.channels_last,
                     device=a.device, overwrite=True, progress=False, log=lambda m: None)
         extract_s = time.perf_counter() - start
-        rows, heads = {}, {}
+        rows, heads, seconds = {}, {}, {}
         for clf in HEADS:
             start = time.perf_counter()
             heads[clf], report = fit_head(out / "codes.h5", clf=clf, device=a.device)
             fit_s = time.perf_counter() - start
+            seconds[clf] = extract_s + fit_s
             rows[f"cache+{clf}"] = Outcome(
                 seconds=extract_s + fit_s, measured_s=extract_s + fit_s, work=Work(forward=r.codes),
                 parts={"extract_s": extract_s, "fit_s": fit_s}, val_acc=report["splits"]["val"]["accuracy"],
                 extra={"C": report["C"], "codes": r.codes})
-        ctx.outputs["cache"] = {"codes": out / "codes.h5", "heads": heads}
+        ctx.outputs["cache"] = {"codes": out / "codes.h5", "heads": heads, "seconds": seconds, "forward": r.codes}
         return rows
 
 
@@ -270,6 +275,49 @@ class FinetunePath(EpochPath):
                        device=a.device, seed=0, overwrite=True, progress=False, echo=lambda m: None)
         wall = time.perf_counter() - start
         return wall, [{k: h[k] for k in ("train_images", "val_images", "epoch_time_s", "val_acc")} for h in res.history]
+
+
+class LPFTPath(FinetunePath):
+    """LP-FT: the finetune path's recipe, its classifier started from the cache path's logreg head.
+
+    Time to a trained model = the cache path's extract + logreg fit (its last run) + this run; the
+    epoch-0 evaluation (the head's own val accuracy, before any step) counts in setup time.
+    """
+
+    name = "lpft"
+    head = "logreg"
+
+    def differs(self, ctx: Context) -> list[str]:
+        return super().differs(ctx) + [(f"classifier started from the cache path's {self.head} head (LP-FT, "
+                                        f"head lr x {INIT_HEAD_LR_MULT:g}); its extract + fit time is included")]
+
+    def run_epochs(self, ctx: Context, out: Path, epochs: int) -> tuple[float, list[dict]]:
+        a, cache = ctx.args, ctx.outputs.get("cache")
+        if not cache:
+            raise RuntimeError("the lpft path needs the cache path's head: keep it after the cache path in PATHS")
+        out.mkdir(parents=True, exist_ok=True)
+        head_path = out / f"{self.head}.h5"
+        cache["heads"][self.head].save(head_path)
+        start = time.perf_counter()
+        res = finetune(a.data, out / "ft", arch=a.arch, weights=a.weights, epochs=epochs, batch_size=a.batch_size,
+                       image_size=a.image_size, precision=a.precision, channels_last=a.channels_last,
+                       device=a.device, seed=0, init_head=str(head_path), overwrite=True, progress=False,
+                       echo=lambda m: None)
+        wall = time.perf_counter() - start
+        self._epoch0_val_acc = res.history[0]["val_acc"]  # epoch 0: the head as loaded, no step
+        return wall, [{k: h[k] for k in ("train_images", "val_images", "epoch_time_s", "val_acc")}
+                      for h in res.history if h["epoch"] >= 1]
+
+    def run_once(self, ctx: Context, out: Path) -> dict[str, Outcome]:
+        rows = super().run_once(ctx, out)
+        o, cache = rows[self.name], ctx.outputs["cache"]
+        head_s = cache["seconds"][self.head]
+        o.seconds += head_s
+        o.measured_s += head_s
+        o.parts["cache_head_s"] = head_s
+        o.work.forward += cache["forward"] + o.extra["val_images"]  # the codes, and the epoch-0 val pass
+        o.extra["epoch0_val_acc"] = self._epoch0_val_acc
+        return rows
 
 
 class TutorialFixedPath(EpochPath):
@@ -356,6 +404,14 @@ class TutorialFixedPath(EpochPath):
 
 _TUTORIAL_LOADER = f"ImageFolder + PIL transforms, {TUTORIAL['workers']} DataLoader workers, BatchNorm in train mode"
 PATHS: list[BenchPath] = [CachePath(), FinetunePath(), TutorialFixedPath()]
+
+
+def selected_paths(args: argparse.Namespace) -> list[BenchPath]:
+    """PATHS, with the lpft path right after finetune when --lpft is given."""
+    if not args.lpft:
+        return list(PATHS)
+    at = next(i for i, p in enumerate(PATHS) if isinstance(p, FinetunePath)) + 1
+    return PATHS[:at] + [LPFTPath()] + PATHS[at:]
 
 
 def _layout(channels_last: bool) -> torch.memory_format:
@@ -473,6 +529,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NCHW on every path (default: channels_last)")
     p.add_argument("--batch-size", type=int, default=TUTORIAL["batch"], help="fine-tuning batch (tutorial: 4)")
     p.add_argument("--extract-batch", type=int, default=None, help="extraction batch (default: extract's own)")
+    p.add_argument("--lpft", action="store_true",
+                   help="also run LP-FT: finetune started from the cache path's logreg head (time includes it)")
     p.add_argument("--fixed-as-written", action="store_true", help="the tutorial loop in fp32 NCHW, as written")
     p.add_argument("--ceiling-images", type=int, default=48, help="images per model-only ceiling measurement")
     p.add_argument("--device", default="auto")
@@ -514,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'full run' if args.full else f'{ctx.epochs_to_run} epoch(s) run, extrapolated'}; "
               f"load average {result['load_before']}", flush=True)
         rows = []
-        for path in PATHS:
+        for path in selected_paths(args):
             rows += measure(path, ctx)
     result.update({
         "data": str(args.data), "splits": ctx.counts, "arch": args.arch, "weights": args.weights,

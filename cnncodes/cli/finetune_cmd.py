@@ -21,6 +21,8 @@ _OPTION_EXTRAS = {
     "optimizer": {"type": click.Choice(OPTIMIZERS)},
     "freeze": {"type": str, "default": "", "metavar": "STAGES", "show_default": False},  # a comma list
     "image_size": {"type": int},
+    "head_lr_mult": {"type": float, "show_default": False},  # None: resolved by the config (see its help)
+    "init_head": {"type": click.Path(dir_okay=False), "metavar": "HEAD.h5"},
 }
 
 

@@ -11,6 +11,7 @@ Under `torchrun` the same code trains with DistributedDataParallel; rank 0 write
 
 Where things live (each module imports only those above it):
     config.py  the options, once: FinetuneConfig (validated), the Recipe derived from it
+    lpft.py    LP-FT: a fit-head head checked against the run and folded into its first classifier
     model.py   the network, its new classifier, frozen stages, optimizer, loss
     loop.py    one epoch: train step, data views, per-rank sums, the epoch's log entry
     rundir.py  the run folder: lock, checkpoints, resume checks, RNG state, saved model
@@ -28,7 +29,8 @@ _EXPORTS = {
     "OPTIMIZERS": "config", "STAGES": "config", "FinetuneConfig": "config", "Recipe": "config", "parse_freeze": "config",
     "TrainStep": "loop", "evaluate": "loop", "train_epoch": "loop",
     "build_model": "model", "loss_function": "model",
-    "determinism": "rundir",
+    "determinism": "rundir", "BEST_MODEL": "rundir", "CHECKPOINT": "rundir", "MODEL": "rundir",
+    "InitHead": "lpft", "load_init_head": "lpft",
     "FinetuneResult": "api", "finetune": "api", "setup_run": "api",
 }
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,8 @@ from torch import nn
 from .. import backbones, data, distributed, runtime
 from ..errors import CnnCodesError, Interrupted
 from .config import VAL_SPLITS, FinetuneConfig, Recipe
-from .loop import EvalView, Run, TrainViews, make_split, run_epoch
+from .loop import EvalView, Run, TrainViews, initial_entry, make_split, run_epoch
+from .lpft import InitHead, load_init_head
 from .model import build_model_rank0_first, build_optimizer
 from .report import epoch_line, final_lines, plot_curves, write_logs
 from .rundir import (
@@ -132,17 +133,25 @@ def _finetune(data_dir: Path, run_dir: Path, config: FinetuneConfig, device: tor
     prep = backbones.default_preprocessing(config.arch, info)
     if config.image_size:
         prep = data.Preprocessing.for_image_size(config.image_size, prep)
-    recipe = config.recipe(info.identity, layout.classes, prep.to_dict(), distributed.world_size())
+    init = None
+    if config.init_head:  # checked before the run folder is touched
+        init = load_init_head(config.init_head, config.arch, info.identity, prep, layout.classes)
+        echo(f"LP-FT: classifier initialised from {init.describe()}; head lr x {config.resolved_head_lr_mult:g}")
+    recipe = config.recipe(info.identity, layout.classes, prep.to_dict(), distributed.world_size(),
+                           init.identity if init else None)
     with contextlib.ExitStack() as stack:
         ckpt = claim(stack, run_dir, recipe, resume, overwrite, device)
-        return _train(layout, val_name, run_dir, recipe, info, prep, ckpt, device, config.workers, progress, echo)
+        return _train(layout, val_name, run_dir, recipe, info, prep, ckpt, device, config.workers, progress, echo,
+                      init)
 
 
 def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, weights: str | backbones.WeightsInfo | None,
-              prep: data.Preprocessing, device: torch.device, workers: int | None, progress: bool | None) -> Run:
-    """Model, optimizer, scheduler, scaler (DDP-wrapped under torchrun) and datasets for `recipe`."""
+              prep: data.Preprocessing, device: torch.device, workers: int | None, progress: bool | None,
+              init: InitHead | None = None) -> Run:
+    """Model (its classifier from `init` if given), optimizer, scheduler, scaler (DDP-wrapped under
+    torchrun) and datasets for `recipe`."""
     seed_everything(recipe.seed)
-    model, frozen = build_model_rank0_first(recipe, weights, device)
+    model, frozen = build_model_rank0_first(recipe, weights, device, init)
     opt = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.head_lr_mult, recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16" and device.type == "cuda")
@@ -164,8 +173,8 @@ def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, w
 
 
 def _train(layout, val_name, run_dir: Path, recipe: Recipe, weights, prep, ckpt, device, workers,
-           progress, echo) -> FinetuneResult:
-    run = setup_run(layout, val_name, recipe, weights, prep, device, workers, progress)
+           progress, echo, init: InitHead | None = None) -> FinetuneResult:
+    run = setup_run(layout, val_name, recipe, weights, prep, device, workers, progress, init)
     start_epoch = restore(run, ckpt) if ckpt is not None else 0
     if start_epoch:
         echo(f"resuming {run_dir} after epoch {start_epoch}/{recipe.epochs}")
@@ -175,6 +184,12 @@ def _train(layout, val_name, run_dir: Path, recipe: Recipe, weights, prep, ckpt,
     best_path = run_dir / BEST_MODEL if recipe.select_best_on_val else None
     epoch = start_epoch
     try:
+        if _wants_epoch0(recipe) and not run.history:  # a resumed run has it in its history already
+            entry = initial_entry(run, echo)
+            run.history.append(entry)
+            echo(epoch_line(entry, recipe.epochs))
+            if main:
+                _after_epoch(run, entry, run_dir, layout, best_path)
         for epoch in range(start_epoch, recipe.epochs):
             entry = run_epoch(run, epoch, echo)
             run.history.append(entry)
@@ -185,6 +200,11 @@ def _train(layout, val_name, run_dir: Path, recipe: Recipe, weights, prep, ckpt,
         raise Interrupted(f"stopped during epoch {epoch + 1}/{recipe.epochs}; {len(run.history)} finished epoch(s) "
                           f"are saved in {run_dir / CHECKPOINT}: rerun the same command with --resume to continue") from None
     return _finish(run, run_dir, layout, best_path, start_epoch, echo)
+
+
+def _wants_epoch0(recipe: Recipe) -> bool:
+    """An LP-FT run logs its starting point (the head's accuracy); an --epochs 0 run has nothing else."""
+    return recipe.init_head is not None or recipe.epochs == 0
 
 
 def _after_epoch(run: Run, entry: dict, run_dir: Path, layout, best_path: Path | None) -> None:

@@ -21,6 +21,12 @@ VAL_SPLITS = ("val", "valid", "validation")
 # Recipe keys that may differ on --resume: more epochs extend the run, and a new world size
 # only changes how the data are split between processes.
 RESUMABLE_CHANGES = ("epochs", "world_size")
+# The new classifier's lr = lr x head_lr_mult. A fresh (random) classifier gets FRESH_HEAD_LR_MULT;
+# one started from a trained head (--init-head, LP-FT) at most the body's lr: it is already near its
+# optimum, and a larger step would first move it away from it while the features change under it
+# (Kumar et al., ICLR 2022, fine-tune the whole network at one lr after the linear probe).
+FRESH_HEAD_LR_MULT = 1.0
+INIT_HEAD_LR_MULT = min(FRESH_HEAD_LR_MULT, 1.0)
 
 
 def _option(default: Any, help: str = "") -> Any:  # noqa: A002  (click's word)
@@ -41,11 +47,14 @@ class FinetuneConfig:
     weights: str | None = _option("DEFAULT", "torchvision weights name, a local state_dict file, or 'none'.")
     freeze: tuple[str, ...] = _option((), "Comma list of stages to keep fixed (weights and BatchNorm statistics), "
                                           f"among {','.join(STAGES)}.")
+    init_head: str | None = _option(None, "LP-FT: start the classifier from this `fit-head` head (HEAD.h5, any "
+                                          "--clf; same arch, weights, preprocessing and classes as this run).")
     image_size: int | None = _option(None, "Crop size; resize keeps the weights' ratio (256/224).")
     # optimisation
     optimizer: str = _option("sgd", "sgd uses momentum 0.9.")
     lr: float = _option(1e-3, "Learning rate of the pretrained layers.")
-    head_lr_mult: float = _option(1.0, "The new fc layer's lr = lr x this.")
+    head_lr_mult: float | None = _option(None, "The classifier's lr = lr x this [default: "
+                                               f"{FRESH_HEAD_LR_MULT:g}; {INIT_HEAD_LR_MULT:g} with --init-head].")
     weight_decay: float = _option(0.0, "Weight decay of every trainable parameter.")
     lr_step: int = _option(7, "StepLR: epochs between lr decays.")
     lr_gamma: float = _option(0.1, "StepLR: lr decay factor.")
@@ -64,10 +73,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.epochs >= 0, "--epochs must be >= 0 (0: save the initial model, e.g. the --init-head head, as is)"),
             (self.batch_size >= 2, "--batch-size must be >= 2 (BatchNorm cannot train on one image)"),
             (self.lr > 0, "--lr must be > 0"),
-            (self.head_lr_mult > 0, "--head-lr-mult must be > 0"),
+            (self.head_lr_mult is None or self.head_lr_mult > 0, "--head-lr-mult must be > 0"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.lr_step >= 1, "--lr-step must be >= 1"),
             (0 < self.lr_gamma <= 1, "--lr-gamma must be in (0, 1]"),
@@ -83,10 +92,19 @@ class FinetuneConfig:
 
         check_arch(self.arch)
 
-    def recipe(self, weights_identity: str, classes: Iterable[str], preprocessing: dict, world_size: int) -> Recipe:
-        """The Recipe of a run of this config: its weight-relevant fields plus what the run resolved."""
+    @property
+    def resolved_head_lr_mult(self) -> float:
+        """head_lr_mult as given, else the default for a fresh or an --init-head classifier."""
+        if self.head_lr_mult is not None:
+            return self.head_lr_mult
+        return INIT_HEAD_LR_MULT if self.init_head else FRESH_HEAD_LR_MULT
+
+    def recipe(self, weights_identity: str, classes: Iterable[str], preprocessing: dict, world_size: int,
+               init_head: str | None = None) -> Recipe:
+        """The Recipe of a run of this config: its weight-relevant fields plus what the run resolved
+        (`init_head`: the identity of the --init-head file, see `lpft.InitHead`)."""
         resolved = {"weights": weights_identity, "classes": tuple(classes), "preprocessing": preprocessing,
-                    "world_size": world_size}
+                    "world_size": world_size, "head_lr_mult": self.resolved_head_lr_mult, "init_head": init_head}
         chosen = {f.name: getattr(self, f.name) for f in fields(Recipe) if f.name not in resolved}
         return Recipe(**resolved, **chosen)
 
@@ -96,7 +114,8 @@ class Recipe:
     """Everything that determines the trained weights; stored in the checkpoint, checked on resume.
 
     The field names and order are the checkpoint's and log.json's `recipe` format: keep them.
-    Fields other than weights, classes, preprocessing and world_size are FinetuneConfig's.
+    Fields other than weights, classes, preprocessing, world_size and init_head are FinetuneConfig's
+    (head_lr_mult with its default resolved).
     """
 
     arch: str
@@ -118,6 +137,7 @@ class Recipe:
     deterministic: bool
     select_best_on_val: bool
     world_size: int
+    init_head: str | None = None  # sha256 identity of the --init-head file (LP-FT); None: a fresh classifier
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

@@ -221,16 +221,36 @@ def _bar_loss(bar, sums: Sums) -> None:
     bar.set_postfix(loss=f"{sums.loss.item() / max(1, sums.count):.4f}", refresh=False)
 
 
+def _evaluate_val(run: Run, epoch: int) -> Sums | None:
+    if run.val is None:
+        return None
+    return evaluate(run.model, run.val, run.normalize, run.device, run.recipe.precision, run.recipe.batch_size,
+                    run.workers, run.progress, f"epoch {epoch}/{run.recipe.epochs} val",
+                    loss_function(run.recipe.deterministic, run.device))
+
+
+def initial_entry(run: Run, echo: Callable[[str], None]) -> dict:
+    """Epoch 0: the model before any step (e.g. the --init-head head), evaluated on val; no training."""
+    start = time.perf_counter()
+    val = _evaluate_val(run, 0)
+    for path in _collect_skips(run, val, run.val) if val else []:
+        echo(f"skipped {path}: {run.skipped[path]}")
+    return {
+        "epoch": 0, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": None, "train_acc": None,
+        "train_images": 0, "val_loss": _ratio(val.loss, val.count) if val else None,
+        "val_acc": _ratio(val.correct, val.count) if val else None, "val_images": val.count if val else None,
+        "images_per_s": None, "train_time_s": 0.0, "epoch_time_s": time.perf_counter() - start,
+        "skipped_files": int(val.failed.count_nonzero().item()) if val else 0,
+        "train_samples_per_rank": [], "train_samples_distinct": 0,
+    }
+
+
 def run_epoch(run: Run, epoch: int, echo: Callable[[str], None]) -> dict:
     """Train one epoch, evaluate on val (if any), report newly skipped files; returns the epoch's log entry."""
     start = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     train, train_seconds = train_epoch(run, epoch)
-    val = None
-    if run.val is not None:
-        val = evaluate(run.model, run.val, run.normalize, run.device, run.recipe.precision, run.recipe.batch_size,
-                       run.workers, run.progress, f"epoch {epoch + 1}/{run.recipe.epochs} val",
-                       loss_function(run.recipe.deterministic, run.device))
+    val = _evaluate_val(run, epoch + 1)
     new_skips = _collect_skips(run, train, run.train) + (_collect_skips(run, val, run.val) if val else [])
     for path in new_skips:
         echo(f"skipped {path}: {run.skipped[path]}")

@@ -1,8 +1,8 @@
 """Model pieces: the network with its new classifier, frozen stages and their BatchNorm mode, optimizer, loss.
 
-Recipe -> (model on the device, frozen modules) -> optimizer. The seams for what comes next:
-`build_model` is where a classifier initialised from elsewhere (LP-FT from a fit-head head) would
-be loaded, and `stage_modules` is the one place that maps stage names to a backbone's modules.
+Recipe -> (model on the device, frozen modules) -> optimizer. The seams for other backbones:
+`classifier_layer` is the one place that knows where the classifier is, and `stage_modules` the
+one place that maps stage names to a backbone's modules.
 """
 
 from __future__ import annotations
@@ -16,8 +16,26 @@ from torch import nn
 from .. import backbones, distributed
 from ..errors import CnnCodesError
 from .config import OPTIMIZERS, Recipe
+from .lpft import InitHead
 
 HEAD = "fc"  # the classifier layer of torchvision ResNets: replaced for the new classes, its own lr
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The model's classifier (a ResNet's `fc`): the one place that knows where it is."""
+    return model.get_submodule(HEAD)
+
+
+def set_classifier(model: nn.Module, init: InitHead) -> None:
+    """Copy a folded fit-head head into the classifier (LP-FT): its logits are the head's scores."""
+    layer = classifier_layer(model)
+    if tuple(layer.weight.shape) != init.weight.shape:
+        raise CnnCodesError(f"{init.path}: head is {init.weight.shape[0]} classes x {init.weight.shape[1]}-d codes, "
+                            f"the model's classifier {layer.weight.shape[0]} x {layer.weight.shape[1]}; "
+                            f"fit the head on codes of this arch")
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(init.weight))
+        layer.bias.copy_(torch.from_numpy(init.bias))
 
 
 def stage_modules(model: nn.Module, stage: str) -> list[nn.Module]:
@@ -48,14 +66,13 @@ class _MeanPool(nn.Module):
 
 
 def build_model(arch: str, weights: str | backbones.WeightsInfo | None, num_classes: int, freeze: Sequence[str],
-                device: torch.device, channels_last: bool, deterministic: bool = False):
-    """Pretrained ResNet with a fresh fc for `num_classes`, frozen stages, on `device`.
-
-    Returns (model, weights info, frozen modules).
+                device: torch.device, channels_last: bool, deterministic: bool = False, init: InitHead | None = None):
+    """Pretrained ResNet with a fresh classifier for `num_classes` (or `init`, a fit-head head), frozen stages,
+    on `device`. Returns (model, weights info, frozen modules).
     """
     model, info = backbones.create_model(arch, weights, num_classes=num_classes)
-    # An initial classifier from elsewhere (LP-FT: a fit-head head) would be loaded into model.fc here,
-    # before freezing, so the optimizer and the checkpoint see it like any other weights.
+    if init is not None:  # before freezing and the move: the optimizer and checkpoint see plain weights
+        set_classifier(model, init)
     frozen = freeze_stages(model, freeze)
     if deterministic and device.type == "cuda":
         model.avgpool = _MeanPool()  # stateless: the state_dict is unchanged
@@ -65,13 +82,14 @@ def build_model(arch: str, weights: str | backbones.WeightsInfo | None, num_clas
     return model, info, frozen
 
 
-def build_model_rank0_first(recipe: Recipe, weights: str | backbones.WeightsInfo | None, device: torch.device):
+def build_model_rank0_first(recipe: Recipe, weights: str | backbones.WeightsInfo | None, device: torch.device,
+                            init: InitHead | None = None):
     """`build_model` for `recipe`; rank 0 fetches the weights (into the torch hub cache) before the
     other ranks read them. Returns (model, frozen modules)."""
 
     def build():
         return build_model(recipe.arch, weights, len(recipe.classes), recipe.freeze, device,
-                           recipe.channels_last, recipe.deterministic)
+                           recipe.channels_last, recipe.deterministic, init)
 
     built, problem = None, None
     if distributed.is_main():
@@ -88,10 +106,11 @@ def build_model_rank0_first(recipe: Recipe, weights: str | backbones.WeightsInfo
 
 def build_optimizer(model: nn.Module, name: str, lr: float, head_lr_mult: float,
                     weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9) or AdamW over the trainable parameters; the new fc gets lr * head_lr_mult."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    body = [p for n, p in trainable if not n.startswith(f"{HEAD}.")]
-    head = [p for n, p in trainable if n.startswith(f"{HEAD}.")]
+    """SGD (momentum 0.9) or AdamW over the trainable parameters; the classifier gets lr * head_lr_mult."""
+    in_head = {id(p) for p in classifier_layer(model).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    body = [p for p in trainable if id(p) not in in_head]
+    head = [p for p in trainable if id(p) in in_head]
     groups = ([{"params": body, "lr": lr}] if body else []) + [{"params": head, "lr": lr * head_lr_mult}]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)

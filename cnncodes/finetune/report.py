@@ -66,8 +66,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def epoch_line(entry: dict, epochs: int) -> str:
-    parts = [f"epoch {entry['epoch']}/{epochs}", f"lr {entry['lr']:.3g}",
-             f"train loss {_fmt(entry['train_loss'])} acc {_pct(entry['train_acc'])}"]
+    if entry["epoch"] == 0:
+        parts = [f"epoch 0/{epochs} (initial model, before any step)"]
+    else:
+        parts = [f"epoch {entry['epoch']}/{epochs}", f"lr {entry['lr']:.3g}",
+                 f"train loss {_fmt(entry['train_loss'])} acc {_pct(entry['train_acc'])}"]
     if entry["val_acc"] is not None or entry["val_images"] is not None:
         parts.append(f"val loss {_fmt(entry['val_loss'])} acc {_pct(entry['val_acc'])}")
     if entry["images_per_s"]:
