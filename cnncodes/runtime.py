@@ -172,7 +172,7 @@ class FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in FileLock._HELD:
-            raise CnnCodesError(f"{self.what} is already in use by this process; write to another output")
+            raise CnnCodesError(f"{self.what} is in use by another cnncodes run in this process; wait for it to finish, or write to another output")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
