@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import hashlib
 import re
 from pathlib import Path
@@ -217,3 +218,31 @@ def test_finetune_reads_a_manifest_through_discover(tmp_path):
                       echo=lambda _: None)
     assert result.classes == ["cat", "dog"] and result.has_val and result.model_path.exists()
     assert result.history[-1]["epoch"] == 1
+
+
+def test_finetune_cli_takes_manifest_columns_and_val_fraction(tmp_path, cli):
+    """`cnncodes finetune m.csv --path-col --label-col --val-fraction`: the run trains on the
+    manifest's train rows, evaluates on the drawn val rows, and its model predicts the manifest."""
+    write_folder(tmp_path / "imgs", {"": 5}, size=32)
+    rows = [[f"imgs/{c}/{i:03d}.jpg", c] for c in ("cat", "dog") for i in range(5)]
+    manifest = write_manifest(tmp_path / "m.csv", rows, header=("file", "kind"))
+    out = cli("finetune", manifest, "-o", tmp_path / "run", "--path-col", "file", "--label-col", "kind",
+              "--val-fraction", "0.4", "--arch", "resnet18", "--weights", "none", "--epochs", "1",
+              "--batch-size", "4", "--image-size", "32", "--workers", "0", "--device", "cpu", "-q")
+    assert "Traceback" not in out.stderr
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert (log["train_images"], log["val_images"]) == (6, 4)  # round(0.4 x 5) = 2 val rows per label
+    assert log["epochs"][-1]["val_images"] == 4 and log["epochs"][-1]["val_acc"] is not None
+    preds = cli("predict", tmp_path / "run", manifest, "--path-col", "file", "--label-col", "kind",
+                "-o", tmp_path / "p.csv")
+    assert "accuracy" in preds.stdout
+    with open(tmp_path / "p.csv") as f:
+        assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(r[0] for r in rows)
+
+
+def test_finetune_cli_refuses_val_fraction_on_a_folder(tmp_path, cli):
+    write_folder(tmp_path / "data", {"train": 2}, size=32)
+    out = cli("finetune", tmp_path / "data", "-o", tmp_path / "run", "--val-fraction", "0.2", "--weights", "none",
+              check=False)
+    assert out.returncode == 2 and "--val-fraction applies to CSV manifests" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -11,7 +11,7 @@ import dataclasses
 import click
 
 from ..finetune.config import OPTIMIZERS, FinetuneConfig
-from .options import backbone_options, runtime_options
+from .options import backbone_options, manifest_from, manifest_options, runtime_options
 
 _FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 # Declared in .options and shared with `extract`; test_finetune checks their defaults match the config's.
@@ -61,15 +61,19 @@ def recipe_options(f):
 @runtime_options
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete a previous run's outputs in the run folder and start over.")
+@manifest_options()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def finetune_command(data, run_dir, resume, overwrite, quiet, **options):
-    """Fine-tune a pretrained ResNet end to end on the image folder DATA.
+def finetune_command(data, run_dir, resume, overwrite, quiet, path_col, label_col, val_fraction, **options):
+    """Fine-tune a pretrained network end to end on the image folder (or CSV manifest) DATA.
 
-    DATA is DATA/<class>/<image> or DATA/{train,val}/<class>/<image>. The model of the last
+    DATA is DATA/<class>/<image>, DATA/{train,val}/<class>/<image>, or a CSV manifest with
+    columns path,label[,split] (--val-fraction draws val rows, seeded by --seed). The model of the last
     epoch is reported and saved as RUN_DIR/model.pt. Under `torchrun --nproc_per_node N -m
     cnncodes finetune ...` it trains with DistributedDataParallel.
     """
     from ..finetune import finetune
 
     config = FinetuneConfig(**options)
-    finetune(data, run_dir, config, resume=resume, overwrite=overwrite, progress=not quiet, echo=click.echo)
+    manifest = manifest_from(path_col, label_col, val_fraction, config.seed)
+    finetune(data, run_dir, config, resume=resume, overwrite=overwrite, progress=not quiet, echo=click.echo,
+             manifest=manifest)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import backbones, data, distributed, runtime
 from ..errors import CnnCodesError, Interrupted
+from ..manifest import ManifestOptions
 from .config import VAL_SPLITS, FinetuneConfig, Recipe
 from .loop import EvalView, Run, TrainViews, initial_entry, make_split, run_epoch
 from .lpft import InitHead, load_init_head
@@ -65,9 +66,11 @@ def finetune(
     overwrite: bool = False,
     progress: bool | None = None,
     echo: Callable[[str], None] = print,
+    manifest: ManifestOptions | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
-    """Fine-tune end to end on the image folder `data_dir`, writing the run to `out_dir`.
+    """Fine-tune end to end on the image folder `data_dir` (or the CSV manifest `data_dir`, read
+    with `manifest` options), writing the run to `out_dir`.
 
     The recipe is `config` (default `FinetuneConfig()`) with `overrides`, any of its fields by name
     (`finetune(data, out, epochs=3, lr=0.01)`). `resume`, `overwrite`, `progress` and `echo` steer
@@ -85,7 +88,8 @@ def finetune(
     try:
         runtime.check_precision(config.precision, device)
         with determinism(config.deterministic, device):
-            return _finetune(Path(data_dir), Path(out_dir), config, device, resume, overwrite, progress, echo)
+            layout, val_name = _layout(Path(data_dir), manifest, echo)
+            return _finetune(layout, val_name, Path(out_dir), config, device, resume, overwrite, progress, echo)
     finally:
         if own_group:
             distributed.cleanup()
@@ -100,9 +104,9 @@ def _with_overrides(config: FinetuneConfig | None, overrides: dict[str, Any]) ->
     return dataclasses.replace(FinetuneConfig() if config is None else config, **overrides)
 
 
-def _layout(data_dir: Path, echo) -> tuple[data.FolderLayout, str | None]:
-    """The image folder's splits and classes (checked usable), and the name of its val split if any."""
-    layout = data.discover(data_dir)
+def _layout(data_dir: Path, manifest: ManifestOptions | None, echo) -> tuple[data.FolderLayout, str | None]:
+    """The image folder's (or manifest's) splits and classes, checked usable, and the name of its val split if any."""
+    layout = data.discover(data_dir, manifest)
     if "train" not in layout.splits:
         raise CnnCodesError(f"{data_dir}: split folders ({', '.join(layout.splits)}) but no train/; finetune needs "
                             f"{data_dir}/train/<class>/<image> or {data_dir}/<class>/<image>")
@@ -115,7 +119,8 @@ def _layout(data_dir: Path, echo) -> tuple[data.FolderLayout, str | None]:
             echo(f"warning: {note}")
         ignored = [p for entries in layout.ignored.values() for p, _ in entries]
         if ignored:
-            echo(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[0]}")
+            what = "missing file(s) listed in the manifest" if layout.manifest else "non-image file(s)"
+            echo(f"ignored {len(ignored)} {what}, e.g. {ignored[0]}")
         if "test" in layout.splits:
             echo(f"note: test split ({len(layout.splits['test'])} images) is not used by finetune; "
                  f"evaluate the saved model on it with cnncodes predict")
@@ -123,10 +128,10 @@ def _layout(data_dir: Path, echo) -> tuple[data.FolderLayout, str | None]:
     return layout, val
 
 
-def _finetune(data_dir: Path, run_dir: Path, config: FinetuneConfig, device: torch.device, resume: bool,
+def _finetune(layout: data.FolderLayout, val_name: str | None, run_dir: Path, config: FinetuneConfig,
+              device: torch.device, resume: bool,
               overwrite: bool, progress: bool | None, echo: Callable[[str], None]) -> FinetuneResult:
     echo = echo if distributed.is_main() else (lambda _msg: None)
-    layout, val_name = _layout(data_dir, echo)
     if config.select_best_on_val and val_name is None:
         raise CnnCodesError("--select-best-on-val needs a val split (DATA/val/<class>/<image>)")
     info = backbones.resolve_weights(config.arch, config.weights)
