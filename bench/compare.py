@@ -237,6 +237,17 @@ class EpochPath(BenchPath):
             extra={"train_images": train_images, "val_images": val_images})}
 
 
+def _epoch_ceilings(ctx: Context, s: Settings, model: torch.nn.Module, params) -> dict[str, float]:
+    """An epoch path's model-only rates: a training step on `params` (train mode) and an eval forward."""
+    a = ctx.args
+    model.train()
+    train = train_ceiling(model, params, s.batch, ctx.prep.crop, s.precision, s.channels_last, ctx.device,
+                          a.ceiling_images, ctx.classes)
+    model.eval()
+    fwd = forward_ceiling(model, s.batch, ctx.prep.crop, s.precision, s.channels_last, ctx.device, a.ceiling_images)
+    return {"forward": fwd, "train": train}
+
+
 class FinetunePath(EpochPath):
     """`cnncodes.finetune.finetune` end to end, with the tutorial's recipe (the library's defaults)."""
 
@@ -258,14 +269,8 @@ class FinetunePath(EpochPath):
         return self._model
 
     def ceilings(self, ctx: Context) -> dict[str, float]:
-        model, s, a = self._models(ctx), self.settings(ctx), ctx.args
-        model.train()
-        train = train_ceiling(model, model.parameters(), s.batch, ctx.prep.crop, s.precision, s.channels_last,
-                              ctx.device, a.ceiling_images, ctx.classes)
-        model.eval()
-        fwd = forward_ceiling(model, s.batch, ctx.prep.crop, s.precision, s.channels_last, ctx.device,
-                              a.ceiling_images)
-        return {"forward": fwd, "train": train}
+        model = self._models(ctx)
+        return _epoch_ceilings(ctx, self.settings(ctx), model, model.parameters())
 
     def run_epochs(self, ctx: Context, out: Path, epochs: int) -> tuple[float, list[dict]]:
         a = ctx.args
@@ -344,14 +349,8 @@ class TutorialFixedPath(EpochPath):
     def ceilings(self, ctx: Context) -> dict[str, float]:
         if not hasattr(self, "_model"):
             self._model = self._build(ctx, "none")
-        model, s, a = self._model, self.settings(ctx), ctx.args
-        model.train()  # as in the tutorial: the frozen backbone's BatchNorm runs in train mode
-        train = train_ceiling(model, model.fc.parameters(), s.batch, ctx.prep.crop, s.precision, s.channels_last,
-                              ctx.device, a.ceiling_images, ctx.classes)
-        model.eval()
-        fwd = forward_ceiling(model, s.batch, ctx.prep.crop, s.precision, s.channels_last, ctx.device,
-                              a.ceiling_images)
-        return {"forward": fwd, "train": train}
+        # as in the tutorial: the frozen backbone's BatchNorm runs in train mode while training
+        return _epoch_ceilings(ctx, self.settings(ctx), self._model, self._model.fc.parameters())
 
     def run_epochs(self, ctx: Context, out: Path, epochs: int) -> tuple[float, list[dict]]:
         a, s, pre = ctx.args, self.settings(ctx), ctx.prep
