@@ -288,7 +288,8 @@ def test_cli_flags_parse_into_the_config():
     args = ["data", "-o", "run", "--freeze", "layer1,stem", "--image-size", "64", "--optimizer", "adamw",
             "--lr", "0.01", "--epochs", "3", "--deterministic", "--no-channels-last", "--select-best-on-val"]
     params = finetune_command.make_context("finetune", args).params
-    steering = ("data", "run_dir", "resume", "overwrite", "quiet")
+    # What the command takes besides the recipe: where the data is, the run folder, and how to read a manifest.
+    steering = ("data", "run_dir", "resume", "overwrite", "quiet", "path_col", "label_col", "val_fraction")
     config = FinetuneConfig(**{k: v for k, v in params.items() if k not in steering})
     assert config == FinetuneConfig(freeze=("stem", "layer1"), image_size=64, optimizer="adamw", lr=0.01, epochs=3,
                                     deterministic=True, channels_last=False, select_best_on_val=True)
