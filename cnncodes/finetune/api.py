@@ -17,7 +17,7 @@ from .. import backbones, data, distributed, runtime
 from ..errors import CnnCodesError, Interrupted
 from .config import VAL_SPLITS, FinetuneConfig, Recipe
 from .loop import EvalView, Run, TrainViews, make_split, run_epoch
-from .model import build_model_rank0_first, build_optimizer
+from .model import build_model_rank0_first, build_optimizer, freeze_order
 from .report import epoch_line, final_lines, plot_curves, write_logs
 from .rundir import (
     BEST_MODEL,
@@ -129,9 +129,9 @@ def _finetune(data_dir: Path, run_dir: Path, config: FinetuneConfig, device: tor
     if config.select_best_on_val and val_name is None:
         raise CnnCodesError("--select-best-on-val needs a val split (DATA/val/<class>/<image>)")
     info = backbones.resolve_weights(config.arch, config.weights)
-    prep = backbones.default_preprocessing(config.arch, info)
-    if config.image_size:
-        prep = data.Preprocessing.for_image_size(config.image_size, prep)
+    prep = backbones.resolve_preprocessing(config.arch, info, config.image_size)
+    # the arch decides which --freeze names exist and their order; checked before the run folder is touched
+    config = dataclasses.replace(config, freeze=freeze_order(config.arch, config.freeze))
     recipe = config.recipe(info.identity, layout.classes, prep.to_dict(), distributed.world_size())
     with contextlib.ExitStack() as stack:
         ckpt = claim(stack, run_dir, recipe, resume, overwrite, device)
@@ -142,8 +142,8 @@ def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, w
               prep: data.Preprocessing, device: torch.device, workers: int | None, progress: bool | None) -> Run:
     """Model, optimizer, scheduler, scaler (DDP-wrapped under torchrun) and datasets for `recipe`."""
     seed_everything(recipe.seed)
-    model, frozen = build_model_rank0_first(recipe, weights, device)
-    opt = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.head_lr_mult, recipe.weight_decay)
+    model, frozen, head = build_model_rank0_first(recipe, weights, device)
+    opt = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.head_lr_mult, recipe.weight_decay, head)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16" and device.type == "cuda")
     workers = data.default_workers(device, runtime.process_cores()) if workers is None else workers
