@@ -19,7 +19,7 @@ _SHARED = ("arch", "weights", "workers", "device", "precision", "channels_last")
 # What a plain `type(default)` cannot say about an option.
 _OPTION_EXTRAS = {
     "optimizer": {"type": click.Choice(OPTIMIZERS)},
-    "freeze": {"type": str, "default": "", "metavar": "STAGES", "show_default": False},  # a comma list
+    "freeze": {"type": str, "default": "", "metavar": "NAMES", "show_default": False},  # a comma list
     "image_size": {"type": int},
 }
 
@@ -61,7 +61,7 @@ def recipe_options(f):
 @click.option("--overwrite", is_flag=True, help="Delete a previous run's outputs in the run folder and start over.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def finetune_command(data, run_dir, resume, overwrite, quiet, **options):
-    """Fine-tune a pretrained ResNet end to end on the image folder DATA.
+    """Fine-tune a pretrained backbone (--arch: any torchvision classifier or timm:NAME) end to end on the image folder DATA.
 
     DATA is DATA/<class>/<image> or DATA/{train,val}/<class>/<image>. The model of the last
     epoch is reported and saved as RUN_DIR/model.pt. Under `torchrun --nproc_per_node N -m

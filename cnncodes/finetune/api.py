@@ -17,7 +17,7 @@ from .. import backbones, data, distributed, runtime
 from ..errors import CnnCodesError, Interrupted
 from .config import VAL_SPLITS, FinetuneConfig, Recipe
 from .loop import EvalView, Run, TrainViews, make_split, run_epoch
-from .model import build_model_rank0_first, build_optimizer, freeze_order
+from .model import build_model_rank0_first, build_optimizer, deterministic_note, freeze_order
 from .report import epoch_line, final_lines, plot_curves, write_logs
 from .rundir import (
     BEST_MODEL,
@@ -132,6 +132,9 @@ def _finetune(data_dir: Path, run_dir: Path, config: FinetuneConfig, device: tor
     prep = backbones.resolve_preprocessing(config.arch, info, config.image_size)
     # the arch decides which --freeze names exist and their order; checked before the run folder is touched
     config = dataclasses.replace(config, freeze=freeze_order(config.arch, config.freeze))
+    note = deterministic_note(config.arch) if config.deterministic and device.type == "cuda" else None
+    if note:
+        echo(note)
     recipe = config.recipe(info.identity, layout.classes, prep.to_dict(), distributed.world_size())
     with contextlib.ExitStack() as stack:
         ckpt = claim(stack, run_dir, recipe, resume, overwrite, device)

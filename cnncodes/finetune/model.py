@@ -75,14 +75,30 @@ def freeze_order(arch: str, freeze: Sequence[str]) -> tuple[str, ...]:
 
     Built on the meta device (no memory, no weights); where a builder cannot run there, on the CPU.
     """
-    if not freeze:
-        return ()
+    return resolve_freeze(skeleton(arch), freeze)[0] if freeze else ()
+
+
+def skeleton(arch: str) -> backbones.Backbone:
+    """`arch` with random weights on the meta device (no memory), to look at its structure;
+    where a builder cannot run there (shapes computed from tensors), on the CPU."""
     try:
         with torch.device("meta"):
-            bb = backbones.create_backbone(arch, "none")
-    except Exception:  # noqa: BLE001 - a builder computing shapes from tensors (RegNet): build it for real
-        bb = backbones.create_backbone(arch, "none")
-    return resolve_freeze(bb, freeze)[0]
+            return backbones.create_backbone(arch, "none")
+    except Exception:  # noqa: BLE001 - e.g. RegNet: build it for real
+        return backbones.create_backbone(arch, "none")
+
+
+def global_pools(model: nn.Module) -> list[str]:
+    """The `AdaptiveAvgPool2d(1)` modules, which `build_model` swaps for `_MeanPool` under --deterministic on CUDA."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))]
+
+
+def deterministic_note(arch: str) -> str | None:
+    """Where the deterministic pooling swap does not apply to `arch`, a note saying so (never silently)."""
+    if global_pools(skeleton(arch).model):
+        return None
+    return (f"note: --deterministic on CUDA: {arch} has no AdaptiveAvgPool2d(1) module to replace by a deterministic mean; "
+            f"if its pooling backward has no deterministic CUDA kernel, torch stops the run with an error")
 
 
 def freeze_stages(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Module]:
@@ -124,8 +140,10 @@ def build_model(arch: str, weights: str | backbones.WeightsInfo | None, num_clas
     # An initial classifier from elsewhere (LP-FT: a fit-head head) would be loaded here with
     # bb.set_classifier(w, b), before freezing, so the optimizer and the checkpoint see it like any other weights.
     frozen = freeze_stages(model, resolve_freeze(bb, freeze)[1])
-    if deterministic and device.type == "cuda" and isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
-        model.avgpool = _MeanPool()  # stateless: the state_dict is unchanged
+    if deterministic and device.type == "cuda":
+        for name in global_pools(model):  # AdaptiveAvgPool2d's CUDA backward is not deterministic
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, _MeanPool())  # stateless: the state_dict is unchanged
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
