@@ -19,7 +19,7 @@ _SHARED = ("arch", "weights", "workers", "device", "precision", "channels_last")
 # What a plain `type(default)` cannot say about an option.
 _OPTION_EXTRAS = {
     "optimizer": {"type": click.Choice(OPTIMIZERS)},
-    "freeze": {"type": str, "default": "", "metavar": "STAGES", "show_default": False},  # a comma list
+    "freeze": {"type": str, "default": "", "metavar": "NAMES", "show_default": False},  # a comma list
     "image_size": {"type": int},
     "head_lr_mult": {"type": float, "show_default": False},  # None: resolved by the config (see its help)
     "init_head": {"type": click.Path(dir_okay=False), "metavar": "HEAD.h5"},
@@ -64,7 +64,7 @@ def recipe_options(f):
 @manifest_options()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def finetune_command(data, run_dir, resume, overwrite, quiet, path_col, label_col, val_fraction, **options):
-    """Fine-tune a pretrained network end to end on the image folder (or CSV manifest) DATA.
+    """Fine-tune a pretrained backbone (--arch: any torchvision classifier or timm:NAME) end to end on DATA.
 
     DATA is DATA/<class>/<image>, DATA/{train,val}/<class>/<image>, or a CSV manifest with
     columns path,label[,split] (--val-fraction draws val rows, seeded by --seed). The model of the last

@@ -1,4 +1,6 @@
-"""End-to-end fine-tuning of a pretrained ResNet on an image folder (`cnncodes finetune`).
+"""End-to-end fine-tuning of a pretrained backbone on an image folder (`cnncodes finetune`).
+
+The backbone is any torchvision classifier or timm:NAME (`cnncodes.backbones`); its classifier is replaced.
 
 Defaults follow PyTorch's transfer-learning tutorial: SGD (lr 1e-3, momentum 0.9),
 StepLR(7, 0.1), RandomResizedCrop + flip for training, Resize + CenterCrop for evaluation.

@@ -19,7 +19,7 @@ from ..manifest import ManifestOptions
 from .config import VAL_SPLITS, FinetuneConfig, Recipe
 from .loop import EvalView, Run, TrainViews, initial_entry, make_split, run_epoch
 from .lpft import InitHead, load_init_head
-from .model import build_model_rank0_first, build_optimizer
+from .model import build_model_rank0_first, build_optimizer, deterministic_note, freeze_order
 from .report import epoch_line, final_lines, plot_curves, write_logs
 from .rundir import (
     BEST_MODEL,
@@ -135,9 +135,12 @@ def _finetune(layout: data.FolderLayout, val_name: str | None, run_dir: Path, co
     if config.select_best_on_val and val_name is None:
         raise CnnCodesError("--select-best-on-val needs a val split (DATA/val/<class>/<image>)")
     info = backbones.resolve_weights(config.arch, config.weights)
-    prep = backbones.default_preprocessing(config.arch, info)
-    if config.image_size:
-        prep = data.Preprocessing.for_image_size(config.image_size, prep)
+    prep = backbones.resolve_preprocessing(config.arch, info, config.image_size)
+    # the arch decides which --freeze names exist and their order; checked before the run folder is touched
+    config = dataclasses.replace(config, freeze=freeze_order(config.arch, config.freeze))
+    note = deterministic_note(config.arch) if config.deterministic and device.type == "cuda" else None
+    if note:
+        echo(note)
     init = None
     if config.init_head:  # checked before the run folder is touched
         init = load_init_head(config.init_head, config.arch, info.identity, prep, layout.classes)
@@ -156,8 +159,8 @@ def setup_run(layout: data.FolderLayout, val_name: str | None, recipe: Recipe, w
     """Model (its classifier from `init` if given), optimizer, scheduler, scaler (DDP-wrapped under
     torchrun) and datasets for `recipe`."""
     seed_everything(recipe.seed)
-    model, frozen = build_model_rank0_first(recipe, weights, device, init)
-    opt = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.head_lr_mult, recipe.weight_decay)
+    model, frozen, head = build_model_rank0_first(recipe, weights, device, init)
+    opt = build_optimizer(model, recipe.optimizer, recipe.lr, recipe.head_lr_mult, recipe.weight_decay, head)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16" and device.type == "cuda")
     workers = data.default_workers(device, runtime.process_cores()) if workers is None else workers

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import CnnCodesError
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet stages, in network order
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet stages, in network order (other archs: their own)
 OPTIMIZERS = ("sgd", "adamw")
 VAL_SPLITS = ("val", "valid", "validation")
 # Recipe keys that may differ on --resume: more epochs extend the run, and a new world size
@@ -38,15 +38,17 @@ def _option(default: Any, help: str = "") -> Any:  # noqa: A002  (click's word)
 class FinetuneConfig:
     """Every option of a fine-tuning run, grouped like the CLI's; invalid values raise CnnCodesError.
 
-    `freeze` accepts 'stem,layer1' or any iterable of stage names and is stored as a tuple in
-    network order. Change a copy with `dataclasses.replace(config, lr=...)` (validated again).
+    `freeze` accepts 'stem,layer1' or any iterable of stage names or parameter-name prefixes and is
+    stored as a tuple (ResNet stages in network order); the names are checked against the arch, and
+    put in its network order, when the run starts (`model.freeze_order`). Change a copy with `dataclasses.replace(config, lr=...)` (validated again).
     """
 
     # model
     arch: str = _option("resnet18", "Backbone.")
     weights: str | None = _option("DEFAULT", "torchvision weights name, a local state_dict file, or 'none'.")
-    freeze: tuple[str, ...] = _option((), "Comma list of stages to keep fixed (weights and BatchNorm statistics), "
-                                          f"among {','.join(STAGES)}.")
+    freeze: tuple[str, ...] = _option((), "Comma list of stages to keep fixed (weights and BatchNorm statistics): "
+                                          f"the arch's own stages/blocks (ResNet: {','.join(STAGES)}; a bad name "
+                                          "lists them) or parameter-name prefixes.")
     init_head: str | None = _option(None, "LP-FT: start the classifier from this `fit-head` head (HEAD.h5, any "
                                           "--clf; same arch, weights, preprocessing and classes as this run).")
     image_size: int | None = _option(None, "Crop size; resize keeps the weights' ratio (256/224).")
@@ -144,12 +146,12 @@ class Recipe:
 
 
 def parse_freeze(freeze: str | Iterable[str] | None) -> tuple[str, ...]:
-    """'stem,layer1' or an iterable of stage names -> a validated tuple in network order."""
+    """'stem,layer1' or an iterable of names -> a tuple without repeats, ResNet stages first in network order.
+
+    Which names an arch takes depends on its model: they are checked where it is known (`model.resolve_freeze`).
+    """
     if freeze is None:
         return ()
     names = freeze.split(",") if isinstance(freeze, str) else list(freeze)
-    names = {n.strip() for n in names if n.strip()}
-    unknown = sorted(names - set(STAGES))
-    if unknown:
-        raise CnnCodesError(f"--freeze: unknown stage(s) {', '.join(unknown)}; choose among {','.join(STAGES)}")
-    return tuple(s for s in STAGES if s in names)
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    return tuple(sorted(names, key=lambda n: STAGES.index(n) if n in STAGES else len(STAGES)))

@@ -37,11 +37,13 @@ class TrainStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalize(images.to(self.device, non_blocking=True))
         y = labels.to(self.device, non_blocking=True)
-        with runtime.autocast(self.device, self.precision):
-            logits = self.model(x)
-        loss = self.loss_fn(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # a no-op scale unless fp16
+        # TF32 only for --precision tf32, in the backward pass too: fp32 means fp32 on CUDA
+        with runtime.tf32(self.precision == "tf32"):
+            with runtime.autocast(self.device, self.precision):
+                logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()  # a no-op scale unless fp16
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach() * y.numel(), (logits.detach().argmax(1) == y).sum()
