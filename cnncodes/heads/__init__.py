@@ -41,6 +41,10 @@ scikit-learn finds, and C is comparable across heads; a linear learning-rate dec
 makes the last iterates settle. All candidate (fold, C) models are trained in the same pass
 as one batched (M, classes, D) weight tensor, so cross-validation costs one read of the
 data per epoch, not one per model.
+When the train codes fit in memory (`codes.IN_MEMORY_BYTES`) and no epoch count is given, the
+torch heads use full-batch L-BFGS instead (`torch_solver.lbfgs_path`: all folds at once, C by C,
+warm-started, stopping the C path like svm/logreg; linear-svm then fits a smoothed hinge, within
+tau log K of the hinge); the report's selection notes say which solver ran.
 
 Choosing C (``C="auto"``, grid 1e-5 ... 10, one value per decade) uses the train split only.
 Folds are dealt per source image (the ids of `Cache.groups`, read in chunks by `image_groups`),

@@ -103,8 +103,9 @@ def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[floa
                patience: int | None = PATIENCE) -> tuple[np.ndarray, np.ndarray, Selection]:
     """Fit `clf` on `data`; C=None chooses C by grouped CV. Returns W (K, D), b (K,) and the selection.
 
-    svm/logreg walk the grid upwards and stop after `patience` values without a better CV
-    accuracy (None: the whole grid); the torch heads train every C in one batched pass.
+    svm/logreg, and the torch heads on codes in memory (full-batch L-BFGS), walk the grid upwards
+    and stop after `patience` values without a better CV accuracy (None: the whole grid); the
+    streamed torch heads (or a fixed `max_iter`, Adam epochs) train every C in one batched pass.
     """
     grid = sorted(float(c) for c in grid)
     if C is None:
@@ -112,21 +113,56 @@ def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[floa
     else:
         fold, n_folds, strategy, grid = np.zeros(len(data.y), np.int64), 0, "fixed C", [float(C)]
     sel = Selection(C=float(C) if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
-    if clf in TORCH_CLFS:
+    if clf in TORCH_CLFS and not (data.in_memory and max_iter is None):
         return _fit_torch(data, clf, grid, fold, n_folds, sel, tta, device, max_iter, seed)
+    if clf in TORCH_CLFS:
+        return _fit_torch_lbfgs(data, clf, grid, fold, n_folds, sel, tta, device, patience)
     from .sklearn_solver import fold_path, sklearn_refit
 
     if n_folds:
-        columns = []
         with contextlib.closing(fold_path(clf, data, fold, n_folds, grid, seed, sel.notes)) as path:
-            for models in path:
-                columns.append(_fold_scores(data, fold, models, tta)[:, 0])
-                sel.stopped = _stop_reason(grid, np.mean(columns, axis=1), patience)
-                if sel.stopped:
-                    break
-        best, mean = _pick(grid[:len(columns)], np.stack(columns, axis=1))
-        sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
+            _walk(path, data, fold, grid, sel, tta, patience)
     w, b = sklearn_refit(clf, data, sel.C, seed, sel.notes)
+    return w.astype(np.float64), b.astype(np.float64), sel
+
+
+def _walk(path, data: TrainSet, fold: np.ndarray, grid: list[float], sel: Selection, tta: bool,
+          patience: int | None) -> None:
+    """Score the fold models C by C (ascending) until the path ends or `_stop_reason` stops it; sets sel's pick."""
+    columns = []
+    for models in path:
+        columns.append(_fold_scores(data, fold, models, tta)[:, 0])
+        sel.stopped = _stop_reason(grid, np.mean(columns, axis=1), patience)
+        if sel.stopped:
+            break
+    best, mean = _pick(grid[:len(columns)], np.stack(columns, axis=1))
+    sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
+
+
+def _fit_torch_lbfgs(data: TrainSet, clf: str, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection,
+                     tta: bool, device, patience: int | None) -> tuple[np.ndarray, np.ndarray, Selection]:
+    """Codes in memory: the fold models and the full-data model by full-batch L-BFGS, C by C, stopping like svm/logreg."""
+    from .torch_solver import LBFGS_MAX_ITER, SMOOTH_HINGE_TAU, lbfgs_path
+
+    loss = TORCH_CLFS[clf]
+    sel.notes.append(f"{clf}: full-batch L-BFGS on the train codes in memory, warm-started along C"
+                     + (f" (hinge smoothed, tau={SMOOTH_HINGE_TAU:g})" if loss == "hinge" else ""))
+    full: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+    def path():
+        heldout = np.r_[np.arange(n_folds), -1]  # fold models, then the full-data model
+        for C, (w, b, iters) in zip(grid, lbfgs_path(data.features, data.y, len(data.classes), fold, heldout, grid, loss,
+                                                     device=device)):
+            if iters >= LBFGS_MAX_ITER:
+                sel.notes.append(f"{clf} did not fully converge at C={C:g}")
+            full[C] = (w[-1], b[-1])
+            yield {f: (w[f][None], b[f][None]) for f in range(n_folds)}
+
+    if n_folds:
+        _walk(path(), data, fold, grid, sel, tta, patience)
+    else:
+        next(path())
+    w, b = full[sel.C]
     return w.astype(np.float64), b.astype(np.float64), sel
 
 
