@@ -21,9 +21,7 @@ time (all threads): on a shared machine the load average (printed) inflates wall
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -35,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HYMENOPTERA, RESNET50_KERAS, ROOT  # noqa: E402
+from common import HYMENOPTERA, RESNET50_KERAS, ROOT, results_header, write_results  # noqa: E402
 
 CLFS = ("svm", "logreg", "linear", "linear-svm")
 REFERENCE_OF = {"svm": "LinearSVC", "logreg": "LogisticRegression"}
@@ -106,8 +104,9 @@ def ants_bees(cache_dir: Path) -> Path | None:
     from cnncodes.extract import extract
 
     out = cache_dir / "heads-speed-hymenoptera-resnet50-bf16.h5"
-    r = extract(HYMENOPTERA, out, arch="resnet50", weights=str(RESNET50_KERAS), precision="bf16", progress=False,
-                log=lambda m: None)
+    # IMAGENET1K_V1's 256/224 preprocessing: these weights are of that era (DEFAULT's 232 is V2's recipe)
+    r = extract(HYMENOPTERA, out, arch="resnet50", weights=str(RESNET50_KERAS), precision="bf16",
+                preprocess_like="IMAGENET1K_V1", progress=False, log=lambda m: None)
     print(f"# {out}: {'up to date' if r.up_to_date else f'extracted in {r.seconds:.0f} s'}", flush=True)
     return out
 
@@ -140,9 +139,8 @@ def main() -> None:
     sets["synthetic 1000x2048x12"] = synthetic(args.cache_dir, 1000)
     if args.large:
         sets["synthetic 100000x2048x12"] = synthetic(args.cache_dir, 100_000)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "available_cores": available_cores(), "loadavg_before": os.getloadavg()},
-              "repeats": args.repeats, "rows": []}
+    result = {**results_header("heads_speed"), "available_cores": available_cores(), "repeats": args.repeats,
+              "rows": []}
     lines = [f"{'codes':<26} {'head':<28} {'wall s':>7} {'cpu s':>7} {'C':>7} {'CV acc':>7} {'val acc':>7}  C tried"]
     print(lines[0], flush=True)
     for label, cache in sets.items():
@@ -156,14 +154,20 @@ def main() -> None:
                     f"{r['val']:>7.4f}  {r['Cs_tried']}" + (" (stopped early)" if r.get("stopped_early") else ""))
             lines.append(line)
             print(line, flush=True)
-    result["machine"]["loadavg_after"] = os.getloadavg()
-    footer = (f"# {result['machine']['cores']} cores ({result['machine']['available_cores']} available), load average "
-              f"before {result['machine']['loadavg_before'][0]:.1f}, after {result['machine']['loadavg_after'][0]:.1f}; "
-              f"median of {args.repeats}")
+    cores = result["machine"]["cores"]
+    footer = (f"# {cores} cores ({result['available_cores']} available), load average before "
+              f"{result['load_before'][0]:.1f}, after {os.getloadavg()[0]:.1f}; median of {args.repeats}")
     lines.append(footer)
     print(footer)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    result["table"] = {"columns": ["codes", "head", "CPU s", "wall s", "C", "CV acc", "val acc", "C values tried"],
+                       "rows": [[r["codes"], r["head"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}", f"{r['C']:.0e}",
+                                 f"{r['cv']:.4f}", f"{r['val']:.4f}",
+                                 f"{r['Cs_tried']}" + (" (stopped early)" if r.get("stopped_early") else "")]
+                                for r in result["rows"]]}
+    result["notes"] = [f"fit time with C chosen by grouped 5-fold CV on train (the same folds for the reference), "
+                       f"then the final fit; median of {args.repeats}; CPU s = process CPU time (all threads); "
+                       "val accuracy is reported, never used to choose"]
+    write_results(result, args.out)
     args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print(f"# wrote {args.out} and {args.out.with_suffix('.txt')}")
 
