@@ -63,11 +63,12 @@ def command_block(result: dict) -> str:
 
 
 def render_table(result: dict) -> str:
-    """Generic: a markdown table from result["table"] plus result["notes"]."""
+    """Generic: the machine line, the command, a markdown table from result["table"] and result["notes"]."""
     table = result.get("table")
     if not table:
         raise ValueError(f"bench '{result.get('bench')}' has no renderer and no 'table' in its results file")
-    lines = ["| " + " | ".join(map(str, table["columns"])) + " |", "|" + "---|" * len(table["columns"])]
+    lines = [machine_line(result), "", command_block(result), ""]
+    lines += ["| " + " | ".join(map(str, table["columns"])) + " |", "|" + "---|" * len(table["columns"])]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in table["rows"]]
     return "\n".join(lines + [""] + [f"* {n}" for n in result.get("notes", [])]).rstrip()
 

@@ -75,6 +75,8 @@ def test_blocks_are_replaced_from_results_and_the_rest_is_untouched(tmp_path):
     assert "Test CPU, 2 cores" in text and "0.10/0.20/0.30 before" in text and "0.40/0.50/0.60 after" in text
     assert "python bench/compare.py --data d --full" in text
     assert "| resnet50 | 72.7 |" in text and "* best of 3" in text  # the generic renderer
+    speed = text[text.index("<!-- bench:speed -->"):]
+    assert "Test CPU, 2 cores" in speed and "commit 0123456789ab" in speed  # with its machine, like every block
     assert "kept as is: no results file" in text
     for kept in ("# project\n\nintro text\n<!-- bench:compare -->\n", "<!-- /bench:compare -->\nbetween\n",
                  "<!-- /bench:speed -->\nend\n"):
