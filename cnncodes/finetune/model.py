@@ -70,9 +70,9 @@ def resolve_freeze(bb: backbones.Backbone, freeze: Sequence[str]) -> tuple[tuple
     unknown = [f for f in freeze if f not in groups and (not any(_under(n, f) for n in params)
                                                           or _under(cls, f) or _under(f, cls))]
     if unknown:
-        example = next(iter(groups.values()), ["layer1"])[0]
+        example = params[0].rpartition(".")[0] or params[0]  # the module holding the first parameter
         raise CnnCodesError(f"--freeze: unknown stage(s) {', '.join(unknown)} for {bb.arch}; choose among "
-                            f"{','.join(groups)}, or a parameter-name prefix such as {example}.0 "
+                            f"{','.join(groups)}, or a parameter-name prefix such as {example} "
                             f"(not the new classifier {cls})")
     prefixes = {f: groups.get(f, [f]) for f in freeze}
     first = {f: min(i for i, n in enumerate(params) if any(_under(n, p) for p in ps)) for f, ps in prefixes.items()}
