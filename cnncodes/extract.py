@@ -22,7 +22,12 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ._version import __version__
-from .backbones import create_extractor, parse_layers, resolve_preprocessing, resolve_weights
+from .backbones import (
+    create_extractor,
+    parse_layers,
+    resolve_preprocessing,
+    resolve_weights,
+)
 from .data import (
     FolderLayout,
     ImageFile,
@@ -37,6 +42,8 @@ from .data import (
 from .errors import CnnCodesError, Interrupted
 from .gpu_decode import DeviceLoader, resolve_decode
 from .manifest import ManifestOptions
+from .precision import emulation_note
+from .resume import Done, prepare_parts
 from .runtime import (
     FileLock,
     autocast,
@@ -47,7 +54,6 @@ from .runtime import (
     process_cores,
     resolve_device,
 )
-from .resume import Done, prepare_parts
 from .store import (
     Cache,
     CacheConfig,
@@ -58,7 +64,6 @@ from .store import (
     write_shard,
 )
 from .uptodate import request_key
-
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
@@ -156,6 +161,9 @@ def extract(
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = parts_folder(out)
     dev = distributed.init(dev)
+    slow = emulation_note(precision, dev)
+    if slow and distributed.is_main():
+        log(f"note: {slow}")  # before the run, not after minutes of waiting
     try:
         result = _extract_locked(layout, out, parts, config, info, pre, dev, overwrite, batch_size, workers, decode,
                                  precision, channels_last, strict, checkpoint_every, progress, request, log)

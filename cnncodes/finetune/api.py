@@ -16,10 +16,16 @@ from torch import nn
 from .. import backbones, data, distributed, runtime
 from ..errors import CnnCodesError, Interrupted
 from ..manifest import ManifestOptions
+from ..precision import emulation_note
 from .config import VAL_SPLITS, FinetuneConfig, Recipe
 from .loop import EvalView, Run, TrainViews, initial_entry, make_split, run_epoch
 from .lpft import InitHead, load_init_head
-from .model import build_model_rank0_first, build_optimizer, deterministic_note, freeze_order
+from .model import (
+    build_model_rank0_first,
+    build_optimizer,
+    deterministic_note,
+    freeze_order,
+)
 from .report import epoch_line, final_lines, plot_curves, write_logs
 from .rundir import (
     BEST_MODEL,
@@ -28,8 +34,8 @@ from .rundir import (
     LOG_CSV,
     LOG_JSON,
     MODEL,
-    claim,
     checkpoint_state,
+    claim,
     determinism,
     restore,
     save_model,
@@ -139,8 +145,10 @@ def _finetune(layout: data.FolderLayout, val_name: str | None, run_dir: Path, co
     # the arch decides which --freeze names exist and their order; checked before the run folder is touched
     config = dataclasses.replace(config, freeze=freeze_order(config.arch, config.freeze))
     note = deterministic_note(config.arch) if config.deterministic and device.type == "cuda" else None
-    if note:
-        echo(note)
+    slow = emulation_note(config.precision, device)
+    for line in (note, slow and f"note: {slow}"):
+        if line:
+            echo(line)
     init = None
     if config.init_head:  # checked before the run folder is touched
         init = load_init_head(config.init_head, config.arch, info.identity, prep, layout.classes)
