@@ -64,8 +64,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, forward_ceiling, load_average, results_header, train_ceiling, write_results  # noqa: E402
 from report import render  # noqa: E402
 
-from cnncodes.backbones import create_extractor, create_model, default_preprocessing, resolve_weights  # noqa: E402
+from cnncodes.backbones import create_extractor, create_model, resolve_preprocessing, resolve_weights  # noqa: E402
 from cnncodes.data import Preprocessing, discover  # noqa: E402
+from cnncodes.precision import native_bf16  # noqa: E402
 from cnncodes.errors import CnnCodesError  # noqa: E402
 from cnncodes.extract import extract  # noqa: E402
 from cnncodes.finetune import finetune  # noqa: E402
@@ -193,7 +194,7 @@ class CachePath(BenchPath):
         a = ctx.args
         start = time.perf_counter()
         r = extract(a.data, out / "codes.h5", arch=a.arch, weights=a.weights, image_size=a.image_size,
-                    precision=a.precision, batch_size=a.extract_batch, channels_last=a.channels_last,
+                    preprocess_like=a.preprocess_like, precision=a.precision, batch_size=a.extract_batch, channels_last=a.channels_last,
                     device=a.device, overwrite=True, progress=False, log=lambda m: None)
         extract_s = time.perf_counter() - start
         rows, heads, seconds = {}, {}, {}
@@ -276,8 +277,8 @@ class FinetunePath(EpochPath):
         a = ctx.args
         start = time.perf_counter()
         res = finetune(a.data, out / "ft", arch=a.arch, weights=a.weights, epochs=epochs, batch_size=a.batch_size,
-                       image_size=a.image_size, precision=a.precision, channels_last=a.channels_last,
-                       device=a.device, seed=0, overwrite=True, progress=False, echo=lambda m: None)
+                       image_size=a.image_size, preprocess_like=a.preprocess_like, precision=a.precision,
+                       channels_last=a.channels_last, device=a.device, seed=0, overwrite=True, progress=False, echo=lambda m: None)
         wall = time.perf_counter() - start
         return wall, [{k: h[k] for k in ("train_images", "val_images", "epoch_time_s", "val_acc")} for h in res.history]
 
@@ -305,8 +306,8 @@ class LPFTPath(FinetunePath):
         cache["heads"][self.head].save(head_path)
         start = time.perf_counter()
         res = finetune(a.data, out / "ft", arch=a.arch, weights=a.weights, epochs=epochs, batch_size=a.batch_size,
-                       image_size=a.image_size, precision=a.precision, channels_last=a.channels_last,
-                       device=a.device, seed=0, init_head=str(head_path), overwrite=True, progress=False,
+                       image_size=a.image_size, preprocess_like=a.preprocess_like, precision=a.precision,
+                       channels_last=a.channels_last, device=a.device, seed=0, init_head=str(head_path), overwrite=True, progress=False,
                        echo=lambda m: None)
         wall = time.perf_counter() - start
         self._epoch0_val_acc = res.history[0]["val_acc"]  # epoch 0: the head as loaded, no step
@@ -522,8 +523,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="without --full: epochs the epoch paths run; their time is extrapolated to --epochs")
     p.add_argument("--repeats", type=int, default=3, help="runs of each path (median); with --full, of the cache path")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--precision", default="bf16" if not torch.cuda.is_available() else "fp16",
-                   help="every path's precision (the tutorial loop too, unless --fixed-as-written)")
+    p.add_argument("--preprocess-like", default=None, metavar="WEIGHTS",
+                   help="with a weights file: these named weights' preprocessing (e.g. IMAGENET1K_V1), every path")
+    p.add_argument("--precision", default=None,
+                   help="every path's precision (the tutorial loop too, unless --fixed-as-written) [default: fp16 on "
+                        "CUDA, bf16 on a CPU with bf16 instructions, else fp32]")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="NCHW on every path (default: channels_last)")
     p.add_argument("--batch-size", type=int, default=TUTORIAL["batch"], help="fine-tuning batch (tutorial: 4)")
@@ -553,11 +557,12 @@ def context(args: argparse.Namespace, work: Path) -> Context:
         print(f"note: {e}\nnote: using --weights none (random weights)")
         args.weights = "none"
     device = resolve_device(args.device)
+    if args.precision is None:  # the fastest precision that is native here; emulated bf16 is slower than fp32
+        args.precision = "fp16" if device.type == "cuda" else "bf16" if native_bf16() else "fp32"
     args.extract_batch = args.extract_batch or inference_batch_size(device)
     layout = discover(args.data)
-    prep = default_preprocessing(args.arch, resolve_weights(args.arch, args.weights))
-    if args.image_size:
-        prep = Preprocessing.for_image_size(args.image_size, prep)
+    prep = resolve_preprocessing(args.arch, resolve_weights(args.arch, args.weights), args.image_size,
+                                 args.preprocess_like)
     return Context(args, device, prep, len(layout.classes), {s: len(f) for s, f in layout.splits.items()}, work)
 
 
@@ -575,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += measure(path, ctx)
     result.update({
         "data": str(args.data), "splits": ctx.counts, "arch": args.arch, "weights": args.weights,
-        "image_size": ctx.prep.crop, "device": str(ctx.device), "epochs": args.epochs, "full": args.full,
+        "image_size": ctx.prep.crop, "preprocessing": ctx.prep.to_dict(), "device": str(ctx.device), "epochs": args.epochs, "full": args.full,
         "epochs_run": ctx.epochs_to_run, "repeats": args.repeats, "precision": args.precision,
         "channels_last": args.channels_last, "paths": rows, "ratios": ratios(rows),
         "nominal_bound": nominal_bound(rows),

@@ -98,6 +98,16 @@ def _acc_cell(r: dict) -> str:
     return f"none: not a full run (after epoch {p.get('epoch')} of {p.get('of')}: {_pct(p.get('val_acc'))}, not final)"
 
 
+def _prep(result: dict) -> str:
+    p = result.get("preprocessing")
+    return f"resize {p['resize']} / crop {p['crop']} px" if p else f"{result['image_size']} px"
+
+
+def _epoch0(r: dict) -> str:
+    acc = r.get("epoch0_val_acc")
+    return f" (epoch 0, the head as loaded: {_pct(acc)})" if acc is not None else ""
+
+
 @renderer("compare")
 def render_compare(result: dict) -> str:
     """The cache path vs the epoch paths: times, final accuracies, speed-ups beside their bounds."""
@@ -107,12 +117,12 @@ def render_compare(result: dict) -> str:
                  f"their times are **extrapolated** and they have no final accuracy (rerun with `--full`).")
     out = [machine_line(result), "", command_block(result), "",
            f"Data {result['data']} ({', '.join(f'{k} {v}' for k, v in result['splits'].items())} images), "
-           f"{result['arch']}, weights `{Path(result['weights']).name}`, {result['image_size']} px, "
+           f"{result['arch']}, weights `{Path(result['weights']).name}`, {_prep(result)}, "
            f"recipe {result['epochs']} epochs, device {result['device']}. {mode}", "",
            "| path | precision, batch, layout | time to a trained model | val accuracy (final epoch) "
            "| model-only time | share of ceiling |", "|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['path']} | {r['settings_label']} | {_time_cell(r)} | {_acc_cell(r)} "
+        out.append(f"| {r['path']} | {r['settings_label']} | {_time_cell(r)} | {_acc_cell(r)}{_epoch0(r)} "
                    f"| {_s(r['model_only_s'])} | {r['ceiling_share']:.2f} |")
     out += ["", "| speed-up of | over | measured | bound | measured / bound |", "|---|---|---|---|---|"]
     for q in result["ratios"]:

@@ -3,6 +3,7 @@ TF32 off in the backward pass for fp32."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -133,3 +134,15 @@ def test_fp32_training_step_runs_without_tf32_in_forward_and_backward():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored after
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_preprocess_like_gives_a_weights_file_the_named_weights_preprocessing(tmp_path):
+    folder = write_folder(tmp_path / "data", {"train": 2, "val": 1})
+    fast = {**FAST, "image_size": 64, "epochs": 0}  # epochs 0: the run resolves and records, no training
+    default = finetune(folder, tmp_path / "default", arch="resnet50", **fast)
+    like = finetune(folder, tmp_path / "like", arch="resnet50", preprocess_like="IMAGENET1K_V1", **fast)
+    resize = [json.loads(r.log_json.read_text())["recipe"]["preprocessing"]["resize"] for r in (default, like)]
+    assert resize == [round(64 * 232 / 224), round(64 * 256 / 224)]  # DEFAULT (V2)'s ratio, then V1's
+    with pytest.raises(CnnCodesError, match="--preprocess-like applies to --weights FILE or none"):
+        finetune(folder, tmp_path / "named", arch="resnet50", preprocess_like="IMAGENET1K_V1",
+                 **{**fast, "weights": "IMAGENET1K_V2"})

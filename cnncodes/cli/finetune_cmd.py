@@ -21,6 +21,7 @@ _OPTION_EXTRAS = {
     "optimizer": {"type": click.Choice(OPTIMIZERS)},
     "freeze": {"type": str, "default": "", "metavar": "NAMES", "show_default": False},  # a comma list
     "image_size": {"type": int},
+    "preprocess_like": {"metavar": "WEIGHTS"},
     "head_lr_mult": {"type": float, "show_default": False},  # None: resolved by the config (see its help)
     "init_head": {"type": click.Path(dir_okay=False), "metavar": "HEAD.h5"},
 }

@@ -52,6 +52,8 @@ class FinetuneConfig:
     init_head: str | None = _option(None, "LP-FT: start the classifier from this `fit-head` head (HEAD.h5, any "
                                           "--clf; same arch, weights, preprocessing and classes as this run).")
     image_size: int | None = _option(None, "Crop size; resize keeps the weights' ratio (256/224).")
+    preprocess_like: str | None = _option(None, "With --weights FILE or none: these named weights' preprocessing "
+                                                "(e.g. IMAGENET1K_V1) [default: DEFAULT's].")
     # optimisation
     optimizer: str = _option("sgd", "sgd uses momentum 0.9.")
     lr: float = _option(1e-3, "Learning rate of the pretrained layers.")
