@@ -45,16 +45,21 @@ def machine_line(result: dict) -> str:
     m = result.get("machine", {})
     cores = m.get("cores")
     load, after = result.get("load_before") or [], result.get("load_after") or []
-    # Before the run, any load is other jobs'; after it, the bench's own threads (one per core) count too.
-    busy = bool(cores) and ((load and load[0] > 0.5 * cores) or (after and after[0] > 1.5 * cores))
+    # Before the run, any load is other jobs'; after it, the bench's own threads count too, so a high
+    # load after a quiet start may be the bench itself (e.g. a thread pool of BLAS calls) and is said as such.
+    busy_before = bool(cores) and bool(load) and load[0] > 0.5 * cores
+    busy_after = bool(cores) and bool(after) and after[0] > 1.5 * cores
     commit = (result.get("git_commit") or "unknown")[:12]
     line = (f"Measured {result.get('date', '?')} on {m.get('cpu', '?')}, {cores} cores, {m.get('memory_gib')} GiB, "
             f"{m.get('gpu') or 'no GPU'}; torch {m.get('torch')}, torchvision {m.get('torchvision')}; "
             f"load average (1/5/15 min) {_load(load)} before, {_load(after)} after; "
             f"commit {commit}.")
-    if busy:
+    if busy_before:
         line += (" **Other jobs loaded the machine** (load average beyond what the bench itself explains): "
                  "absolute times are inflated and noisy; ratios measured within the run hold better.")
+    elif busy_after:
+        line += (" The load after the run exceeds the cores: the bench's own threads oversubscribed them, or "
+                 "other jobs started during it; its absolute times may be inflated.")
     return line
 
 
