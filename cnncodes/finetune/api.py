@@ -144,11 +144,10 @@ def _finetune(layout: data.FolderLayout, val_name: str | None, run_dir: Path, co
     prep = backbones.resolve_preprocessing(config.arch, info, config.image_size, config.preprocess_like)
     # the arch decides which --freeze names exist and their order; checked before the run folder is touched
     config = dataclasses.replace(config, freeze=freeze_order(config.arch, config.freeze))
-    note = deterministic_note(config.arch) if config.deterministic and device.type == "cuda" else None
-    slow = emulation_note(config.precision, device)
-    for line in (note, slow and f"note: {slow}"):
-        if line:
-            echo(line)
+    notes = [deterministic_note(config.arch) if config.deterministic and device.type == "cuda" else None,
+             emulation_note(config.precision, device)]
+    for note in filter(None, notes):
+        echo(f"note: {note}")
     init = None
     if config.init_head:  # checked before the run folder is touched
         init = load_init_head(config.init_head, config.arch, info.identity, prep, layout.classes)

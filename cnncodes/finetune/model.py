@@ -107,7 +107,7 @@ def deterministic_note(arch: str) -> str | None:
     """Where the deterministic pooling swap does not apply to `arch`, a note saying so (never silently)."""
     if global_pools(skeleton(arch).model):
         return None
-    return (f"note: --deterministic on CUDA: {arch} has no AdaptiveAvgPool2d(1) module to replace by a deterministic mean; "
+    return (f"--deterministic on CUDA: {arch} has no AdaptiveAvgPool2d(1) module to replace by a deterministic mean; "
             f"if its pooling backward has no deterministic CUDA kernel, torch stops the run with an error")
 
 
