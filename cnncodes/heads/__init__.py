@@ -10,6 +10,8 @@ Where things live (input -> output):
 - `sklearn_solver`: svm / logreg fold models (scikit-learn, in memory, threads).
 - `torch_solver`: linear / linear-svm fold models (minibatch Adam, streamed) and
   `TorchLinearClassifier`, the same solver as a scikit-learn estimator.
+- `lbfgs`: full-batch, preconditioned L-BFGS on codes in memory, C by C (the torch heads in
+  memory, and svm / logreg on their own objectives above `selection.LBFGS_ABOVE` codes).
 - `report`: scoring per image and the per-split report (accuracy, per class, confusion).
 - here: `fit_head`, cache in, (head, report) out.
 
@@ -24,6 +26,11 @@ Heads (`--clf`):
 - ``svm``: scikit-learn `LinearSVC` (squared hinge, one-vs-rest), codes in memory.
 - ``logreg``: scikit-learn `LogisticRegression` (lbfgs, multinomial softmax), codes in memory,
   warm-started along the C grid.
+- Above `selection.LBFGS_ABOVE` (20,000) train codes, svm and logreg minimise the same objectives
+  (LinearSVC's with its penalised intercept; LogisticRegression's) by `lbfgs.lbfgs_path` in torch:
+  scikit-learn's solvers run one job per core, and at that size a held-out tenth leaves one job,
+  i.e. one busy core (100k x 2048 codes: logreg 99.8 s, svm over a minute per C). The report's
+  selection notes say which solver ran.
 - ``linear``: `TorchLinearClassifier` with the softmax loss: the same objective as ``logreg``
   solved by minibatch Adam, streaming the cache in chunks (CPU or CUDA).
 - ``linear-svm``: `TorchLinearClassifier` with the multiclass (Crammer-Singer) hinge loss,
@@ -42,8 +49,9 @@ makes the last iterates settle. All candidate (fold, C) models are trained in th
 as one batched (M, classes, D) weight tensor, so cross-validation costs one read of the
 data per epoch, not one per model.
 When the train codes fit in memory (`codes.IN_MEMORY_BYTES`) and no epoch count is given, the
-torch heads use full-batch L-BFGS instead (`torch_solver.lbfgs_path`: all folds at once, C by C,
-warm-started, stopping the C path like svm/logreg; linear-svm then fits a smoothed hinge, within
+torch heads use full-batch L-BFGS instead (`lbfgs.lbfgs_path`: all folds at once, C by C,
+warm-started, preconditioned by the codes' second moment, stopping the C path like svm/logreg,
+then the full-data model at the chosen C; linear-svm then fits a smoothed hinge, within
 tau log K of the hinge); the report's selection notes say which solver ran.
 
 Choosing C (``C="auto"``, grid 1e-5 ... 10, one value per decade) uses the train split only.
@@ -114,7 +122,7 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
     from .codes import check_memory, load_train
     from .format import LinearHead, head_meta
     from .report import evaluate_split, unseen_classes
-    from .selection import fit_linear, parse_C
+    from .selection import LBFGS_ABOVE, fit_linear, parse_C
 
     log = log or (lambda m: None)
     if clf not in CLFS:
@@ -127,7 +135,7 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
     start = time.perf_counter()
     with Cache(cache_path) as cache:
         if clf not in TORCH_CLFS and "train" in cache.splits:
-            check_memory(clf, cache.features("train").size, cache.path, log)
+            check_memory(clf, cache.features("train").shape, cache.path, log, LBFGS_ABOVE)
         data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
         heldout = [s for s in cache.splits if s != "train"]
         unseen = {s: unseen_classes(cache, s, data.classes, allow_unseen_classes) for s in heldout}

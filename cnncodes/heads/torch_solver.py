@@ -1,6 +1,6 @@
-"""The torch heads: M linear models (folds x C) trained at once by minibatch Adam on streamed blocks,
-or, when the codes are in memory, by full-batch L-BFGS along the C grid (`lbfgs_path`); and
-`TorchLinearClassifier`, the same solvers as a scikit-learn estimator.
+"""The torch heads' minibatch solver: M linear models (folds x C) trained at once by Adam on streamed blocks;
+the losses and penalties shared with the full-batch solver (`lbfgs`); and `TorchLinearClassifier`, the
+Adam solver as a scikit-learn estimator.
 
 codes (h5 dataset or array) + labels + fold ids -> W (M, K, D), b (M, K).
 """
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
-import scipy.optimize
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.metaestimators import available_if
@@ -21,13 +19,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .codes import BLOCK_BYTES, PIECE_ROWS, iter_blocks
 from .format import softmax
-from .sklearn_solver import fold_codes
 
 # L-BFGS fits the hinge head on a smoothed Crammer-Singer hinge, tau * log(1 + sum_j exp((1 + s_j - s_y) / tau)):
 # smooth (L-BFGS needs gradients that do not jump), never below the hinge and at most tau * log(K) above it.
 SMOOTH_HINGE_TAU = 0.05
-LBFGS_MAX_ITER = 300  # iterations per C (warm-started from the previous C: tens are typical)
-LBFGS_TOL = 1e-4  # stop when every gradient entry of the summed objective is below this
 
 def train_torch(features, y: np.ndarray, n_classes: int, fold: np.ndarray, heldout: np.ndarray, Cs: np.ndarray,
                  loss: str, *, mean=None, scale=None, epochs: int | None = None, batch_size: int = 256,
@@ -96,10 +91,13 @@ def _cpu_threads(dev: torch.device, macs_per_step: int):
 
 
 def _loss(scores: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    """(M, B, K) scores, (B,) labels -> (M, B) per-row loss ("softmax", "hinge" or "smooth-hinge")."""
+    """(M, B, K) scores, (B,) labels -> (M, B) per-row loss ("softmax", "hinge", "smooth-hinge" or "squared-hinge")."""
     m, bsz, k = scores.shape
     if loss == "softmax":
         return torch.nn.functional.cross_entropy(scores.reshape(m * bsz, k), y.repeat(m), reduction="none").view(m, bsz)
+    if loss == "squared-hinge":  # LinearSVC's: one-vs-rest, sum over classes of max(0, 1 - t s)^2, t = +1 / -1
+        sign = torch.full_like(scores, -1.0).scatter(2, y.view(1, -1, 1).expand(m, bsz, 1), 1.0)
+        return (1 - sign * scores).clamp(min=0).pow(2).sum(2)
     true = scores.gather(2, y.view(1, -1, 1).expand(m, bsz, 1))
     margins = (1 + scores - true).scatter(2, y.view(1, -1, 1).expand(m, bsz, 1), 0.0)  # the true class: 0
     if loss == "smooth-hinge":
@@ -107,55 +105,18 @@ def _loss(scores: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     return margins.amax(2).clamp(min=0)  # Crammer-Singer: 1 + best wrong score - true score
 
 
-def _penalty_factors(n_classes: int, Cs, rows_per_model: np.ndarray) -> np.ndarray:
+def _penalty_factors(n_classes: int, Cs, rows_per_model: np.ndarray, loss: str = "softmax") -> np.ndarray:
     """lambda per model, the objective being mean loss + lambda ||W||^2 / 2."""
-    # Two classes: scikit-learn penalises ||w1 - w0||^2 / 2 = ||W||^2 at the symmetric optimum.
-    return (2.0 if n_classes == 2 else 1.0) / (np.asarray(Cs, np.float64) * np.maximum(rows_per_model, 1))
+    # Two classes: scikit-learn penalises ||w1 - w0||^2 / 2 = ||W||^2 at the symmetric optimum. Not so for the
+    # one-vs-rest squared hinge: its two rows are two mirrored copies of LinearSVC's one problem, each penalised alike.
+    binary = n_classes == 2 and loss != "squared-hinge"
+    return (2.0 if binary else 1.0) / (np.asarray(Cs, np.float64) * np.maximum(rows_per_model, 1))
 
 
-def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, heldout: np.ndarray, grid, loss: str, *,
-               device: str | torch.device = "cpu", max_iter: int = LBFGS_MAX_ITER,
-               tol: float = LBFGS_TOL) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Full-batch L-BFGS (scipy's L-BFGS-B, torch computing objective and gradient) on codes in memory, C by C ascending: yields W (M, K, D), b (M, K)
-    and the iterations run, for the M models (model m skips rows with fold == heldout[m]) at each C.
-
-    Why: with the codes in memory the exact gradient costs one pass, and the objective is smooth
-    ("hinge" is fitted as "smooth-hinge"), so tens of quasi-Newton steps reach the optimum that
-    thousands of Adam steps only approach. The M models are independent, so one L-BFGS on the sum
-    of their objectives solves them all; each C starts from the previous C's optimum (the path
-    moves little between neighbouring C), and the caller may stop the path early. scipy's L-BFGS,
-    not torch.optim's: creating any torch.optim optimizer imports torch._dynamo (3-10 s).
-    """
-    dev = torch.device(device)
-    fit_loss = "smooth-hinge" if loss == "hinge" else loss
-    m, d = len(heldout), x.shape[1]
-    # Fewer rows than dimensions: fit in the row space of the codes (exact, see sklearn_solver.fold_codes):
-    # every model's optimum lies in the span of all train rows, and a pass costs n x n, not n x D.
-    space = fold_codes("logreg", x, y)
-    d = space.x.shape[1]
-    xt = torch.as_tensor(space.x, device=dev)
-    yt = torch.as_tensor(y, dtype=torch.long, device=dev)
-    keep = torch.as_tensor(fold, device=dev)[None, :] != torch.as_tensor(heldout, device=dev)[:, None]
-    weights = keep.float() / keep.sum(1, keepdim=True).clamp(min=1)  # (M, n): each model's mean over its rows
-    rows = keep.sum(1).cpu().numpy().astype(np.float64)
-    theta = np.zeros(m * n_classes * (d + 1))  # W (M, K, D) then b (M, K), flat, float64 for scipy
-    with _cpu_threads(dev, len(x) * m * n_classes * d):
-        for C in grid:
-            lam = torch.tensor(_penalty_factors(n_classes, [C] * m, rows), dtype=torch.float32, device=dev)
-
-            def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
-                t = torch.tensor(flat, dtype=torch.float32, device=dev, requires_grad=True)
-                w, b = t[:m * n_classes * d].view(m, n_classes, d), t[m * n_classes * d:].view(m, n_classes)
-                scores = (xt @ w.reshape(m * n_classes, d).T).view(len(xt), m, n_classes).transpose(0, 1) + b[:, None, :]
-                value = (_loss(scores, yt, fit_loss) * weights).sum() + 0.5 * (lam * w.pow(2).sum((1, 2))).sum()
-                value.backward()
-                return float(value.detach()), t.grad.double().cpu().numpy()
-
-            res = scipy.optimize.minimize(objective, theta, jac=True, method="L-BFGS-B",
-                                          options={"maxiter": max_iter, "gtol": tol, "maxcor": 20})
-            theta = res.x
-            w_np = space.to_codes(theta[:m * n_classes * d].reshape(m, n_classes, d)).astype(np.float32)
-            yield w_np, theta[m * n_classes * d:].reshape(m, n_classes).astype(np.float32), int(res.nit)
+def _stored_scale(loss: str, n_classes: int) -> float:
+    """Factor from the solver's W, b to the stored rows: two-class LinearSVC (w) is stored as [-w/2, w/2]
+    (see `format.as_class_rows`), and its one-vs-rest fit here holds [-w, w]."""
+    return 0.5 if loss == "squared-hinge" and n_classes == 2 else 1.0
 
 
 def _batches_per_epoch(n: int, d: int, batch_size: int, block_bytes: int) -> int:
