@@ -222,6 +222,10 @@ class EpochPath(BenchPath):
         epoch_time_s (train + val pass), val_acc)."""
         raise NotImplementedError
 
+    def repeats(self, ctx: Context) -> int:
+        """A full run trains all the recipe's epochs once (--repeats is the cache path's)."""
+        return 1 if ctx.args.full else ctx.args.repeats
+
     def run_once(self, ctx: Context, out: Path) -> dict[str, Outcome]:
         m, e = ctx.epochs_to_run, ctx.args.epochs
         wall, history = self.run_epochs(ctx, out, m)

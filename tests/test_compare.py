@@ -27,7 +27,7 @@ def test_compare_full_run_writes_complete_json(tmp_path):
     data = write_folder(tmp_path / "data", {"train": 6, "val": 3})
     out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
     proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--data", str(data), "--weights", "none",
-                           "--epochs", "1", "--full", "--repeats", "1", "--ceiling-images", "8", "--image-size", "32",
+                           "--epochs", "1", "--full", "--repeats", "2", "--ceiling-images", "8", "--image-size", "32",
                            "--json", str(out), "--plot", str(png)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
@@ -42,7 +42,9 @@ def test_compare_full_run_writes_complete_json(tmp_path):
         assert ROW_FIELDS <= set(r)
         assert not r["extrapolated"] and r["partial"] is None and 0.0 <= r["val_acc"] <= 1.0
         assert r["seconds"] > 0 and r["model_only_s"] > 0
-        assert len(r["ceilings_each"]) == 2  # before and after the one run
+        # --full: the epoch paths train once, --repeats is the cache path's; a ceiling before and after each run
+        assert r["repeats"] == (2 if r["kind"] == "cache" else 1)
+        assert len(r["ceilings_each"]) == r["repeats"] + 1
         assert all(v > 0 for c in r["ceilings_each"] for v in c.values())
     for name in ("finetune", "fixed (tutorial)"):
         assert rows[name]["epochs_run"] == 1 and set(rows[name]["ceilings"]) == {"forward", "train"}
