@@ -132,6 +132,10 @@ def main() -> None:
     args = ap.parse_args()
     from cnncodes.data import available_cores
 
+    # The header (load average before) first: preparing the caches below (an extraction, a synthetic
+    # write) loads the machine itself and must not be read as other jobs' load.
+    result = {**results_header("heads_speed"), "available_cores": available_cores(), "repeats": args.repeats,
+              "rows": []}
     sets = {}
     real = ants_bees(args.cache_dir)
     if real:
@@ -139,8 +143,6 @@ def main() -> None:
     sets["synthetic 1000x2048x12"] = synthetic(args.cache_dir, 1000)
     if args.large:
         sets["synthetic 100000x2048x12"] = synthetic(args.cache_dir, 100_000)
-    result = {**results_header("heads_speed"), "available_cores": available_cores(), "repeats": args.repeats,
-              "rows": []}
     lines = [f"{'codes':<26} {'head':<28} {'wall s':>7} {'cpu s':>7} {'C':>7} {'CV acc':>7} {'val acc':>7}  C tried"]
     print(lines[0], flush=True)
     for label, cache in sets.items():
