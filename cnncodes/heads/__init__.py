@@ -11,7 +11,7 @@ Where things live (input -> output):
 - `torch_solver`: linear / linear-svm fold models (minibatch Adam, streamed) and
   `TorchLinearClassifier`, the same solver as a scikit-learn estimator.
 - `lbfgs`: full-batch, preconditioned L-BFGS on codes in memory, C by C (the torch heads in
-  memory, and svm / logreg on their own objectives above `selection.LBFGS_ABOVE` codes).
+  memory, and svm / logreg on their own objectives above `names.LBFGS_ABOVE` codes).
 - `report`: scoring per image and the per-split report (accuracy, per class, confusion).
 - here: `fit_head`, cache in, (head, report) out.
 
@@ -26,7 +26,7 @@ Heads (`--clf`):
 - ``svm``: scikit-learn `LinearSVC` (squared hinge, one-vs-rest), codes in memory.
 - ``logreg``: scikit-learn `LogisticRegression` (lbfgs, multinomial softmax), codes in memory,
   warm-started along the C grid.
-- Above `selection.LBFGS_ABOVE` (20,000) train codes, svm and logreg minimise the same objectives
+- Above `names.LBFGS_ABOVE` (20,000) train codes, svm and logreg minimise the same objectives
   (LinearSVC's with its penalised intercept; LogisticRegression's) by `lbfgs.lbfgs_path` in torch:
   scikit-learn's solvers run one job per core, and at that size a held-out tenth leaves one job,
   i.e. one busy core (100k x 2048 codes: logreg 99.8 s, svm over a minute per C). The report's
@@ -122,7 +122,7 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
     from .codes import check_memory, load_train
     from .format import LinearHead, head_meta
     from .report import evaluate_split, unseen_classes
-    from .selection import LBFGS_ABOVE, fit_linear, parse_C
+    from .selection import fit_linear, parse_C
 
     log = log or (lambda m: None)
     if clf not in CLFS:
@@ -135,7 +135,7 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
     start = time.perf_counter()
     with Cache(cache_path) as cache:
         if clf not in TORCH_CLFS and "train" in cache.splits:
-            check_memory(clf, cache.features("train").shape, cache.path, log, LBFGS_ABOVE)
+            check_memory(clf, cache.features("train").shape, cache.path, log)
         data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
         heldout = [s for s in cache.splits if s != "train"]
         unseen = {s: unseen_classes(cache, s, data.classes, allow_unseen_classes) for s in heldout}

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from ..errors import CnnCodesError
+from .names import LBFGS_ABOVE
 
 PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
 BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
@@ -176,18 +177,18 @@ def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:
 
 
 
-def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], None], lbfgs_above: int) -> None:
+def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], None]) -> None:
     """Refuse an in-memory head that cannot fit in RAM; point to the streaming heads.
 
-    Above `lbfgs_above` rows svm/logreg are solved by torch L-BFGS on the codes alone (no per-job copies)."""
+    Above LBFGS_ABOVE rows svm/logreg are solved by torch L-BFGS on the codes alone (no per-job copies)."""
     fixed, per_job = SKLEARN_BYTES_PER_VALUE[clf]
     values = shape[0] * shape[1]
-    need, free = values * (fixed + (per_job if shape[0] <= lbfgs_above else 0)), available_memory()
+    need, free = values * (fixed + (per_job if shape[0] <= LBFGS_ABOVE else 0)), available_memory()
     hint = f"--clf {'linear-svm' if clf == 'svm' else 'linear'} streams the codes from the cache in bounded memory"
     if need > free:
         raise CnnCodesError(f"{path}: --clf {clf} needs about {need / 2**30:.1f} GiB for {values / 1e6:.0f}M code values, "
                             f"{free / 2**30:.1f} GiB are available: {hint}")
-    if values > 50_000_000 and shape[0] <= lbfgs_above:
+    if values > 50_000_000 and shape[0] <= LBFGS_ABOVE:
         log(f"note: --clf {clf} holds about {need / 2**30:.1f} GiB and solves on one core per fold/C; {hint} (faster at this size)")
 
 

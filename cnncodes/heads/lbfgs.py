@@ -31,7 +31,8 @@ import scipy.optimize
 import torch
 
 from .sklearn_solver import fold_codes
-from .torch_solver import SMOOTH_HINGE_TAU, _cpu_threads, _loss, _penalty_factors, _stored_scale
+from .torch_solver import (SMOOTH_HINGE_TAU, _cpu_threads, _cs_margins, _loss, _ovr_margins, _penalty_factors,
+                           _stored_scale)
 
 LBFGS_MAX_ITER = 300  # iterations per C (warm-started from the previous C: tens are typical)
 LBFGS_TOL = 1e-4  # stop when every gradient entry (in W, b) of the summed objective is below this
@@ -68,23 +69,24 @@ class _Preconditioner:
         return apply, lambda rows: apply(rows, 1 / f, 1 / c)
 
 
+def _scores(xt: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """Scores (M, n, K) of the M models [W, b] = wb (M, K, D + 1) on the codes xt (n, D)."""
+    m, k, d1 = wb.shape
+    return (wb[..., :-1].reshape(m * k, d1 - 1) @ xt.T).view(m, k, len(xt)).transpose(1, 2) + wb[:, None, :, -1]
+
+
 def _curvature(xt: torch.Tensor, yt: torch.Tensor, wb: torch.Tensor, weights: torch.Tensor, loss: str) -> float:
     """The loss's second derivative in the scores, averaged over rows, classes and models, at [W, b] = wb:
     the c in the Hessian approximation c S + lambda I that the preconditioner matches (one forward pass)."""
-    m, k, d1 = wb.shape
     with torch.no_grad():
-        s = (wb[..., :-1].reshape(m * k, d1 - 1) @ xt.T).view(m, k, len(xt)).transpose(1, 2) + wb[:, None, :, -1]
+        s = _scores(xt, wb)
         if loss == "squared-hinge":
-            sign = torch.full_like(s, -1.0).scatter(2, yt.view(1, -1, 1).expand(m, len(yt), 1), 1.0)
-            per_row = 2 * ((1 - sign * s) > 0).float().mean(2)
+            per_row = 2 * (_ovr_margins(s, yt) > 0).float().mean(2)
         else:  # softmax: p (1 - p); smoothed hinge: the same of softmax(margins / tau), over tau
             tau = SMOOTH_HINGE_TAU if loss == "smooth-hinge" else 1.0
-            if loss == "smooth-hinge":
-                s = (1 + s - s.gather(2, yt.view(1, -1, 1).expand(m, len(yt), 1))).scatter(
-                    2, yt.view(1, -1, 1).expand(m, len(yt), 1), 0.0)
-            p = torch.softmax(s / tau, dim=2)
+            p = torch.softmax((_cs_margins(s, yt) if loss == "smooth-hinge" else s) / tau, dim=2)
             per_row = (p * (1 - p)).mean(2) / tau
-        return max(float((per_row * weights).sum() / m), 1e-6)
+        return max(float((per_row * weights).sum() / len(wb)), 1e-6)
 
 
 def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, heldout: np.ndarray, grid, loss: str, *,
@@ -136,9 +138,8 @@ def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, h
                 full = to_wb(t)
                 full.retain_grad()
                 w, b = full[..., :d], full[..., d]
-                scores = (w.reshape(m * k, d) @ xt.T).view(m, k, len(xt)).transpose(1, 2) + b[:, None, :]
                 norm = w.pow(2).sum((1, 2)) + (b.pow(2).sum(1) if penalise_bias else 0)
-                value = (_loss(scores, yt, fit_loss) * weights).sum() + 0.5 * (lam * norm).sum()
+                value = (_loss(_scores(xt, full), yt, fit_loss) * weights).sum() + 0.5 * (lam * norm).sum()
                 value.backward()
                 last.update(x=flat.copy(), grad=float(full.grad.abs().max()),
                             result=(float(value.detach()), t.grad.double().cpu().numpy()))

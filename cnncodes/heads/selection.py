@@ -15,15 +15,11 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from .codes import TrainSet
-from .names import C_GRID, PATIENCE, TORCH_CLFS
+from .names import C_GRID, LBFGS_ABOVE, PATIENCE, TORCH_CLFS
 from .report import predict_images
 
 HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
 HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
-# Train codes above which svm and logreg solve their own objective by the torch L-BFGS path (every core on one
-# model, all folds in one pass) instead of scikit-learn's one-core jobs: 100k x 2048 codes, logreg 99.8 s with
-# scikit-learn (one held-out fold: one job, one core busy). Below it scikit-learn's solvers, one fold per core.
-LBFGS_ABOVE = 20_000
 LBFGS_LOSS = {"logreg": "softmax", "svm": "squared-hinge", **TORCH_CLFS}  # the loss each head minimises
 
 

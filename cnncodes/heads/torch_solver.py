@@ -90,16 +90,28 @@ def _cpu_threads(dev: torch.device, macs_per_step: int):
         torch.set_num_threads(before)
 
 
+def _ovr_margins(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One-vs-rest margins 1 - t s (t = +1 for the true class, -1 for the others), shape of scores (M, B, K)."""
+    m, bsz, _ = scores.shape
+    sign = torch.full_like(scores, -1.0).scatter(2, y.view(1, -1, 1).expand(m, bsz, 1), 1.0)
+    return 1 - sign * scores
+
+
+def _cs_margins(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Crammer-Singer margins 1 + s_j - s_y per wrong class j, 0 for the true class, shape of scores (M, B, K)."""
+    m, bsz, _ = scores.shape
+    at_y = y.view(1, -1, 1).expand(m, bsz, 1)
+    return (1 + scores - scores.gather(2, at_y)).scatter(2, at_y, 0.0)
+
+
 def _loss(scores: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """(M, B, K) scores, (B,) labels -> (M, B) per-row loss ("softmax", "hinge", "smooth-hinge" or "squared-hinge")."""
     m, bsz, k = scores.shape
     if loss == "softmax":
         return torch.nn.functional.cross_entropy(scores.reshape(m * bsz, k), y.repeat(m), reduction="none").view(m, bsz)
-    if loss == "squared-hinge":  # LinearSVC's: one-vs-rest, sum over classes of max(0, 1 - t s)^2, t = +1 / -1
-        sign = torch.full_like(scores, -1.0).scatter(2, y.view(1, -1, 1).expand(m, bsz, 1), 1.0)
-        return (1 - sign * scores).clamp(min=0).pow(2).sum(2)
-    true = scores.gather(2, y.view(1, -1, 1).expand(m, bsz, 1))
-    margins = (1 + scores - true).scatter(2, y.view(1, -1, 1).expand(m, bsz, 1), 0.0)  # the true class: 0
+    if loss == "squared-hinge":  # LinearSVC's: one-vs-rest, sum over classes of max(0, 1 - t s)^2
+        return _ovr_margins(scores, y).clamp(min=0).pow(2).sum(2)
+    margins = _cs_margins(scores, y)
     if loss == "smooth-hinge":
         return SMOOTH_HINGE_TAU * torch.logsumexp(margins / SMOOTH_HINGE_TAU, dim=2)
     return margins.amax(2).clamp(min=0)  # Crammer-Singer: 1 + best wrong score - true score
