@@ -1,0 +1,101 @@
+"""Shards: the small, atomically written HDF5 files an unfinished extract keeps its finished
+batches in (`<cache>.parts/`), told apart as torn (redone) or unreadable (kept, the run stops)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CnnCodesError
+from ..runtime import atomic_path
+from .format import HDF5_SIGNATURE, STR, SplitRows, write_table
+
+
+def parts_folder(cache: str | Path) -> Path:
+    """Where the shards of an unfinished extract into `cache` live."""
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".parts")
+
+
+def write_shard(path: Path, rows: SplitRows) -> None:
+    """Write one shard atomically (a small HDF5 file with the same row datasets)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        _write_rows(f, rows)
+
+
+def read_shard(path: Path) -> h5py.File | None:
+    """Open a shard; None only when it is proven torn (not HDF5, truncated, wrong structure).
+
+    Shards hold finished work, so anything else that stops the read (too many open files,
+    permissions, I/O errors) raises a CnnCodesError naming the file and the fix: a torn shard
+    may be deleted and redone, an unreadable one never.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+                return None
+        shard = h5py.File(path, "r")
+    except OSError as e:
+        if e.errno is None:  # HDF5's own verdict on the bytes (no OS error behind it): torn
+            return None
+        raise ShardUnreadable(path, e) from None
+    try:
+        n = shard["features"].shape[0]
+        if not all(shard[k].shape == (n,) for k in ("labels", "paths", "views")):
+            raise KeyError("shape")
+        return shard
+    except KeyError:
+        shard.close()
+        return None
+    except BaseException as e:
+        shard.close()
+        if isinstance(e, OSError) and e.errno is not None:
+            raise ShardUnreadable(path, e) from None
+        raise
+
+
+class ShardUnreadable(CnnCodesError):
+    """A shard that exists but cannot be read now: the run stops and every shard is kept."""
+
+    FIXES = {
+        errno.EMFILE: "raise the open-files limit (ulimit -n) and rerun the same command",
+        errno.ENFILE: "the system's open-file table is full: close other programs and rerun the same command",
+        errno.EACCES: "make the file readable (chmod/chown) and rerun the same command",
+        errno.EPERM: "make the file readable (chmod/chown) and rerun the same command",
+        errno.ENOSPC: "free disk space and rerun the same command",
+        errno.ENOMEM: "free memory and rerun the same command",
+    }
+
+    def __init__(self, path: Path, e: OSError):
+        fix = self.FIXES.get(e.errno, "fix the cause and rerun the same command")
+        reason = e.strerror or str(e).splitlines()[0]
+        super().__init__(f"{path}: cannot read this shard of finished work ({reason}); every shard is kept: {fix}")
+
+
+def pending_shards(cache: str | Path) -> dict | None:
+    """The unfinished work waiting beside `cache` (shards, images, torn shards), or None."""
+    folder = parts_folder(cache)
+    shards = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    if not shards:
+        return None
+    images = torn = 0
+    for path in shards:  # one open at a time
+        shard = read_shard(path)
+        if shard is None:
+            torn += 1
+            continue
+        with shard:
+            images += shard["files/paths"].shape[0] if "files/paths" in shard else 0
+    return {"folder": str(folder), "shards": len(shards), "images": images, "torn": torn}
+
+
+def _write_rows(f: h5py.Group, rows: SplitRows) -> None:
+    f.create_dataset("features", data=rows.features.astype(np.float32, copy=False))
+    f.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int64))
+    f.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=STR)
+    f.create_dataset("views", data=np.asarray(rows.views, dtype=np.int16))
+    write_table(f, "files", rows.files, ("paths", "size", "mtime_ns"))
+    write_table(f, "skipped", rows.skipped, ("paths", "reasons"))
