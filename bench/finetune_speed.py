@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cnncodes import backbones, data, runtime
 from cnncodes.finetune import (
@@ -46,8 +47,7 @@ from cnncodes.finetune import (
     train_epoch,
 )
 from cnncodes.finetune import loop as loop_module  # train_epoch builds its TrainStep from this module's global
-
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
+from common import HYMENOPTERA  # noqa: E402
 
 
 def generated_folder(root: Path, per_class: int = 48) -> Path:
