@@ -239,7 +239,8 @@ class EpochPath(BenchPath):
             parts={"epoch_s": per_epoch, "setup_and_saves_s": wall - sum(h["epoch_time_s"] for h in history)},
             val_acc=history[-1]["val_acc"] if final else None,
             partial=None if final else {"epoch": m, "of": e, "val_acc": history[-1]["val_acc"]},
-            extra={"train_images": train_images, "val_images": val_images})}
+            extra={"train_images": train_images, "val_images": val_images,
+                   "val_acc_by_epoch": [h["val_acc"] for h in history]})}  # the curve, not only its end
 
 
 def _epoch_ceilings(ctx: Context, s: Settings, model: torch.nn.Module, params) -> dict[str, float]:

@@ -50,6 +50,7 @@ def test_compare_full_run_writes_complete_json(tmp_path):
         assert rows[name]["epochs_run"] == 1 and set(rows[name]["ceilings"]) == {"forward", "train"}
         assert rows[name]["work"] == {"forward": 6, "train": 12}  # 1 epoch: 12 train steps' images, 6 val forwards
         assert rows[name]["settings"]["batch"] == 4  # the tutorial's batch
+        assert len(rows[name]["val_acc_by_epoch"]) == 1 and rows[name]["val_acc_by_epoch"][-1] == rows[name]["val_acc"]
     assert rows["cache+logreg"]["work"] == {"forward": 18, "train": 0}
     assert len(result["ratios"]) == 6
     for q in result["ratios"]:
@@ -103,6 +104,7 @@ def test_full_run_is_measured_not_extrapolated_and_keeps_the_final_epoch_accurac
     out = FakeEpochs([4.0, 2.0, 9.0]).run_once(ctx, tmp_path)["fake"]
     assert out.seconds == out.measured_s == 20.0 and not out.extrapolated
     assert out.val_acc == 0.7 and out.partial is None  # the last epoch's, never the best (0.9)
+    assert out.extra["val_acc_by_epoch"] == [0.6, 0.9, 0.7]  # the whole curve is kept beside it
 
 
 def test_measure_takes_medians_and_a_ceiling_around_every_run(tmp_path):
