@@ -57,6 +57,9 @@ def test_cache_layout_and_attributes(image_folder, tmp_path):
         assert f["train/paths"].asstr()[0] == "train/cat/000.jpg"
         assert list(f["val/views"][()]) == [0] * 6
         assert np.isfinite(feats[()]).all() and np.abs(feats[()]).sum() > 0
+    with Cache(out) as c:  # every file processed, with the size and mtime an incremental rerun compares
+        stats = {str(q.relative_to(image_folder)): q.stat() for q in sorted((image_folder / "val").rglob("*.jpg"))}
+        assert c.files("val") == {k: (st.st_size, st.st_mtime_ns) for k, st in stats.items()}
 
 
 def test_bad_files_are_skipped_recorded_and_counted(image_folder, tmp_path):

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from ..errors import CnnCodesError
-from .format import FORMAT, CacheConfig
+from .format import FORMAT, CacheConfig, read_table
 from .shards import pending_shards
 
 
@@ -94,10 +94,8 @@ class Cache:
         return list(zip(g["paths"].asstr()[()], g["reasons"].asstr()[()]))
 
     def files(self, split: str) -> dict[str, tuple[int, int]]:
-        g = self.require_split(split).get("files")
-        if g is None:
-            return {}
-        return {p: (int(s), int(m)) for p, s, m in zip(g["paths"].asstr()[()], g["size"][()], g["mtime_ns"][()])}
+        """Every file processed for `split`: path -> (size, mtime_ns)."""
+        return {p: (s, m) for p, s, m in read_table(self.require_split(split), "files")}
 
     @property
     def manifest(self) -> dict | None:
