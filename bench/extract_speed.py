@@ -30,7 +30,6 @@ Targets: extract >= 0.85 x ceiling, and >= 5 x tutorial.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import subprocess
@@ -44,13 +43,13 @@ import torchvision
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_data, hardware, results_header, timed, write_results  # noqa: E402
+from common import default_data, forward_ceiling, hardware, results_header, timed, write_results  # noqa: E402
 
 from cnncodes.backbones import create_backbone, create_extractor, resolve_preprocessing, resolve_weights  # noqa: E402
 from cnncodes.data import ImageFiles, Preprocessing, discover, make_loader  # noqa: E402
 from cnncodes.extract import ViewMaker, extract  # noqa: E402
 from cnncodes.gpu_decode import DeviceLoader  # noqa: E402
-from cnncodes.runtime import autocast, configure_threads, inference_batch_size, resolve_device  # noqa: E402
+from cnncodes.runtime import configure_threads, inference_batch_size, resolve_device  # noqa: E402
 
 
 def preprocessing(arch: str) -> Preprocessing:
@@ -59,22 +58,10 @@ def preprocessing(arch: str) -> Preprocessing:
 
 
 def ceiling(arch: str, precision: str, batch: int, images: int, device: torch.device) -> float:
-    """Images/s of the extractor model alone on synthetic, pre-normalised tensors."""
+    """Images/s of the extractor model alone on synthetic, pre-normalised tensors (channels_last)."""
     model, _, _ = create_extractor(arch, "none")
     model = model.to(device, memory_format=torch.channels_last)
-    crop = preprocessing(arch).crop
-    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
-    steps = max(1, math.ceil(images / batch))
-
-    @torch.inference_mode()
-    def run(n: int) -> None:
-        with autocast(device, precision):
-            for _ in range(n):
-                model(x)
-
-    run(1)  # warm-up: oneDNN/cuDNN pick their kernels
-    seconds, _ = timed(run, steps)
-    return steps * batch / seconds
+    return forward_ceiling(model, batch, preprocessing(arch).crop, precision, True, device, images)
 
 
 def decode(data: Path, batch: int, workers: int | None, device: torch.device) -> float:
