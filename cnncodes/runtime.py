@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import fcntl
 import os
 import resource
@@ -48,6 +49,15 @@ def inference_batch_size(device: torch.device) -> int:
     On CUDA larger batches keep the GPU busy.
     """
     return 128 if device.type == "cuda" else 16
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights files run to gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def available_cores() -> int:
@@ -104,6 +114,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             _quiet_h5py_teardown()
             raise WriteFailed(f"{path}: write failed: {hint}; free disk space and rerun; the previous {path.name}, if any, is intact") from e
         raise
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The image format a figure path names by its suffix ('png' when it has none), checked
+    against what matplotlib can write, so a bad suffix fails before any work, in one line."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise CnnCodesError(f"{path}: matplotlib cannot write .{fmt} images; "
+                            f"name the file with one of {', '.join('.' + k for k in sorted(known))}")
+    return fmt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib Figure atomically, in the format its suffix names (see `figure_format`)."""
+    path = Path(path)
+    fmt = figure_format(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
+    return path
 
 
 def _quiet_h5py_teardown() -> None:

@@ -14,7 +14,6 @@ written before requests were recorded) answers None and the full path decides.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -26,6 +25,7 @@ import numpy as np
 from .folders import FolderLayout, ImageFile, discover
 from .errors import CnnCodesError
 from .manifest import ManifestOptions
+from .runtime import file_sha256
 from .store import Cache, read_table
 
 REQUEST_ATTR = "request"
@@ -62,8 +62,7 @@ def weights_sha256(weights: str | None) -> str:
     if not weights or not Path(weights).is_file():
         return ""
     try:
-        with open(weights, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(weights)
     except OSError:
         return ""  # unreadable: the full path reports it
 

@@ -16,10 +16,10 @@ from torch import nn
 
 from ..data import Preprocessing
 from ..errors import CnnCodesError
+from ..runtime import file_sha256
 from . import _timm, _torchvision
 from ._api import RANDOM_INIT_SEED, Backbone, WeightsInfo
 from ._fold import fold_batchnorm
-from ._weights import sha256
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -68,7 +68,7 @@ def resolve_weights(arch: str, weights: str | None) -> WeightsInfo:
         path = Path(weights)
         if not path.is_file():
             raise CnnCodesError(f"{path}: weights file not found; pass an existing state_dict file, a weights name, or 'none'")
-        return WeightsInfo("file", str(path), sha256(path))
+        return WeightsInfo("file", str(path), file_sha256(path))
     if is_timm(arch):
         if weights not in ("DEFAULT", "timm"):
             raise CnnCodesError(f"unknown weights '{weights}' for {arch}; use DEFAULT (timm's pretrained tag; "

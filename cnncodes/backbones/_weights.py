@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -12,16 +11,9 @@ import torch
 from torch import nn
 
 from ..errors import CnnCodesError
+from ..runtime import file_sha256
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention: NAME-<sha256 prefix>.pth
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_file(path: str | os.PathLike) -> dict:
@@ -61,7 +53,7 @@ def hub_file(url: str, what: str, hint: str) -> Path:
                                 f"offline? put the file at {path} (TORCH_HOME), {hint}") from e
         return path
     if prefix is not None:
-        digest = sha256(path)
+        digest = file_sha256(path)
         if not digest.startswith(prefix):
             raise CnnCodesError(f"{path}: refused: its sha256 {digest[:12]}... does not start with {prefix} as its name says "
                                 f"(a corrupt or replaced file); delete it to download {what} again, {hint}")

@@ -13,7 +13,6 @@ head file -> `load_init_head` (checked against the run: arch, weights, preproces
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from ..data import Preprocessing
 from ..errors import CnnCodesError
+from ..runtime import file_sha256
 
 # Preprocessing fields that only shape the random training views: a head's codes never saw them.
 _TRAIN_ONLY = ("view_scale",)
@@ -43,11 +43,7 @@ class InitHead:
 
 
 def file_identity(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
+    return f"sha256:{file_sha256(path)}"
 
 
 def _eval_preprocessing(d: dict) -> dict:
