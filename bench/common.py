@@ -56,7 +56,7 @@ def cpu_model() -> str:
 
 def hardware() -> str:
     """One line: CPU, cores, torch and its threads, GPU."""
-    from cnncodes.data import available_cores
+    from cnncodes.runtime import available_cores
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu_model()}; {available_cores()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); {gpu}"
@@ -74,7 +74,7 @@ def machine() -> dict:
     """What a figure was measured on: CPU, cores, memory, GPU and software versions."""
     import torchvision
 
-    from cnncodes.data import available_cores
+    from cnncodes.runtime import available_cores
 
     try:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

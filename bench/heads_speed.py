@@ -75,7 +75,7 @@ def reference(cache: Path, name: str) -> dict:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    from cnncodes.data import available_cores
+    from cnncodes.runtime import available_cores
     from cnncodes.heads import C_GRID, cv_folds, load_train
     from cnncodes.store import Cache
 
@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heads_speed.json")
     args = ap.parse_args()
-    from cnncodes.data import available_cores
+    from cnncodes.runtime import available_cores
 
     # The header (load average before) first: preparing the caches below (an extraction, a synthetic
     # write) loads the machine itself and must not be read as other jobs' load.

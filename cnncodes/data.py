@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, FolderLayout, ImageFile, discover  # noqa: F401  (re-exported)
-from .runtime import available_cores, process_cores  # noqa: F401  (available_cores: re-exported for old callers)
+from .runtime import process_cores
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -139,7 +139,7 @@ def fold_path(clf: str, data: TrainSet, fold: np.ndarray, n_folds: int, grid: Se
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from ..data import available_cores
+    from ..runtime import available_cores
 
     K = len(data.classes)
     results = {(f, i): Future() for f in range(n_folds) for i in range(len(grid))}
