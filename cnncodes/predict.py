@@ -35,7 +35,7 @@ from .data import (
 from .errors import CnnCodesError
 from .heads import LinearHead
 from .manifest import ManifestOptions, is_manifest, read_manifest
-from .runtime import autocast, check_precision, configure_threads, inference_batch_size, resolve_device
+from .runtime import autocast, check_precision, configure_threads, inference_batch_size, resolve_device, save_figure
 from .store import HDF5_SIGNATURE
 
 
@@ -271,6 +271,7 @@ class Predictions:
     skipped: list[tuple[str, str]]
     classes: list[str]
     scores: np.ndarray  # (n, K) raw class scores (logits / decision scores), rows order
+    files: list[Path] = field(default_factory=list)  # each row's image file (rows show paths as given)
 
     def accuracy(self) -> dict[str, dict]:
         """{"all" or split: {"accuracy", "correct", "images"}} over images with a known class."""
@@ -318,7 +319,7 @@ def _predictions(items: list[Item], ok: np.ndarray, scores: np.ndarray, skipped,
     probs = softmax(scores[good].astype(np.float64), axis=1)
     rows = [{"path": items[i].name, "pred": classes[int(p.argmax())], "score": float(p.max()),
              "true": items[i].true, "split": items[i].split} for i, p in zip(good, probs)]
-    return Predictions(rows, skipped, classes, scores[good])
+    return Predictions(rows, skipped, classes, scores[good], [items[i].path for i in good])
 
 
 def write_predictions(preds: Predictions, out: str | Path) -> None:
@@ -342,10 +343,8 @@ def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -
 
     Wrong predictions are drawn first (up to half the grid), so the mistakes are always on it.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from .data import BadImage, load_rgb
 
@@ -357,13 +356,15 @@ def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -
     pick = sorted(pick + rng.permutation(rest)[: min(n, len(rows)) - len(pick)].tolist())
     cols = min(4, len(pick))
     lines = int(np.ceil(len(pick) / cols))
-    fig, axes = plt.subplots(lines, cols, figsize=(3 * cols, 3.2 * lines), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3.2 * lines))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(lines, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), pick):
         r = rows[i]
         try:
-            img = load_rgb(r["path"], 256)
+            img = load_rgb(preds.files[i], 256)  # the file itself: a manifest's paths are relative to it
             img.thumbnail((256, 256))
             ax.imshow(img)
         except BadImage:
@@ -372,8 +373,4 @@ def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -
         wrong = r["true"] is not None and r["true"] != r["pred"]
         ax.set_title(title, fontsize=9, color="red" if wrong else "black")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=80)

@@ -16,7 +16,8 @@ from cnncodes.data import discover
 from cnncodes.errors import CnnCodesError
 from cnncodes.extract import extract
 from cnncodes.manifest import ManifestOptions, read_manifest
-from cnncodes.predict import collect_inputs
+from cnncodes.heads import fit_head
+from cnncodes.predict import collect_inputs, draw_grid, predict
 from cnncodes.store import Cache
 
 FAST = ("--weights", "none", "--image-size", "64", "--workers", "0", "-q")
@@ -86,6 +87,22 @@ def test_predict_on_a_manifest_prints_accuracy_and_keeps_its_paths(extracted, tm
     assert [(i.name, i.true, i.split) for i in items] == [(p, None, None) for p, _, _ in rows] and not skipped
     assert [g["path"] for g in got] == [p for p, _, _ in rows]
     assert [g["true"] for g in got] == [lab for _, lab, _ in rows]
+
+
+def test_the_grid_draws_a_manifests_images_from_any_folder(extracted, tmp_path, monkeypatch):
+    """A manifest's paths are relative to the manifest, not to the working folder: every panel loads its image."""
+    import cnncodes.data
+
+    head, _ = fit_head(extracted["root"] / "csv.h5", "logreg", 1.0)
+    head.save(tmp_path / "head.h5")
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    preds = predict(tmp_path / "head.h5", [extracted["manifest"]], device="cpu", workers=0)
+    assert sum(not Path(r["path"]).is_absolute() for r in preds.rows) == len(preds.rows) - 1  # shown as written
+    loaded, load_rgb = [], cnncodes.data.load_rgb
+    monkeypatch.setattr(cnncodes.data, "load_rgb", lambda path, *a: loaded.append(Path(path)) or load_rgb(path, *a))
+    draw_grid(preds, tmp_path / "grid.png")
+    assert len(loaded) == len(preds.rows) == 12 and all(p.is_file() for p in loaded)
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_an_appended_row_is_extracted_and_nothing_else(extracted, tmp_path):

@@ -111,6 +111,18 @@ def test_cli_refuses_other_weights_and_foreign_heads(cli, trained, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_grid_or_confusion_suffix_matplotlib_cannot_write_fails_before_any_work(cli, trained, tmp_path):
+    proc = cli("predict", trained["head"], trained["data"] / "val", "-o", tmp_path / "p.csv", "--grid", tmp_path / "g.csv",
+               "--workers", "0", check=False)
+    assert proc.returncode == 2 and "g.csv: matplotlib cannot write .csv images" in proc.stderr and ".png" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "p.csv").exists()  # refused before predicting
+    proc = cli("fit-head", trained["cache"], "-o", tmp_path / "h.h5", "--confusion", tmp_path / "c.bmp", check=False)
+    assert proc.returncode == 2 and "c.bmp: matplotlib cannot write .bmp images" in proc.stderr
+    assert not (tmp_path / "h.h5").exists()
+    cli("fit-head", trained["cache"], "-o", tmp_path / "h.h5", "--C", "1", "--confusion", tmp_path / "c.svg")
+    assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:400]
+
+
 def test_head_whose_weights_file_is_gone(trained, tmp_path):
     head = LinearHead.load(trained["head"])
     head.meta.update(weights="file:sha256:" + "0" * 64, weights_name=str(tmp_path / "moved.pth"))

@@ -26,7 +26,7 @@ from .options import manifest_from, manifest_options
 @click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and of the torch heads.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
-@click.option("--confusion", type=click.Path(dir_okay=False), default=None, help="Draw confusion matrices (PNG).")
+@click.option("--confusion", type=click.Path(dir_okay=False), default=None, help="Draw confusion matrices (PNG; .pdf/.svg by suffix).")
 def fit_head_command(cache, out, clf, C, folds, tta, allow_unseen_classes, epochs, device, seed, json_out, confusion):
     """Fit a linear head on the train split of CACHE and report on its other splits.
 
@@ -34,7 +34,10 @@ def fit_head_command(cache, out, clf, C, folds, tta, allow_unseen_classes, epoch
     (no pickle) in the linear form that `cnncodes export` folds into the backbone.
     """
     from ..heads import fit_head
+    from ..runtime import figure_format
 
+    if confusion:
+        figure_format(confusion)  # a bad suffix fails now, not after the fit
     head, report = fit_head(cache, clf, C, tta=tta, folds=folds, device=device, max_iter=epochs,
                             allow_unseen_classes=allow_unseen_classes, seed=seed, log=lambda m: click.echo(m, err=True))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -76,33 +79,34 @@ def _print_report(report: dict) -> None:
 
 
 def draw_confusion(report: dict, out: str) -> None:
-    """One confusion-matrix panel per held-out split (scikit-learn's display, matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One confusion-matrix panel per held-out split (scikit-learn's display, Agg canvas: no
+    display, no global backend)."""
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay
+
+    from ..runtime import save_figure
 
     splits = {s: r for s, r in report["splits"].items() if r["images"]}
     if not splits:
         return
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 4.2), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(splits), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(splits), squeeze=False)
     for ax, (split, r) in zip(axes[0], splits.items()):
         display = ConfusionMatrixDisplay(np.array(r["confusion"]["matrix"]), display_labels=r["confusion"]["labels"])
         display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
         ax.set_title(f"{split}: accuracy {r['accuracy']:.3f}")
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out, dpi=100)
 
 
 @click.command("predict")
 @click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write predictions (.csv or .json).")
-@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Draw a sample of predictions (PNG).")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Draw a sample of predictions (PNG; .pdf/.svg by suffix).")
 @click.option("--weights", default=None, help="Backbone weights for a head [default: those recorded in the head].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="[default: the head's extraction precision]")
@@ -118,7 +122,10 @@ def predict_command(model, inputs, out, grid, weights, device, precision, batch_
     softmax of the class scores (see docs).
     """
     from ..predict import draw_grid, predict, write_predictions
+    from ..runtime import figure_format
 
+    if grid:
+        figure_format(grid)  # a bad suffix fails now, not after the predictions
     preds = predict(model, inputs, weights=weights, device=device, precision=precision, batch_size=batch_size,
                     workers=workers, manifest=manifest_from(path_col, label_col))
     for path, reason in preds.skipped:

@@ -61,8 +61,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    with runtime.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    runtime.save_figure(fig, path, dpi=100)
 
 
 def epoch_line(entry: dict, epochs: int) -> str:
