@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,13 +127,7 @@ class Preprocessing:
     def for_image_size(cls, crop: int, base: Preprocessing | None = None) -> Preprocessing:
         """Keep the base's resize/crop ratio (256/224) at a new crop size."""
         base = base or cls()
-        return cls(
-            resize=int(round(crop * base.resize / base.crop)),
-            crop=crop,
-            mean=base.mean,
-            std=base.std,
-            interpolation=base.interpolation,
-        )
+        return replace(base, resize=int(round(crop * base.resize / base.crop)), crop=crop)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:

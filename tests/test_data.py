@@ -130,6 +130,14 @@ def test_truncated_jpeg_is_bad(tmp_path):
         load_rgb(_truncated_jpeg(tmp_path / "half.jpg"))
 
 
+def test_a_new_image_size_keeps_everything_but_the_sizes():
+    base = Preprocessing(resize=342, crop=299, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
+                         view_scale=(0.35, 1.0))
+    pre = Preprocessing.for_image_size(128, base)
+    assert (pre.resize, pre.crop) == (146, 128)  # 342/299 kept
+    assert (pre.mean, pre.std, pre.interpolation, pre.view_scale) == (base.mean, base.std, "bicubic", (0.35, 1.0))
+
+
 def test_random_views_are_seeded_and_eval_view_is_deterministic():
     import torch
 
