@@ -1,4 +1,4 @@
-"""cnncodes: transfer learning on image folders with pretrained ResNets.
+"""cnncodes: transfer learning on image folders with pretrained torchvision and timm networks.
 
 Frozen path: `extract` caches CNN codes to HDF5, heads train on them in seconds.
 Fine-tune path: `finetune` trains the whole network end to end.

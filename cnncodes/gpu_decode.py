@@ -6,7 +6,7 @@ On a GPU the CPU decoders are the bottleneck (1,300 img/s with 15 workers agains
 The device is a parameter: on 'cpu' the same pipeline runs libjpeg-turbo through the same
 torchvision call, which is how the tests compare it with the PIL path (`data.ImageFiles`).
 
-Same preprocessing as the CPU path: the transform (`extract.ViewMaker`: `Preprocessing`
+Same preprocessing as the CPU path: the transform (`extract.runner.ViewMaker`: `Preprocessing`
 eval view and seeded random views) is applied to the decoded tensor wherever it lives.
 Images the batch decoder should not take (not a JPEG, CMYK/YCCK, no end marker, or any
 the decoder refuses) are decoded by the CPU path one by one (`fallbacks` counts them);
@@ -30,8 +30,8 @@ import torch
 
 from .data import Batch, BadImage
 from .errors import CnnCodesError
+from .extract.config import DECODES
 
-DECODES = ("auto", "cpu", "gpu")
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start-of-frame markers
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -161,7 +162,7 @@ def test_cached_hub_file_is_hash_checked_then_loaded_without_pickle(tmp_path, mo
     state = torchvision.models.resnet18().state_dict()
     good = tmp_path / "good.pth"
     torch.save(state, good)
-    digest = B._weights.sha256(good)
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
     url = f"https://example.invalid/resnet18-{digest[:8]}.pth"
     good.rename(checkpoints / f"resnet18-{digest[:8]}.pth")
     assert B._weights.hub_file(url, "w", "") == checkpoints / f"resnet18-{digest[:8]}.pth"

@@ -211,6 +211,44 @@ def test_cli_errors_are_one_line(tmp_path, cli):
     assert r.returncode == 2 and "not a readable HDF5 file" in r.stderr
 
 
+def test_cli_options_and_defaults_are_the_config_fields():
+    """Every ExtractConfig field is a flag of `cnncodes extract`, with the config's default; the flags
+    parse into the config the command passes whole."""
+    import dataclasses
+
+    from cnncodes.cli.extract_cmd import extract_command
+    from cnncodes.extract import ExtractConfig
+
+    names = {f.name for f in dataclasses.fields(ExtractConfig)}
+    defaults = {p.name: p.default for p in extract_command.params if p.name in names}
+    assert set(defaults) == names and ExtractConfig(**defaults) == ExtractConfig()
+    args = ["data", "-o", "c.h5", "--arch", "densenet121", "--layer", "features.denseblock2", "--views", "2",
+            "--decode", "cpu", "--strict", "--no-channels-last", "--checkpoint-every", "5"]
+    params = extract_command.make_context("extract", args).params
+    steering = ("data", "out", "overwrite", "quiet", "path_col", "label_col", "val_fraction")
+    assert ExtractConfig(**{k: v for k, v in params.items() if k not in steering}) == ExtractConfig(
+        arch="densenet121", layers="features.denseblock2", views=2, decode="cpu", strict=True, channels_last=False,
+        checkpoint_every=5.0)
+
+
+def test_a_config_passed_whole_equals_its_keywords_and_bad_options_are_refused(image_folder, tmp_path):
+    from cnncodes.extract import ExtractConfig
+
+    config = ExtractConfig(arch="resnet18", weights="none", image_size=64, views=1)
+    extract(image_folder, tmp_path / "whole.h5", config, progress=False, log=lambda m: None)
+    extract(image_folder, tmp_path / "keywords.h5", views=1, **FAST)
+    _assert_same_cache(tmp_path / "whole.h5", tmp_path / "keywords.h5")
+    with pytest.raises(TypeError, match="unexpected keyword argument.*image_szie.*fields of ExtractConfig"):
+        extract(image_folder, tmp_path / "x.h5", image_szie=64, **FAST)
+    for bad, message in [({"views": -1}, "--views and --eval-views must be >= 0"),
+                         ({"batch_size": 0}, "--batch-size must be >= 1"),
+                         ({"decode": "nvjpeg"}, "unknown --decode 'nvjpeg'"),
+                         ({"precision": "fp8"}, "unknown --precision 'fp8'")]:
+        with pytest.raises(CnnCodesError, match=message):
+            extract(image_folder, tmp_path / "x.h5", **bad, **FAST)
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_torchrun_two_processes_give_the_single_process_cache(tmp_path):
     data = write_folder(tmp_path / "data", {"train": 9, "val": 4})
     args = ["extract", str(data), "--weights", "none", "--image-size", "64", "--batch-size", "4", "--views", "1", "-q"]

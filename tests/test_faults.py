@@ -438,10 +438,10 @@ def test_unreadable_shard_stops_the_run_and_keeps_every_shard(tmp_path, monkeypa
     out = tmp_path / "c.h5"
     parts = tmp_path / "c.h5.parts"
     real_write = store.write_cache
-    monkeypatch.setattr("cnncodes.extract.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr("cnncodes.extract.api.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
-    monkeypatch.setattr("cnncodes.extract.write_cache", real_write)
+    monkeypatch.setattr("cnncodes.extract.api.write_cache", real_write)
     shards = sorted(parts.glob("*.h5"))
     assert len(shards) == 3
     real_open = open

@@ -14,7 +14,7 @@ import torch
 from conftest import make_image, write_folder
 from PIL import Image
 
-from cnncodes import extract as extract_module
+from cnncodes.extract import api as extract_api
 from cnncodes.data import ImageFiles, Preprocessing
 from cnncodes.errors import CnnCodesError
 from cnncodes.extract import ViewMaker, extract
@@ -103,7 +103,7 @@ def test_extract_through_the_device_loader_gives_the_same_cache(tmp_path, monkey
     Image.open(folder / "val" / "dog" / "000.jpg").convert("CMYK").save(folder / "val" / "dog" / "cmyk.jpg")
     kw = {"weights": "none", "image_size": 32, "views": 1, "eval_views": 1, "progress": False, "log": lambda m: None}
     plain = extract(folder, tmp_path / "plain.h5", decode="cpu", **kw)
-    monkeypatch.setattr(extract_module, "resolve_decode", lambda decode, dev: "gpu")  # the device path, on CPU
+    monkeypatch.setattr(extract_api, "resolve_decode", lambda decode, dev: "gpu")  # the device path, on CPU
     device = extract(folder, tmp_path / "device.h5", **kw)
     assert device.decode == "gpu" and device.decode_fallbacks == 2 and plain.decode == "cpu"
     assert device.skipped == plain.skipped and [p for p, _ in device.skipped] == ["train/cat/bad.jpg"]

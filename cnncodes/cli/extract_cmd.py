@@ -7,51 +7,43 @@ import os
 
 import click
 
-from .options import backbone_options, manifest_from, manifest_options, runtime_options
+from ..extract.config import DECODES, ExtractConfig
+from .options import backbone_options, config_options, manifest_from, manifest_options, runtime_options
+
+
+# What a plain `type(default)` cannot say about an option.
+_OPTION_EXTRAS = {
+    "image_size": {"type": int},
+    "layers": {"decls": ["--layer"], "metavar": "NAME[,NAME...]"},
+    "preprocess_like": {"metavar": "WEIGHTS"},
+    "batch_size": {"type": int},
+    "decode": {"type": click.Choice(DECODES)},
+}
 
 
 @click.command("extract")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Cache file to create or extend (.h5).")
 @backbone_options
-@click.option("--image-size", type=int, default=None, help="Crop size; resize keeps the weights' ratio (256/224).")
-@click.option("--layer", "layers", default=None, metavar="NAME[,NAME...]",
-              help="Cache pooled codes of these intermediate layers, concatenated (`cnncodes archs ARCH --layers`).")
-@click.option("--preprocess-like", default=None, metavar="WEIGHTS",
-              help="With --weights FILE: use these named weights' preprocessing (e.g. IMAGENET1K_V1) [default: DEFAULT's].")
-@click.option("--views", type=int, default=0, show_default=True, help="Extra augmented codes per training image.")
-@click.option("--eval-views", type=int, default=0, show_default=True, help="Extra augmented codes per val/test image (for test-time averaging).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmented views (and of --val-fraction's split).")
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
+@config_options(ExtractConfig, _OPTION_EXTRAS)
 @runtime_options
-@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
-              help="Where JPEGs are decoded: gpu = nvJPEG batches (auto: when the network runs on CUDA).")
-@click.option("--strict", is_flag=True, help="Stop at the first unreadable file instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another configuration.")
-@click.option("--checkpoint-every", type=float, default=30.0, show_default=True, help="Seconds between resumable shard writes.")
 @manifest_options()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def extract_command(data, out, arch, weights, image_size, layers, preprocess_like, views, eval_views, seed, batch_size,
-                    workers, device, precision, channels_last, decode, strict, overwrite, checkpoint_every, path_col,
-                    label_col, val_fraction, quiet):
+def extract_command(data, out, overwrite, path_col, label_col, val_fraction, quiet, **options):
     """Cache CNN codes of every image under DATA to an HDF5 file.
 
     DATA is DATA/<class>/<image>, DATA/{train,val,test}/<class>/<image>, or a CSV manifest
     with columns path,label[,split]. Rerun the same command to resume after a crash or to
     add images (or rows) that appeared since.
     """
-    manifest = manifest_from(path_col, label_col, val_fraction, seed)
-    request = dict(arch=arch, weights=weights, image_size=image_size, views=views, eval_views=eval_views, seed=seed,
-                   precision=precision, layers=layers, preprocess_like=preprocess_like)
-    if not overwrite and _report_if_up_to_date(data, out, request, strict, manifest):
+    config = ExtractConfig(**options)
+    manifest = manifest_from(path_col, label_col, val_fraction, config.seed)
+    if not overwrite and _report_if_up_to_date(data, out, config, manifest):
         return
     from ..extract import extract
 
-    r = extract(data, out, arch=arch, weights=weights, image_size=image_size, layers=layers,
-                preprocess_like=preprocess_like, views=views, eval_views=eval_views, seed=seed, batch_size=batch_size,
-                workers=workers, device=device, decode=decode, precision=precision,
-                channels_last=channels_last, strict=strict, overwrite=overwrite, checkpoint_every=checkpoint_every,
-                progress=not quiet, log=lambda m: click.echo(m, err=True),
+    r = extract(data, out, config, overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True),
                 manifest=manifest)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for all
@@ -65,12 +57,12 @@ def extract_command(data, out, arch, weights, image_size, layers, preprocess_lik
                    f"({r.images_per_s:.1f} img/s){gpu}; skipped {len(r.skipped)} files; {out}: {counts} codes")
 
 
-def _report_if_up_to_date(data, out, request: dict, strict: bool, manifest) -> bool:
+def _report_if_up_to_date(data, out, config: ExtractConfig, manifest) -> bool:
     """The rerun on an unchanged folder, answered without importing torch (see `uptodate`)."""
     from ..uptodate import request_key, up_to_date, weights_sha256
 
-    key = request_key(weights_sha256=weights_sha256(request["weights"]), **request)
-    done = up_to_date(data, out, key, strict, manifest)
+    key = request_key(weights_sha256=weights_sha256(config.weights), **config.request())
+    done = up_to_date(data, out, key, config.strict, manifest)
     if done is None:
         return False
     if int(os.environ.get("RANK", "0")) == 0:

@@ -6,16 +6,11 @@ field is a new option; the command collects them into one config and passes it w
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
 from ..finetune.config import OPTIMIZERS, FinetuneConfig
-from .options import backbone_options, manifest_from, manifest_options, runtime_options
+from .options import backbone_options, config_options, manifest_from, manifest_options, runtime_options
 
-_FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-# Declared in .options and shared with `extract`; test_finetune checks their defaults match the config's.
-_SHARED = ("arch", "weights", "workers", "device", "precision", "channels_last")
 # What a plain `type(default)` cannot say about an option.
 _OPTION_EXTRAS = {
     "optimizer": {"type": click.Choice(OPTIMIZERS)},
@@ -27,38 +22,12 @@ _OPTION_EXTRAS = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _option(name: str):
-    """A click option for the FinetuneConfig field `name`: its default, its help, booleans as flags."""
-    f = _FIELDS[name]
-    kwargs = {"default": f.default, "show_default": True, "help": f.metadata.get("help") or None}
-    if isinstance(f.default, bool):
-        decls = [_flag(name)] if not f.default else [f"{_flag(name)}/--no-{_flag(name)[2:]}"]
-        kwargs.update(is_flag=not f.default, show_default=f.default)
-    else:
-        decls = [_flag(name)]
-        if isinstance(f.default, (int, float, str)):  # a tuple default would make click split text into letters
-            kwargs["type"] = type(f.default)
-    kwargs.update(_OPTION_EXTRAS.get(name, {}))
-    return click.option(*decls, name, **kwargs)
-
-
-def recipe_options(f):
-    """The FinetuneConfig fields not declared in .options, in the config's order."""
-    for name in reversed([n for n in _FIELDS if n not in _SHARED]):
-        f = _option(name)(f)
-    return f
-
-
 @click.command("finetune")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: checkpoint, logs, curves and the final model.pt.")
 @backbone_options
-@recipe_options
+@config_options(FinetuneConfig, _OPTION_EXTRAS)
 @runtime_options
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete a previous run's outputs in the run folder and start over.")

@@ -1,10 +1,48 @@
-"""Options shared by several commands, declared once."""
+"""Options shared by several commands, declared once, and options built from a config dataclass's fields."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import click
 
 from ..precision import PRECISIONS
+
+
+# Declared below, shared by `extract` and `finetune` (and `predict`'s runtime); the tests check that
+# their defaults are those of ExtractConfig and FinetuneConfig.
+SHARED = ("arch", "weights", "workers", "device", "precision", "channels_last")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def config_options(cls: type, extras: dict[str, dict] | None = None, skip: tuple[str, ...] = SHARED):
+    """Click options for the fields of the config dataclass `cls` (but `skip`), in its order: each
+    field's default and `help`, booleans as flags; `extras[name]` adds what a plain
+    `type(default)` cannot say (a Choice, a metavar, `decls` for another flag name)."""
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+
+    def one(f: dataclasses.Field):
+        kwargs = {"default": f.default, "show_default": True, "help": f.metadata.get("help") or None}
+        if isinstance(f.default, bool):
+            decls = [flag(f.name)] if not f.default else [f"{flag(f.name)}/--no-{flag(f.name)[2:]}"]
+            kwargs.update(is_flag=not f.default, show_default=f.default)
+        else:
+            decls = [flag(f.name)]
+            if isinstance(f.default, (int, float, str)):  # a tuple default would make click split text into letters
+                kwargs["type"] = type(f.default)
+        kwargs.update((extras or {}).get(f.name, {}))
+        decls = kwargs.pop("decls", decls)
+        return click.option(*decls, f.name, **kwargs)
+
+    def decorate(func):
+        for f in reversed(fields):
+            func = one(f)(func)
+        return func
+
+    return decorate
 
 
 def backbone_options(f):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import backbones, data, distributed, runtime
+from ..config import with_overrides
 from ..errors import CnnCodesError, Interrupted
 from ..manifest import ManifestOptions
 from ..precision import emulation_note
@@ -86,7 +87,7 @@ def finetune(
     DistributedDataParallel; only rank 0 writes and prints. `progress=None` shows a progress bar
     when stderr is a terminal.
     """
-    config = _with_overrides(config, overrides)
+    config = with_overrides(FinetuneConfig, config, overrides, "finetune")
     if resume and overwrite:
         raise CnnCodesError("--resume and --overwrite contradict each other; pass one")
     own_group = distributed.launched() and not distributed.is_distributed()
@@ -99,15 +100,6 @@ def finetune(
     finally:
         if own_group:
             distributed.cleanup()
-
-
-def _with_overrides(config: FinetuneConfig | None, overrides: dict[str, Any]) -> FinetuneConfig:
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"finetune() got unexpected keyword argument(s) {', '.join(unknown)}; "
-                        f"recipe options are the fields of FinetuneConfig: {', '.join(sorted(names))}")
-    return dataclasses.replace(FinetuneConfig() if config is None else config, **overrides)
 
 
 def _layout(data_dir: Path, manifest: ManifestOptions | None, echo) -> tuple[data.FolderLayout, str | None]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
 
+from ..config import option
 from ..errors import CnnCodesError
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet stages, in network order (other archs: their own)
@@ -29,11 +29,6 @@ FRESH_HEAD_LR_MULT = 1.0
 INIT_HEAD_LR_MULT = min(FRESH_HEAD_LR_MULT, 1.0)
 
 
-def _option(default: Any, help: str = "") -> Any:  # noqa: A002  (click's word)
-    """A config field whose `help` the CLI shows beside its flag."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Every option of a fine-tuning run, grouped like the CLI's; invalid values raise CnnCodesError.
@@ -44,35 +39,35 @@ class FinetuneConfig:
     """
 
     # model
-    arch: str = _option("resnet18", "Backbone.")
-    weights: str | None = _option("DEFAULT", "torchvision weights name, a local state_dict file, or 'none'.")
-    freeze: tuple[str, ...] = _option((), "Comma list of stages to keep fixed (weights and BatchNorm statistics): "
+    arch: str = option("resnet18", "Backbone.")
+    weights: str | None = option("DEFAULT", "torchvision weights name, a local state_dict file, or 'none'.")
+    freeze: tuple[str, ...] = option((), "Comma list of stages to keep fixed (weights and BatchNorm statistics): "
                                           f"the arch's own stages/blocks (ResNet: {','.join(STAGES)}; a bad name "
                                           "lists them) or parameter-name prefixes.")
-    init_head: str | None = _option(None, "LP-FT: start the classifier from this `fit-head` head (HEAD.h5, any "
+    init_head: str | None = option(None, "LP-FT: start the classifier from this `fit-head` head (HEAD.h5, any "
                                           "--clf; same arch, weights, preprocessing and classes as this run).")
-    image_size: int | None = _option(None, "Crop size; resize keeps the weights' ratio (256/224).")
-    preprocess_like: str | None = _option(None, "With --weights FILE or none: these named weights' preprocessing "
+    image_size: int | None = option(None, "Crop size; resize keeps the weights' ratio (256/224).")
+    preprocess_like: str | None = option(None, "With --weights FILE or none: these named weights' preprocessing "
                                                 "(e.g. IMAGENET1K_V1) [default: DEFAULT's].")
     # optimisation
-    optimizer: str = _option("sgd", "sgd uses momentum 0.9.")
-    lr: float = _option(1e-3, "Learning rate of the pretrained layers.")
-    head_lr_mult: float | None = _option(None, "The classifier's lr = lr x this [default: "
+    optimizer: str = option("sgd", "sgd uses momentum 0.9.")
+    lr: float = option(1e-3, "Learning rate of the pretrained layers.")
+    head_lr_mult: float | None = option(None, "The classifier's lr = lr x this [default: "
                                                f"{FRESH_HEAD_LR_MULT:g}; {INIT_HEAD_LR_MULT:g} with --init-head].")
-    weight_decay: float = _option(0.0, "Weight decay of every trainable parameter.")
-    lr_step: int = _option(7, "StepLR: epochs between lr decays.")
-    lr_gamma: float = _option(0.1, "StepLR: lr decay factor.")
-    epochs: int = _option(25, "Epochs to train (with --resume: the total, so more epochs extend a run).")
-    batch_size: int = _option(32, "Images per step (per process under torchrun).")
+    weight_decay: float = option(0.0, "Weight decay of every trainable parameter.")
+    lr_step: int = option(7, "StepLR: epochs between lr decays.")
+    lr_gamma: float = option(0.1, "StepLR: lr decay factor.")
+    epochs: int = option(25, "Epochs to train (with --resume: the total, so more epochs extend a run).")
+    batch_size: int = option(32, "Images per step (per process under torchrun).")
     # runtime
-    precision: str = _option("fp32", "Autocast precision (fp16 needs CUDA).")
-    channels_last: bool = _option(True, "NHWC memory layout (faster convolutions on CPU and tensor cores).")
-    workers: int | None = _option(None, "Decode workers [default: sized to the machine].")
-    device: str = _option("auto", "auto, cpu, cuda or cuda:N.")
-    seed: int = _option(0, "Seed of data order and augmentation.")
-    deterministic: bool = _option(False, "Deterministic algorithms: a rerun or resume gives bitwise the same weights.")
+    precision: str = option("fp32", "Autocast precision (fp16 needs CUDA).")
+    channels_last: bool = option(True, "NHWC memory layout (faster convolutions on CPU and tensor cores).")
+    workers: int | None = option(None, "Decode workers [default: sized to the machine].")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    seed: int = option(0, "Seed of data order and augmentation.")
+    deterministic: bool = option(False, "Deterministic algorithms: a rerun or resume gives bitwise the same weights.")
     # evaluation
-    select_best_on_val: bool = _option(False, "Also save the epoch with the best val accuracy "
+    select_best_on_val: bool = option(False, "Also save the epoch with the best val accuracy "
                                               "(an OPTIMISTIC figure: chosen on val).")
 
     def __post_init__(self) -> None:

@@ -1,0 +1,30 @@
+"""`extract`: one pass of a headless pretrained backbone over an image folder, its codes cached to HDF5.
+
+Where things live (each module imports only those above it):
+    config.py  the options, once: ExtractConfig (validated; torch-free, the CLI is built from it)
+    runner.py  the loop: decoded views -> backbone -> codes -> atomic shards (Runner, ShardWriter, ViewMaker)
+    api.py     `extract` (the API): lock, resume from shards, merge into the cache
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> submodule. Imported on first use, so the CLI can build its options from
+# `config` (torch-free) without importing torch.
+_EXPORTS = {
+    "CODE_FIELDS": "config", "DECODES": "config", "ExtractConfig": "config",
+    "Runner": "runner", "ShardWriter": "runner", "ViewMaker": "runner",
+    "ExtractResult": "api", "JPEG_SUFFIXES": "api", "extract": "api",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,0 +1,59 @@
+"""`ExtractConfig`: every option of an extraction, held once and validated once. Torch-free: the
+CLI builds its `extract` options from these fields (flag, default, help) and answers an
+up-to-date rerun without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import option
+from ..errors import CnnCodesError
+from ..precision import PRECISIONS
+
+DECODES = ("auto", "cpu", "gpu")
+# The fields that decide the codes: a cache is up to date for a request only if these match.
+CODE_FIELDS = ("arch", "weights", "image_size", "layers", "preprocess_like", "views", "eval_views", "seed", "precision")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The options of `extract`, grouped like the CLI's; invalid values raise CnnCodesError.
+    Change a copy with `dataclasses.replace(config, arch=...)` (validated again)."""
+
+    # what the codes are
+    arch: str = option("resnet18", "Backbone.")
+    weights: str = option("DEFAULT", "torchvision weights name, a local state_dict file, or 'none'.")
+    image_size: int | None = option(None, "Crop size; resize keeps the weights' ratio (256/224).")
+    layers: str | None = option(None, "Cache pooled codes of these intermediate layers, concatenated "
+                                      "(`cnncodes archs ARCH --layers`).")
+    preprocess_like: str | None = option(None, "With --weights FILE: use these named weights' preprocessing "
+                                               "(e.g. IMAGENET1K_V1) [default: DEFAULT's].")
+    views: int = option(0, "Extra augmented codes per training image.")
+    eval_views: int = option(0, "Extra augmented codes per val/test image (for test-time averaging).")
+    seed: int = option(0, "Seed of the augmented views (and of --val-fraction's split).")
+    precision: str = option("fp32", "Autocast precision.")
+    # how they are computed (same codes whatever these are)
+    batch_size: int | None = option(None, "Images per forward pass [default: 16 on CPU, 128 on CUDA].")
+    channels_last: bool = option(True, "NHWC memory layout.")
+    workers: int | None = option(None, "Decode workers [default: sized to the machine].")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    decode: str = option("auto", "Where JPEGs are decoded: gpu = nvJPEG batches (auto: when the network runs on CUDA).")
+    strict: bool = option(False, "Stop at the first unreadable file instead of skipping it.")
+    checkpoint_every: float = option(30.0, "Seconds between resumable shard writes.")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.views >= 0 and self.eval_views >= 0, "--views and --eval-views must be >= 0"),
+            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 seconds"),
+            (self.precision in PRECISIONS, f"unknown --precision '{self.precision}'; use one of {', '.join(PRECISIONS)}"),
+            (self.decode in DECODES, f"unknown --decode '{self.decode}'; use one of {', '.join(DECODES)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CnnCodesError(message)
+
+    def request(self) -> dict:
+        """The fields that decide the codes, by name (the up-to-date key is made of them)."""
+        return {name: getattr(self, name) for name in CODE_FIELDS}
