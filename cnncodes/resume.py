@@ -81,15 +81,21 @@ class Done:
         return done
 
     def _add(self, split: str, g, source) -> None:
+        """Add one source's rows; a file it records supersedes what earlier sources said of it (a
+        cached image since replaced by an unreadable file is skipped now, its old code dropped)."""
         if g["features"].shape[0]:
             self.feature_dim = int(g["features"].shape[1])
+        files = read_table(g, "files")
+        for p, _, _ in files:
+            self.rows.pop((split, p), None)
+            self.skipped.pop((split, p), None)
         paths = g["paths"].asstr()[()]
         start = 0
         for i in range(1, len(paths) + 1):  # rows of one image are contiguous
             if i == len(paths) or paths[i] != paths[start]:
                 self.rows[(split, paths[start])] = RowSource(source, start, i)
                 start = i
-        for p, size, mtime in read_table(g, "files"):
+        for p, size, mtime in files:
             self.sigs[(split, p)] = (size, mtime)
         for p, reason in read_table(g, "skipped"):
             self.skipped[(split, p)] = reason

@@ -138,10 +138,14 @@ def test_incremental_add_change_and_delete_matches_fresh_run(image_folder, tmp_p
     make_image(0, 51).save(image_folder / "val" / "dog" / "000.jpg")  # changed content
     os.utime(image_folder / "val" / "dog" / "000.jpg", ns=(1, 1))
     (image_folder / "train" / "dog" / "001.jpg").unlink()
+    (image_folder / "train" / "cat" / "002.jpg").write_bytes(b"junk")  # a cached image replaced by a bad file
     r = extract(image_folder, out, **FAST)
-    assert r.extracted == 2
-    extract(image_folder, tmp_path / "fresh.h5", **FAST)
+    assert r.extracted == 2 and [p for p, _ in r.skipped] == ["train/cat/002.jpg"]
+    fresh = extract(image_folder, tmp_path / "fresh.h5", **FAST)
     _assert_same_cache(out, tmp_path / "fresh.h5", exact=False)
+    with Cache(out) as a, Cache(tmp_path / "fresh.h5") as b:
+        assert a.skipped("train") == b.skipped("train") == fresh.skipped  # its old code is gone, not kept
+    assert extract(image_folder, out, **FAST).up_to_date
 
 
 def test_mismatched_config_is_refused_unless_overwrite(image_folder, tmp_path):
