@@ -55,6 +55,11 @@ def read_classifier_meta(path: str | Path) -> dict:
         raise CnnCodesError(f"{side}: not a readable cnncodes classifier description ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CnnCodesError(f"{side}: not a cnncodes classifier description (format field missing)")
+    classes, n = meta.get("classes"), meta.get("num_classes")
+    if not (isinstance(meta.get("arch"), str) and isinstance(meta.get("preprocessing"), dict) and isinstance(n, int)
+            and isinstance(classes, list) and len(classes) == n and all(isinstance(c, str) for c in classes)):
+        raise CnnCodesError(f"{side}: damaged classifier description (needs arch, preprocessing, and num_classes "
+                            f"equal to the number of class names); export or fine-tune the model again")
     return meta
 
 

@@ -7,6 +7,9 @@ import dataclasses
 from typing import Any, TypeVar
 
 C = TypeVar("C")
+# The smallest --image-size: the networks downsample 32x, so a smaller crop leaves no pixels.
+MIN_IMAGE_SIZE = 32
+IMAGE_SIZE_RULE = f"--image-size must be >= {MIN_IMAGE_SIZE} (the networks downsample {MIN_IMAGE_SIZE}x)"
 
 
 def option(default: Any, help: str = "") -> Any:  # noqa: A002  (click's word)

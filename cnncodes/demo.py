@@ -39,11 +39,13 @@ def run_demo(workdir: str | Path = "cnncodes-demo", arch: str = "resnet18", weig
     Pretrained torchvision weights are used when they can be had (TORCH_HOME cache or a
     download); offline, the demo says so and falls back to random weights.
     """
-    from .backbones import create_model
+    from .backbones import check_arch, create_model
     from .errors import CnnCodesError
-    from .extract import extract
+    from .extract import ExtractConfig, extract
     from .heads import fit_head
 
+    check_arch(arch)  # a misspelt arch is an error, not a fallback to random weights
+    ExtractConfig(arch=arch, weights=weights, image_size=image_size)  # the other options, checked before any work
     workdir = Path(workdir)
     data = write_digits(workdir / "digits")
     log(f"dataset: scikit-learn digits written to {data} (train 1437, val 360 images, 10 classes)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CnnCodesError
-from .manifest import Manifest, ManifestOptions, is_manifest, read_manifest
+from .manifest import MANIFEST_SUFFIXES, Manifest, ManifestOptions, is_manifest, read_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
@@ -56,7 +56,8 @@ def discover(root: str | os.PathLike, manifest: ManifestOptions | None = None) -
         raise CnnCodesError(f"{root}: --val-fraction applies to CSV manifests; for a folder, "
                             f"put the val images in {root}/val/<class>/")
     if not root.exists():
-        raise CnnCodesError(f"{root}: no such folder; pass the root of an image folder (DATA/<class>/<image>) "
+        what = "CSV manifest" if root.suffix.lower() in MANIFEST_SUFFIXES else "folder"
+        raise CnnCodesError(f"{root}: no such {what}; pass the root of an image folder (DATA/<class>/<image>) "
                             f"or a CSV manifest (.csv)")
     if not root.is_dir():
         raise CnnCodesError(f"{root}: not a folder; pass the root of an image folder (DATA/<class>/<image>) "

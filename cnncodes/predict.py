@@ -35,7 +35,15 @@ from .data import (
 from .errors import CnnCodesError
 from .heads import LinearHead
 from .manifest import ManifestOptions, is_manifest, read_manifest
-from .runtime import autocast, check_precision, configure_threads, inference_batch_size, resolve_device, save_figure
+from .runtime import (
+    autocast,
+    check_precision,
+    check_replaceable,
+    configure_threads,
+    inference_batch_size,
+    resolve_device,
+    save_figure,
+)
 from .store import HDF5_SIGNATURE
 
 
@@ -296,6 +304,8 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: st
     precision: None = the head's extraction precision (fp32 for classifiers; bf16 where fp16 is
     not available on the device).
     """
+    if (batch_size is not None and batch_size < 1) or (workers is not None and workers < 0):
+        raise CnnCodesError("--batch-size must be >= 1 and --workers >= 0")
     model = load_model(model_path, weights)
     items, skipped = collect_inputs(inputs, model.classes, manifest)
     if not items:
@@ -309,8 +319,13 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: st
     ok = np.zeros(len(items), bool)
     for idx, out, failed in run_model(model.module, "/", [str(i.path.resolve()) for i in items], model.preprocessing,
                                       device=dev, precision=precision, batch_size=batch_size, workers=workers):
-        scores[idx], ok[idx] = out, True
+        if len(idx):  # a batch of unreadable files only has no scores
+            scores[idx], ok[idx] = out, True
         skipped += [(items[i].name, reason) for i, reason in failed]
+    if not ok.any():
+        path, reason = skipped[0]
+        raise CnnCodesError(f"no readable images among the {len(items)} given (e.g. {path}: {reason}); "
+                            f"pass image files or folders of images")
     return _predictions(items, ok, scores, skipped, model.classes)
 
 
@@ -322,8 +337,35 @@ def _predictions(items: list[Item], ok: np.ndarray, scores: np.ndarray, skipped,
     return Predictions(rows, skipped, classes, scores[good], [items[i].path for i in good])
 
 
+PREDICTION_SUFFIXES = (".csv", ".json")
+CSV_HEADER = ("path", "pred", "score", "true")
+
+
+def check_predictions_path(out: str | Path, inputs: Sequence[str | Path] = ()) -> None:
+    """A predictions file is .csv or .json and replaces only an earlier predictions file: never an
+    input (a manifest), a head, a cache or anything else."""
+    if Path(out).suffix.lower() not in PREDICTION_SUFFIXES:
+        raise CnnCodesError(f"{out}: predictions are written as .csv or .json; name the file with one of those")
+    check_replaceable(out, "predictions file", _holds_predictions, inputs)
+
+
+def _holds_predictions(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1 << 16)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix.lower() == ".csv":
+        return head.splitlines()[:1] == [",".join(CSV_HEADER)]
+    try:
+        return "predictions" in json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, TypeError, OSError):
+        return False
+
+
 def write_predictions(preds: Predictions, out: str | Path) -> None:
     """CSV (path, pred, score, true) or JSON (rows, skipped, accuracy) by the file suffix."""
+    check_predictions_path(out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
@@ -333,7 +375,7 @@ def write_predictions(preds: Predictions, out: str | Path) -> None:
         return
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "pred", "score", "true"])
+        writer.writerow(CSV_HEADER)
         for r in preds.rows:
             writer.writerow([r["path"], r["pred"], f"{r['score']:.6f}", r["true"] or ""])
 

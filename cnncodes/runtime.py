@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .errors import CnnCodesError, WriteFailed
 from .precision import PRECISIONS, autocast, check_precision, tf32  # noqa: F401  (re-exported: callers import them from here)
@@ -114,6 +114,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             _quiet_h5py_teardown()
             raise WriteFailed(f"{path}: write failed: {hint}; free disk space and rerun; the previous {path.name}, if any, is intact") from e
         raise
+
+
+def check_replaceable(path: str | os.PathLike, kind: str, is_kind: Callable[[Path], bool],
+                      inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse to write a `kind` over one of this command's `inputs`, or over an existing file that
+    is not a `kind` (`is_kind` says): finished work of another kind (a cache, a head, a manifest)
+    is never replaced by mistake. An existing `kind` is replaced, as a rerun expects."""
+    path = Path(path)
+    if any(Path(i).exists() and path.exists() and os.path.samefile(path, i) for i in inputs):
+        raise CnnCodesError(f"{path}: this is an input of the command; write the {kind} to another file")
+    if path.is_dir():
+        raise CnnCodesError(f"{path}: a folder; name the {kind} file to write")
+    if path.exists() and not is_kind(path):
+        raise CnnCodesError(f"{path} exists and is not a {kind}; write to another file, or move it away first")
 
 
 def figure_format(path: str | os.PathLike) -> str:

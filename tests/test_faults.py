@@ -7,6 +7,7 @@ Heads, predict, export and finetune have their own bad-input tests beside their 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -104,15 +105,16 @@ def test_unreadable_file_is_skipped_with_reason(tmp_path, cli, monkeypatch):
     assert "extracted 4 images" in r.stdout
 
 
-@pytest.mark.parametrize("case", ["empty_folder", "missing_path", "not_a_folder"])
-def test_bad_data_roots(tmp_path, cli, case):
-    target = tmp_path / "data"
+@pytest.mark.parametrize("case,message", [("empty_folder", "no images"), ("missing_path", "no such folder"),
+                                          ("not_a_folder", "not a folder"), ("missing_csv", "no such CSV manifest")])
+def test_bad_data_roots(tmp_path, cli, case, message):
+    target = tmp_path / ("labels.csv" if case == "missing_csv" else "data")
     if case == "empty_folder":
         (target / "train" / "cat").mkdir(parents=True)
     elif case == "not_a_folder":
         target.write_text("x")
     r = cli("extract", target, "-o", tmp_path / "c.h5", *BASE, check=False)
-    assert r.returncode == 2 and str(target) in r.stderr
+    assert r.returncode == 2 and str(target) in r.stderr and message in r.stderr, r.stderr
     _no_traceback(r)
 
 
@@ -141,6 +143,10 @@ def _damaged_caches(good: Path, tmp: Path) -> dict[str, Path]:
     with h5py.File(out["wrong_shape"], "a") as f:
         del f["val/features"]
         f["val/features"] = np.zeros((6, 7), np.float32)
+    out["future_version"] = tmp / "future.h5"
+    shutil.copy(good, out["future_version"])
+    with h5py.File(out["future_version"], "a") as f:
+        f.attrs["format_version"] = 99
     return out
 
 
@@ -153,6 +159,7 @@ def test_damaged_caches_give_clear_errors(image_folder, tmp_path, cli):
         "foreign_hdf5": "not a cnncodes cache",
         "missing_dataset": "has no 'labels' dataset",
         "wrong_shape": "val/features has shape (6, 7)",
+        "future_version": "cache format version 99 is not supported",
     }
     for case, path in _damaged_caches(good, tmp_path).items():
         r = cli("info", path, check=False)
@@ -161,6 +168,11 @@ def test_damaged_caches_give_clear_errors(image_folder, tmp_path, cli):
         # extract into a damaged cache refuses (it would otherwise drop its content) and names --overwrite
         r = cli("extract", image_folder, "-o", path, *BASE, check=False)
         assert r.returncode == 2 and "--overwrite" in r.stderr, (case, r.stderr)
+    with h5py.File(good, "a") as f:  # a label no class has: readable, but fit-head must not crash on it
+        f["train/labels"][0] = 7
+    r = cli("fit-head", good, "-o", tmp_path / "h.h5", "--C", "1", check=False)
+    assert r.returncode == 2 and "train/labels holds class index 7 but the cache has 2 classes" in r.stderr, r.stderr
+    _no_traceback(r)
 
 
 class _Payload:
@@ -190,6 +202,93 @@ def test_weights_for_another_arch(image_folder, tmp_path, cli):
     r = cli("extract", image_folder, "-o", tmp_path / "c.h5", "--arch", "resnet50", "--weights", w, check=False)
     assert r.returncode == 2 and "do not fit --arch resnet50" in r.stderr and "pass the --arch" in r.stderr
     _no_traceback(r)
+
+
+def test_weights_files_that_are_not_state_dicts_are_one_line_errors(image_folder, tmp_path, cli):
+    cases = {"empty.pth": b"", "text.pth": b"hi", "nontensor.pth": None, "folder.pth": "dir"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content == "dir":
+            path.mkdir()
+        elif content is None:
+            torch.save({"epoch": 3, "note": "no tensors"}, path)
+        else:
+            path.write_bytes(content)
+    expected = {"empty.pth": "not a readable PyTorch weights file", "text.pth": "not a readable PyTorch weights file",
+                "nontensor.pth": "a dict without tensors, not a state_dict", "folder.pth": "a folder, not a weights file"}
+    for name, message in expected.items():
+        r = cli("extract", image_folder, "-o", tmp_path / "c.h5", "--weights", tmp_path / name, "-q", check=False)
+        assert r.returncode == 2 and message in r.stderr and name in r.stderr, (name, r.stderr)
+        _no_traceback(r)
+
+
+def test_outputs_never_replace_finished_work_of_another_kind(image_folder, tmp_path, cli):
+    """fit-head -o onto the cache, predict -o onto the head or the manifest: refused before any work,
+    the file intact; a rerun still replaces its own earlier output."""
+    cache, head = tmp_path / "c.h5", tmp_path / "h.h5"
+    cli("extract", image_folder, "-o", cache, *BASE)
+    before = hashlib.sha256(cache.read_bytes()).hexdigest()
+    for out in (cache, tmp_path / "other-cache.h5"):
+        if out != cache:
+            shutil.copy(cache, out)
+        r = cli("fit-head", cache, "-o", out, "--C", "1", check=False)
+        assert r.returncode == 2 and str(out) in r.stderr and ("an input" in r.stderr or "is not a head" in r.stderr)
+        _no_traceback(r)
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == before
+    cli("fit-head", cache, "-o", head, "--C", "1")
+    cli("fit-head", cache, "-o", head, "--C", "2")  # a head replaces a head
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in sorted(str(q) for q in image_folder.rglob("*.jpg"))))
+    kept = manifest.read_text()
+    for out, message in [(head, "written as .csv or .json"), (tmp_path / "p.txt", "written as .csv or .json"),
+                         (manifest, "an input of the command")]:
+        r = cli("predict", head, manifest, "-o", out, "--workers", "0", check=False)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        _no_traceback(r)
+    assert manifest.read_text() == kept and hashlib.sha256(cache.read_bytes()).hexdigest() == before
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    r = cli("predict", head, manifest, "-o", tmp_path / "notes.json", "--workers", "0", check=False)
+    assert r.returncode == 2 and "exists and is not a predictions file" in r.stderr
+    cli("predict", head, manifest, "-o", tmp_path / "p.csv", "--workers", "0")
+    cli("predict", head, manifest, "-o", tmp_path / "p.csv", "--workers", "0")  # predictions replace predictions
+
+
+def test_bad_numbers_unreadable_inputs_and_unwritable_paths_are_one_line_errors(image_folder, tmp_path, cli):
+    cache, head = tmp_path / "c.h5", tmp_path / "h.h5"
+    cli("extract", image_folder, "-o", cache, *BASE)
+    cli("fit-head", cache, "-o", head, "--C", "1")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (("extract", image_folder, "-o", tmp_path / "x.h5", "--weights", "none", "--image-size", "8"),
+         "--image-size must be >= 32"),
+        (("predict", head, image_folder, "--batch-size", "0"), "--batch-size must be >= 1"),
+        (("predict", head, image_folder, "--workers", "-1"), "--workers >= 0"),
+        (("fit-head", cache, "-o", tmp_path / "h2.h5", "--clf", "linear", "--C", "1", "--epochs", "-2"),
+         "--epochs must be >= 1"),
+        (("predict", head, tmp_path / "zero.jpg", tmp_path / "text.png", "--workers", "0"),
+         "no readable images among the 2 given"),
+        (("fit-head", cache, "-o", tmp_path / "a-file" / "h.h5", "--C", "1"), "a-file"),
+    ]
+    for args, message in cases:
+        r = cli(*args, check=False)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        _no_traceback(r)
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "h2.h5").exists()
+
+
+def test_a_damaged_classifier_description_is_one_line(image_folder, tmp_path, cli):
+    cli("extract", image_folder, "-o", tmp_path / "c.h5", *BASE)
+    cli("fit-head", tmp_path / "c.h5", "-o", tmp_path / "h.h5", "--C", "1")
+    cli("export", tmp_path / "h.h5", "-o", tmp_path / "m.pt")
+    side = tmp_path / "m.json"
+    meta = json.loads(side.read_text())
+    for damaged in ({k: v for k, v in meta.items() if k != "classes"}, {**meta, "classes": ["a", "b", "c"]}):
+        side.write_text(json.dumps(damaged))
+        r = cli("predict", tmp_path / "m.pt", image_folder / "val", "--workers", "0", check=False)
+        assert r.returncode == 2 and "m.json: damaged classifier description" in r.stderr, r.stderr
+        _no_traceback(r)
 
 
 # --------------------------------------------------------------------------- crashes
@@ -319,6 +418,14 @@ def test_malicious_pickle_heads_and_models_are_refused_not_executed(image_folder
         assert r.returncode == 2 and needle in r.stderr, r.stderr
         _no_traceback(r)
         assert not marker.exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "cnncodes-finetune-checkpoint", "model": _Payload()}, run / "checkpoint.pt")
+    r = cli("finetune", image_folder, "-o", run, "--weights", "none", "--image-size", "32", "--resume", check=False)
+    assert r.returncode == 2 and "refused: the checkpoint holds pickled Python objects" in r.stderr, r.stderr
+    assert "weights_only=False" not in r.stderr and "weights_only` set to `False" not in r.stderr  # never that advice
+    _no_traceback(r)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- the cache / run-folder lock
@@ -455,6 +562,32 @@ def test_unreadable_shard_stops_the_run_and_keeps_every_shard(tmp_path, monkeypa
     with pytest.raises(CnnCodesError, match=f"{shards[1]}: cannot read .*Permission denied.*every shard is kept: make the file readable"):
         extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
     assert sorted(parts.glob("*.h5")) == shards
+
+
+def test_a_torn_shard_is_removed_redone_and_said(tmp_path, monkeypatch):
+    from cnncodes import store
+    from cnncodes.extract import extract
+
+    data = write_folder(tmp_path / "data", {"train": 3})
+    out, parts = tmp_path / "c.h5", tmp_path / "c.h5.parts"
+    real_write = store.write_cache
+    monkeypatch.setattr("cnncodes.extract.api.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
+    monkeypatch.setattr("cnncodes.extract.api.write_cache", real_write)
+    shards = sorted(parts.glob("*.h5"))
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # a write cut short
+    said = []
+    r = extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False,
+                log=said.append)
+    assert r.extracted == 2 and not parts.exists()  # that shard's two images, nothing else
+    assert any(f"1 shard(s) torn by an interrupted write (e.g. {shards[1].name}) were removed" in m for m in said), said
+    extract(data, tmp_path / "fresh.h5", weights="none", image_size=32, batch_size=2, progress=False, log=said.append)
+    assert _codes(out).keys() == _codes(tmp_path / "fresh.h5").keys()
+    for split, (feats, paths, labels, views) in _codes(out).items():
+        fresh = _codes(tmp_path / "fresh.h5")[split]
+        assert paths == fresh[1] and np.array_equal(labels, fresh[2])
+        np.testing.assert_allclose(feats, fresh[0], rtol=1e-5, atol=1e-6)
 
 
 def test_interrupted_overwrite_resumes_when_rerun(tmp_path):

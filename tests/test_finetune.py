@@ -227,7 +227,9 @@ def test_run_folder_is_locked_and_resume_checks_settings(tmp_path):
     run = tmp_path / "run"
     with runtime.FileLock(run / "run", "run"), pytest.raises(CnnCodesError, match="in use by another cnncodes"):
         finetune(folder, run, epochs=1, echo=lambda _: None, **FAST)
-    finetune(folder, run, epochs=1, echo=lambda _: None, **FAST)
+    lines, echo = _lines()
+    finetune(folder, run, epochs=1, resume=True, echo=echo, **FAST)  # nothing to resume yet: says so, starts
+    assert f"note: --resume: no checkpoint.pt in {run} yet; starting the run from epoch 0" in lines
     with pytest.raises(CnnCodesError, match=r"different settings.*lr"):
         finetune(folder, run, epochs=2, lr=0.1, resume=True, echo=lambda _: None, **FAST)
     result = finetune(folder, run, epochs=2, resume=True, echo=lambda _: None, **FAST)  # more epochs extend the run

@@ -80,9 +80,13 @@ def test_epochs_0_saves_the_head_as_a_classifier_that_predicts_like_it(probe, tm
         np.testing.assert_allclose(from_run.scores, from_head.scores, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("case", ["arch", "classes", "image_size"])
+@pytest.mark.parametrize("case", ["arch", "classes", "image_size", "layers"])
 def test_a_head_that_does_not_fit_the_run_is_one_clear_line(probe, tmp_path, case):
-    data, args = probe["data"], list(FAST_CLI)
+    data, args, head = probe["data"], list(FAST_CLI), probe["logreg"]["path"]
+    if case == "layers":  # a head on intermediate-layer codes (as `extract --layer layer3` then fit-head records it)
+        h = probe["logreg"]["head"]
+        head = tmp_path / "layer3.h5"
+        dataclasses.replace(h, meta={**h.meta, "layers": "layer3"}).save(head)
     if case == "arch":
         args += ["--arch", "resnet34"]
     elif case == "classes":
@@ -90,13 +94,13 @@ def test_a_head_that_does_not_fit_the_run_is_one_clear_line(probe, tmp_path, cas
     else:
         args[args.index("--image-size") + 1] = "48"
     run = tmp_path / "run"
-    proc = run_cli("finetune", data, "-o", run, *args, "--init-head", probe["logreg"]["path"], check=False)
+    proc = run_cli("finetune", data, "-o", run, *args, "--init-head", head, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("error: ") and str(probe["logreg"]["path"]) in lines[0]
+    assert lines[0].startswith("error: ") and str(head) in lines[0]
     expected = {"arch": "arch: head resnet18, run resnet34", "classes": "data has fox not in the head; head has owl",
-                "image_size": f"pass --image-size {SIZE}"}[case]
+                "image_size": f"pass --image-size {SIZE}", "layers": "fitted on intermediate layers (layer3)"}[case]
     assert expected in lines[0]
     assert not (run / "checkpoint.pt").exists()
 

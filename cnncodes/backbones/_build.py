@@ -66,6 +66,8 @@ def resolve_weights(arch: str, weights: str | None) -> WeightsInfo:
         return WeightsInfo("none", "none")
     if os.sep in weights or weights.endswith(WEIGHT_FILE_SUFFIXES) or Path(weights).is_file():
         path = Path(weights)
+        if path.is_dir():
+            raise CnnCodesError(f"{path}: a folder, not a weights file; pass the state_dict file inside it, a weights name, or 'none'")
         if not path.is_file():
             raise CnnCodesError(f"{path}: weights file not found; pass an existing state_dict file, a weights name, or 'none'")
         return WeightsInfo("file", str(path), file_sha256(path))

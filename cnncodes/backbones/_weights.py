@@ -23,7 +23,7 @@ def load_state_file(path: str | os.PathLike) -> dict:
             from safetensors.torch import load_file
             return load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one clear line
-            raise CnnCodesError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+            raise CnnCodesError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -31,8 +31,14 @@ def load_state_file(path: str | os.PathLike) -> dict:
             f"{path}: refused: the file holds pickled Python objects, not only tensors "
             f"(loading it could run code); re-save it as a plain state_dict"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CnnCodesError(f"{path}: not a readable PyTorch weights file ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # noqa: BLE001 - empty, text, truncated, foreign: one clear line, never a traceback
+        raise CnnCodesError(f"{path}: not a readable PyTorch weights file ({_first_line(e)}); "
+                            f"pass a state_dict saved with torch.save or a .safetensors file") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def hub_file(url: str, what: str, hint: str) -> Path:
@@ -60,15 +66,17 @@ def hub_file(url: str, what: str, hint: str) -> Path:
     return path
 
 
-def unwrap_state_dict(state) -> dict:
+def unwrap_state_dict(state, name: str = "weights file") -> dict:
     """The tensors of a state_dict, unwrapped from common checkpoint containers and DDP/compile prefixes."""
     if not isinstance(state, dict):
-        raise CnnCodesError("weights file does not hold a state_dict (a dict of tensors)")
+        raise CnnCodesError(f"{name}: does not hold a state_dict (a dict of tensors) but a {type(state).__name__}")
     for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
         if key in state and isinstance(state[key], dict):
             state = state[key]
             break
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CnnCodesError(f"{name}: holds a dict without tensors, not a state_dict; pass the model's weights file")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in tensors.items()}
 
 
@@ -79,7 +87,7 @@ def fit_state(model: nn.Module, state: dict, classifier_prefixes: tuple[str, ...
     A features-only file (no classifier keys) therefore loads: the classifier is new anyway
     (codes, fine-tuning, a fitted head). Anything else names the missing and unexpected keys.
     """
-    state = {k: v for k, v in unwrap_state_dict(state).items() if not k.startswith(ignore_prefixes)}
+    state = {k: v for k, v in unwrap_state_dict(state, name).items() if not k.startswith(ignore_prefixes)}
     own = model.state_dict()
 
     def is_head(k: str) -> bool:

@@ -57,12 +57,22 @@ class Group(click.Group):
         except CnnCodesError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:  # a path that cannot be read or written (permissions, read-only, not a folder)
+            click.echo(f"error: {_os_error_line(e)}", err=True)
+            sys.exit(2)
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line naming the file and the fix; finished work was written atomically, so it is intact."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return f"{where}{what}; check that the path exists, is not inside a file, and that you may write there"
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cnncodes")
 def cli() -> None:
-    """Transfer learning on image folders with pretrained ResNets.
+    """Transfer learning on image folders with pretrained torchvision and timm networks.
 
     Frozen path: `extract` caches CNN codes to HDF5, `fit-head` trains a linear head on them.
     Fine-tune path: `finetune` trains the whole network. `predict` and `export` use either.

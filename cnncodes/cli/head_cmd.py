@@ -34,16 +34,21 @@ def fit_head_command(cache, out, clf, C, folds, tta, allow_unseen_classes, epoch
     (no pickle) in the linear form that `cnncodes export` folds into the backbone.
     """
     from ..heads import fit_head
-    from ..runtime import figure_format
+    from ..heads.format import holds_a_head
+    from ..runtime import check_replaceable, figure_format
 
+    check_replaceable(out, "head file", holds_a_head, [cache])  # these fail now, not after the fit
+    if json_out:
+        check_replaceable(json_out, "JSON report", lambda p: p.suffix.lower() == ".json", [cache, out])
     if confusion:
-        figure_format(confusion)  # a bad suffix fails now, not after the fit
+        figure_format(confusion)
     head, report = fit_head(cache, clf, C, tta=tta, folds=folds, device=device, max_iter=epochs,
                             allow_unseen_classes=allow_unseen_classes, seed=seed, log=lambda m: click.echo(m, err=True))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     head.save(out)
     _print_report(report)
     if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=2))
     if confusion and report["splits"]:
         draw_confusion(report, confusion)
@@ -121,9 +126,11 @@ def predict_command(model, inputs, out, grid, weights, device, precision, batch_
     labelled, and so is a manifest with a label column: accuracy is printed. Scores are
     softmax of the class scores (see docs).
     """
-    from ..predict import draw_grid, predict, write_predictions
+    from ..predict import check_predictions_path, draw_grid, predict, write_predictions
     from ..runtime import figure_format
 
+    if out:
+        check_predictions_path(out, inputs)  # before the work, not after it
     if grid:
         figure_format(grid)  # a bad suffix fails now, not after the predictions
     preds = predict(model, inputs, weights=weights, device=device, precision=precision, batch_size=batch_size,

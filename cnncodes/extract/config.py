@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import option
+from ..config import IMAGE_SIZE_RULE, MIN_IMAGE_SIZE, option
 from ..errors import CnnCodesError
 from ..precision import PRECISIONS
 
@@ -44,6 +44,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.views >= 0 and self.eval_views >= 0, "--views and --eval-views must be >= 0"),
+            (self.image_size is None or self.image_size >= MIN_IMAGE_SIZE, IMAGE_SIZE_RULE),
             (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 seconds"),

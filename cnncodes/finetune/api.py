@@ -148,6 +148,8 @@ def _finetune(layout: data.FolderLayout, val_name: str | None, run_dir: Path, co
                            init.identity if init else None)
     with contextlib.ExitStack() as stack:
         ckpt = claim(stack, run_dir, recipe, resume, overwrite, device)
+        if resume and ckpt is None and distributed.is_main():
+            echo(f"note: --resume: no {CHECKPOINT} in {run_dir} yet; starting the run from epoch 0")
         return _train(layout, val_name, run_dir, recipe, info, prep, ckpt, device, config.workers, progress, echo,
                       init)
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
-from ..config import option
+from ..config import IMAGE_SIZE_RULE, MIN_IMAGE_SIZE, option
 from ..errors import CnnCodesError
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet stages, in network order (other archs: their own)
@@ -79,7 +79,7 @@ class FinetuneConfig:
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.lr_step >= 1, "--lr-step must be >= 1"),
             (0 < self.lr_gamma <= 1, "--lr-gamma must be in (0, 1]"),
-            (self.image_size is None or self.image_size >= 32, "--image-size must be >= 32 (ResNets downsample 32x)"),
+            (self.image_size is None or self.image_size >= MIN_IMAGE_SIZE, IMAGE_SIZE_RULE),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}'; use one of {', '.join(OPTIMIZERS)}"),
         ]

@@ -56,6 +56,9 @@ def mismatches(meta: dict, classes: Sequence[str], arch: str, weights_identity: 
                preprocessing: Preprocessing, head_classes: Sequence[str]) -> list[str]:
     """What differs between a head (its meta and classes) and the run; empty when it fits."""
     out = []
+    if meta.get("layers"):
+        out.append(f"codes: the head was fitted on intermediate layers ({meta['layers']}), not on the classifier's "
+                   f"input; LP-FT needs a head on codes extracted without --layer")
     if meta.get("arch") != arch:
         out.append(f"arch: head {meta.get('arch')}, run {arch} (pass --arch {meta.get('arch')})")
     if meta.get("weights") != weights_identity:

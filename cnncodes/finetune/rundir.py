@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def load_checkpoint(path: Path) -> dict:
     """A cnncodes checkpoint read with weights_only=True, or one clear error naming the fix."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's own message would advise weights_only=False: never
+        raise CnnCodesError(f"{path}: refused: the checkpoint holds pickled Python objects, not only tensors "
+                            f"(loading it could run code); pass --overwrite to start over") from e
     except Exception as e:
         raise CnnCodesError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                             f"pass --overwrite to start over") from e

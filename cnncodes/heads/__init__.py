@@ -131,6 +131,8 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
     dev = resolve_device(device)
     if folds < 2:
         raise CnnCodesError(f"--folds must be >= 2, got {folds}")
+    if max_iter is not None and max_iter < 1:
+        raise CnnCodesError(f"--epochs must be >= 1, got {max_iter} (omit it for ~1000 steps)")
 
     start = time.perf_counter()
     with Cache(cache_path) as cache:

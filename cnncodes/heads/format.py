@@ -15,11 +15,12 @@ import numpy as np
 import scipy.special
 
 from ..errors import CnnCodesError
-from ..runtime import atomic_path
+from ..runtime import atomic_path, check_replaceable
+from ..store.format import FORMAT as CACHE_FORMAT
+from ..store.format import STR
 
 HEAD_FORMAT = "cnncodes-head"
 HEAD_VERSION = 1
-_STR = h5py.string_dtype("utf-8")
 _IDENTITY_KEYS = ("arch", "weights", "weights_name", "precision")
 
 
@@ -60,7 +61,9 @@ class LinearHead:
         return self.decision_function(codes).argmax(axis=1)
 
     def save(self, path: str | Path) -> None:
-        """Write the head as HDF5 (numeric and string datasets, attributes; no pickle), atomically."""
+        """Write the head as HDF5 (numeric and string datasets, attributes; no pickle), atomically.
+        An existing file at `path` is replaced only if it is a head (never a cache, say)."""
+        check_replaceable(path, "head file (.h5 from `cnncodes fit-head`)", holds_a_head)
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = HEAD_FORMAT
             f.attrs["format_version"] = HEAD_VERSION
@@ -75,7 +78,7 @@ class LinearHead:
             f.create_dataset("intercept", data=self.intercept.astype(np.float32))
             f.create_dataset("mean", data=self.mean.astype(np.float32))
             f.create_dataset("scale", data=self.scale.astype(np.float32))
-            f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=_STR)
+            f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=STR)
 
     @classmethod
     def load(cls, path: str | Path) -> LinearHead:
@@ -91,9 +94,18 @@ class LinearHead:
                                 f"re-create it with `cnncodes fit-head`") from e
 
 
+def holds_a_head(path: Path) -> bool:
+    """True for an HDF5 file whose format attribute says it is a head."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == HEAD_FORMAT
+    except OSError:
+        return False
+
+
 def _read_head(f: h5py.File, path: Path) -> LinearHead:
     if f.attrs.get("format") != HEAD_FORMAT:
-        what = "a cnncodes cache, not a head" if f.attrs.get("format") == "cnncodes-cache" else "not a cnncodes head"
+        what = "a cnncodes cache, not a head" if f.attrs.get("format") == CACHE_FORMAT else "not a cnncodes head"
         raise CnnCodesError(f"{path}: HDF5 file but {what} (no format={HEAD_FORMAT} attribute); "
                             f"create a head with `cnncodes fit-head CACHE -o HEAD.h5`")
     if int(f.attrs.get("format_version", -1)) != HEAD_VERSION:

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from ..errors import CnnCodesError
-from .format import FORMAT, CacheConfig, read_table
+from .format import FORMAT, FORMAT_VERSION, CacheConfig, read_table
 from .shards import pending_shards
 
 
@@ -29,6 +29,9 @@ class Cache:
         a = self.file.attrs
         if a.get("format") != FORMAT:
             raise CnnCodesError(f"{self.path}: HDF5 file but not a cnncodes cache (no format={FORMAT} attribute); create one with `cnncodes extract`")
+        if a.get("format_version") != FORMAT_VERSION:
+            raise CnnCodesError(f"{self.path}: cache format version {a.get('format_version')} is not supported (this "
+                                f"cnncodes reads {FORMAT_VERSION}); extract it again with this version (--overwrite)")
         try:
             self.config = CacheConfig.from_json(a["config"])
             self.classes: list[str] = json.loads(a["classes"])
@@ -74,7 +77,13 @@ class Cache:
         return self.require_split(split)["features"]
 
     def labels(self, split: str) -> np.ndarray:
-        return self.require_split(split)["labels"][()].astype(np.int64)
+        """Class indices into `classes`, checked in range (checked here, not on open: they are read anyway)."""
+        y = self.require_split(split)["labels"][()].astype(np.int64)
+        bad = y[(y < 0) | (y >= len(self.classes))]
+        if bad.size:
+            raise CnnCodesError(f"{self.path}: {split}/labels holds class index {bad[0]} but the cache has "
+                                f"{len(self.classes)} classes; the cache is damaged: re-run `cnncodes extract --overwrite`")
+        return y
 
     def paths(self, split: str) -> np.ndarray:
         return np.array(self.require_split(split)["paths"].asstr()[()], dtype=object)
