@@ -16,7 +16,7 @@ import numpy as np
 from .data import FolderLayout, ImageFile
 from .errors import CnnCodesError
 from .runtime import atomic_path
-from .store import Cache, CacheConfig, RowSource, SplitPlan, read_shard, read_table
+from .store import Cache, CacheConfig, RowSource, SplitPlan, read_shard, read_table, shard_split
 
 
 def prepare_parts(parts: Path, config: CacheConfig, overwrite: bool) -> None:
@@ -64,6 +64,7 @@ class Done:
         self.sigs: dict[tuple[str, str], tuple[int, int]] = {}
         self.skipped: dict[tuple[str, str], str] = {}
         self.feature_dim = 0
+        self.torn: list[Path] = []  # shards proven torn (an interrupted write), deleted: their images are redone
 
     @classmethod
     def collect(cls, old: Cache | None, parts: Path, layout: FolderLayout) -> Done:
@@ -75,9 +76,10 @@ class Done:
             shard = read_shard(path)  # raises, keeping every shard, unless this one is proven torn
             if shard is None:
                 path.unlink(missing_ok=True)  # a torn shard: its images are simply redone
+                done.torn.append(path)
                 continue
             with shard:
-                done._add(path.name.split("-r")[0], shard, path)
+                done._add(shard_split(path), shard, path)
         return done
 
     def _add(self, split: str, g, source) -> None:

@@ -26,7 +26,7 @@ from .folders import FolderLayout, ImageFile, discover
 from .errors import CnnCodesError
 from .manifest import ManifestOptions
 from .runtime import file_sha256
-from .store import Cache, read_table
+from .store import Cache, parts_folder, read_table
 
 REQUEST_ATTR = "request"
 _VERSIONED = ("cnncodes", "torch", "torchvision", "timm")
@@ -73,7 +73,7 @@ def up_to_date(data: str | Path, out: str | Path, request: str, strict: bool = F
     `data` (a folder, or a CSV manifest read with `manifest` options) would write, else
     None (then run the full `extract`)."""
     out = Path(out)
-    if not out.is_file() or out.with_name(out.name + ".parts").exists():
+    if not out.is_file() or parts_folder(out).exists():
         return None
     try:
         cache = Cache(out)  # validated as every reader validates it: damage is the full path's to report

@@ -130,6 +130,9 @@ def _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, prog
         old = _open_existing(out, cache, overwrite)
         stack.callback(lambda: old is not None and old.close())
         done = Done.collect(old, parts, layout)
+        if done.torn and main:
+            log(f"note: {len(done.torn)} shard(s) torn by an interrupted write (e.g. {done.torn[0].name}) were "
+                f"removed; their images are extracted again")
         todo = {s: [f for f in files if not done.has(s, f)] for s, files in layout.splits.items()}
         result = ExtractResult(out, notes=_fast_path_notes(todo))
         if any(todo.values()):

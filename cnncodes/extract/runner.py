@@ -20,7 +20,7 @@ from ..data import FolderLayout, ImageFile, ImageFiles, Normalize, Preprocessing
 from ..errors import CnnCodesError, Interrupted
 from ..gpu_decode import DeviceLoader
 from ..runtime import autocast, configure_threads, process_cores
-from ..store import SplitRows, write_shard
+from ..store import SplitRows, last_shard_seq, shard_path, write_shard
 from .config import ExtractConfig
 
 
@@ -120,8 +120,7 @@ class ShardWriter:
 
     def __init__(self, parts: Path, split: str, rows_per_image: int, rank: int = 0):
         self.parts, self.split, self.rows_per_image, self.rank = parts, split, rows_per_image, rank
-        existing = [int(p.stem.rsplit("-", 1)[1]) for p in parts.glob(f"{split}-r{rank:03d}-*.h5")]
-        self.seq = max(existing, default=0)
+        self.seq = last_shard_seq(parts, split, rank)
         self._reset()
 
     def _reset(self) -> None:
@@ -156,4 +155,4 @@ class ShardWriter:
         )
         self._reset()  # before writing: a Ctrl-C inside the write must not flush these rows twice
         self.seq += 1
-        write_shard(self.parts / f"{self.split}-r{self.rank:03d}-{self.seq:06d}.h5", rows)
+        write_shard(shard_path(self.parts, self.split, self.rank, self.seq), rows)

@@ -22,10 +22,19 @@ Work in progress lives in `<cache>.parts/` as small HDF5 shards, each written at
 from .cache import Cache
 from .format import FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, ROW_CHUNK, STR, CacheConfig, SplitRows, read_table
 from .merge import RowSource, SplitPlan, write_cache
-from .shards import ShardUnreadable, parts_folder, pending_shards, read_shard, write_shard
+from .shards import (
+    ShardUnreadable,
+    last_shard_seq,
+    parts_folder,
+    pending_shards,
+    read_shard,
+    shard_path,
+    shard_split,
+    write_shard,
+)
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "ROW_CHUNK", "STR", "Cache", "CacheConfig", "RowSource",
-    "ShardUnreadable", "SplitPlan", "SplitRows", "parts_folder", "pending_shards", "read_shard", "read_table",
-    "write_cache", "write_shard",
+    "ShardUnreadable", "SplitPlan", "SplitRows", "last_shard_seq", "parts_folder", "pending_shards", "read_shard",
+    "read_table", "shard_path", "shard_split", "write_cache", "write_shard",
 ]

@@ -20,6 +20,21 @@ def parts_folder(cache: str | Path) -> Path:
     return cache.with_name(cache.name + ".parts")
 
 
+def shard_path(parts: Path, split: str, rank: int, seq: int) -> Path:
+    """A shard's file: its split, the writing process's rank and its sequence number (train-r000-000001.h5)."""
+    return parts / f"{split}-r{rank:03d}-{seq:06d}.h5"
+
+
+def shard_split(path: Path) -> str:
+    """The split a shard file holds rows of (see `shard_path`)."""
+    return path.name.rsplit("-r", 1)[0]
+
+
+def last_shard_seq(parts: Path, split: str, rank: int) -> int:
+    """The highest sequence number of this split's and rank's shards in `parts` (0: none yet)."""
+    return max((int(p.stem.rsplit("-", 1)[1]) for p in parts.glob(f"{split}-r{rank:03d}-*.h5")), default=0)
+
+
 def write_shard(path: Path, rows: SplitRows) -> None:
     """Write one shard atomically (a small HDF5 file with the same row datasets)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
