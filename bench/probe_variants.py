@@ -41,9 +41,8 @@ from common import HYMENOPTERA, RESNET50_KERAS  # noqa: E402
 
 from cnncodes.backbones import create_extractor  # noqa: E402
 from cnncodes.data import BadImage, Normalize, Preprocessing, as_tensor, discover  # noqa: E402
+from cnncodes.heads.names import C_GRID  # noqa: E402  (the C values fit-head searches)
 from cnncodes.runtime import configure_threads  # noqa: E402
-
-C_GRID = [float(f"{c:.3g}") for c in np.logspace(-5, 1, 7)]
 
 
 @torch.inference_mode()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torchvision
 
+from ..errors import CnnCodesError
+from ..runtime import atomic_path
 from . import _timm, _torchvision
 from ._api import WeightsInfo
 from ._build import canonical_arch, code_dim, default_preprocessing, is_timm, weights_cached
@@ -45,10 +47,9 @@ def _cached_dims(archs: list[str]) -> dict[str, int]:
     if missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(dims, sort_keys=True))
-            tmp.replace(path)
-        except OSError:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(dims, sort_keys=True))
+        except (OSError, CnnCodesError):
             pass  # a read-only home: listings are just slower
     return dims
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CnnCodesError
+from . import _timm
 from ._api import Backbone
 
 
@@ -29,7 +30,7 @@ def layer_names(bb: Backbone) -> list[str]:
 
 def _traceable(bb: Backbone) -> nn.Module:
     model = bb.model.eval()
-    if bb.arch.startswith("timm:"):
+    if bb.arch.startswith(_timm.PREFIX):
         try:
             from timm.layers import set_layer_config
             set_layer_config(exportable=True)

@@ -46,11 +46,9 @@ def resolve_default(name: str) -> WeightsInfo:
     return WeightsInfo("timm", tag)
 
 
-def _create(name: str, info: WeightsInfo, num_classes: int, device=None):
+def _create(name: str, info: WeightsInfo, num_classes: int):
     timm = require_timm()
     kw = {"num_classes": num_classes}
-    if device is not None:
-        kw["device"] = device
     if info.kind != "timm":
         return timm.create_model(name, pretrained=False, **kw)
     if not cached_offline(PREFIX + info.name) and not _hub_reachable():
@@ -77,11 +75,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def build(arch: str, info: WeightsInfo, device=None) -> Backbone:
+def build(arch: str, info: WeightsInfo) -> Backbone:
     """The timm model with a classifier (1000 classes or the weights' own), wrapped in a Backbone."""
     name = arch.removeprefix(PREFIX)
     cfg = pretrained_cfg(name)
-    model = _create(name, info, int(cfg.get("num_classes") or 1000), device)
+    model = _create(name, info, int(cfg.get("num_classes") or 1000))
     cls_name = model.pretrained_cfg.get("classifier") or cfg.get("classifier") or "fc"
     if isinstance(cls_name, (list, tuple)):
         cls_name = cls_name[-1]

@@ -76,14 +76,10 @@ def find_classifier(model: nn.Module) -> tuple[str, int, tuple[str, ...]]:
     return name, conv.in_channels, (f"{parent}.{int(idx) + 1}",)
 
 
-def build(arch: str, info: WeightsInfo, device: str | torch.device | None = None) -> Backbone:
+def build(arch: str, info: WeightsInfo) -> Backbone:
     """The full classifier of `arch` with `info`'s weights (random, seeded by the caller, for none)."""
     member = enum_member(info, arch)
-    if device is not None:
-        with torch.device(device):
-            model = torchvision.models.get_model(arch, weights=None, **build_kwargs(arch, info))
-    else:
-        model = torchvision.models.get_model(arch, weights=None, **build_kwargs(arch, info))
+    model = torchvision.models.get_model(arch, weights=None, **build_kwargs(arch, info))
     name, dim, extra = find_classifier(model)
     fixed = member.meta["min_size"][0] if arch.startswith(("vit_", "maxvit")) else None
     bb = Backbone(arch, model, name, dim, info, extra_identity=extra, fixed_size=fixed)
@@ -93,7 +89,7 @@ def build(arch: str, info: WeightsInfo, device: str | torch.device | None = None
         state = load_state_file(info.name)
     else:
         return bb
-    fit_state(model, state, (name + ".",), arch, info.name if info.kind == "file" else info.name, AUX_PREFIXES)
+    fit_state(model, state, (name + ".",), arch, info.name, AUX_PREFIXES)
     return bb
 
 

@@ -17,7 +17,7 @@ def archs_command(arch, layers, timm_names, as_json):
 
     Every torchvision classification model is listed; timm models are `timm:NAME`.
     """
-    from ..backbones import canonical_arch, list_layers
+    from ..backbones import canonical_arch, is_timm, list_layers
     from ..backbones._catalog import list_archs, rows_as_dicts
     from ..errors import CnnCodesError
 
@@ -27,7 +27,7 @@ def archs_command(arch, layers, timm_names, as_json):
         names = list_layers(canonical_arch(arch))
         click.echo(json.dumps(names) if as_json else "\n".join(names))
         return
-    rows = list_archs(list(timm_names) + ([arch] if arch and arch.startswith("timm:") else []))
+    rows = list_archs(list(timm_names) + ([arch] if arch and is_timm(arch) else []))
     if arch:
         arch = canonical_arch(arch)
         rows = [r for r in rows if r.arch == arch]
@@ -38,6 +38,3 @@ def archs_command(arch, layers, timm_names, as_json):
     for r in rows:
         click.echo(f"{r.arch:24} {r.code_dim:8d} {r.crop:5d} {r.resize:6d} {r.interpolation:8} {'yes' if r.offline else 'no'}")
 
-
-def register(cli: click.Group) -> None:
-    cli.add_command(archs_command)
