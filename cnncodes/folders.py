@@ -147,11 +147,8 @@ def _scan_split(root: Path, split_dir: Path):
         if split_dir == root and class_dir.name.lower() in SPLIT_NAMES:
             continue
         entries = per_class.setdefault(class_dir.name, [])
-        for path in _walk_files(class_dir, ignored, root):
+        for path in image_files(class_dir, ignored, root):
             rel = path.relative_to(root).as_posix()
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append((rel, f"not an image (unsupported extension '{path.suffix or '(none)'}')"))
-                continue
             try:
                 st = path.stat()
             except OSError as e:
@@ -159,6 +156,19 @@ def _scan_split(root: Path, split_dir: Path):
                 continue
             entries.append((rel, st.st_size, st.st_mtime_ns))
     return per_class, ignored
+
+
+def image_files(folder: Path, ignored: list, root: Path) -> list[Path]:
+    """The image files below `folder`, sorted (symlinks followed once, loops cut); other files and
+    unreadable folders are added to `ignored` as (path relative to `root`, reason)."""
+    out = []
+    for path in _walk_files(folder, ignored, root):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            out.append(path)
+        else:
+            ignored.append((path.relative_to(root).as_posix(),
+                            f"not an image (unsupported extension '{path.suffix or '(none)'}')"))
+    return out
 
 
 def _walk_files(folder: Path, ignored: list, root: Path) -> list[Path]:

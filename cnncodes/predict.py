@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from torch import nn
 
 from .backbones import WeightsInfo, create_backbone, resolve_weights
 from .data import (
-    IMAGE_EXTENSIONS,
     SPLIT_NAMES,
     ImageFiles,
     Normalize,
@@ -33,6 +31,7 @@ from .data import (
     make_loader,
 )
 from .errors import CnnCodesError
+from .folders import image_files
 from .heads import LinearHead
 from .manifest import ManifestOptions, is_manifest, read_manifest
 from .runtime import (
@@ -254,18 +253,11 @@ def _manifest_items(path: Path, options: ManifestOptions | None, items: list[Ite
 
 
 def _walk_images(folder: Path, skipped: list) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            f = Path(dirpath) / name
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(f)
-            else:
-                skipped.append((str(f), f"not an image (unsupported extension '{f.suffix or '(none)'}')"))
-    return out
+    """The folder's images as `extract` finds them (`folders.image_files`); the rest skipped with a reason."""
+    ignored: list[tuple[str, str]] = []
+    images = image_files(folder, ignored, folder)
+    skipped += [(str(folder / rel), reason) for rel, reason in ignored]
+    return images
 
 
 # --------------------------------------------------------------------------- predict
