@@ -16,7 +16,7 @@ import numpy as np
 from .data import FolderLayout, ImageFile
 from .errors import CnnCodesError
 from .runtime import atomic_path
-from .store import Cache, CacheConfig, RowSource, SplitPlan, read_shard, read_table, shard_split
+from .store import Cache, CacheConfig, RowSource, SplitPlan, image_runs, read_shard, read_table, shard_split
 
 
 def prepare_parts(parts: Path, config: CacheConfig, overwrite: bool) -> None:
@@ -92,11 +92,8 @@ class Done:
             self.rows.pop((split, p), None)
             self.skipped.pop((split, p), None)
         paths = g["paths"].asstr()[()]
-        start = 0
-        for i in range(1, len(paths) + 1):  # rows of one image are contiguous
-            if i == len(paths) or paths[i] != paths[start]:
-                self.rows[(split, paths[start])] = RowSource(source, start, i)
-                start = i
+        for start, stop in zip(*image_runs(paths)):
+            self.rows[(split, paths[start])] = RowSource(source, int(start), int(stop))
         for p, size, mtime in files:
             self.sigs[(split, p)] = (size, mtime)
         for p, reason in read_table(g, "skipped"):

@@ -26,7 +26,7 @@ from .folders import FolderLayout, ImageFile, discover
 from .errors import CnnCodesError
 from .manifest import ManifestOptions
 from .runtime import file_sha256
-from .store import Cache, parts_folder, read_table
+from .store import Cache, image_runs, parts_folder, read_table
 
 REQUEST_ATTR = "request"
 _VERSIONED = ("cnncodes", "torch", "torchvision", "timm")
@@ -117,13 +117,12 @@ def _split_skipped(g: h5py.Group, files: list[ImageFile], ignored: list[tuple[st
     if read_table(g, "files") != [(f.path, f.size, f.mtime_ns) for f in files]:
         return None
     paths = np.asarray(g["paths"].asstr()[()], dtype=object)
-    starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]]) if len(paths) else np.zeros(0, np.int64)
+    starts, stops = image_runs(paths)
     row_files = list(paths[starts])
     with_rows = set(row_files)
     if row_files != [f.path for f in files if f.path in with_rows]:
         return None  # rows out of the folder's order, or rows of files no longer there
-    counts = np.diff(np.r_[starts, len(paths)])
-    labels = np.repeat([f.label for f in files if f.path in with_rows], counts)
+    labels = np.repeat([f.label for f in files if f.path in with_rows], stops - starts)
     if not np.array_equal(g["labels"][()], labels):
         return None
     old = read_table(g, "skipped")

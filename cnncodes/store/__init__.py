@@ -20,7 +20,17 @@ Work in progress lives in `<cache>.parts/` as small HDF5 shards, each written at
 """
 
 from .cache import Cache
-from .format import FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, ROW_CHUNK, STR, CacheConfig, SplitRows, read_table
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    HDF5_SIGNATURE,
+    ROW_CHUNK,
+    STR,
+    CacheConfig,
+    SplitRows,
+    image_runs,
+    read_table,
+)
 from .merge import RowSource, SplitPlan, write_cache
 from .shards import (
     ShardUnreadable,
@@ -35,6 +45,6 @@ from .shards import (
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "ROW_CHUNK", "STR", "Cache", "CacheConfig", "RowSource",
-    "ShardUnreadable", "SplitPlan", "SplitRows", "last_shard_seq", "parts_folder", "pending_shards", "read_shard",
+    "ShardUnreadable", "SplitPlan", "SplitRows", "image_runs", "last_shard_seq", "parts_folder", "pending_shards", "read_shard",
     "read_table", "shard_path", "shard_split", "write_cache", "write_shard",
 ]

@@ -68,6 +68,16 @@ def write_table(parent: h5py.Group, name: str, records: list[tuple], columns: tu
             g.create_dataset(col, data=np.array(values, dtype=np.int64))
 
 
+def image_runs(paths) -> tuple[np.ndarray, np.ndarray]:
+    """The (start, stop) rows of each image: an image's rows (its views) are contiguous, in a
+    cache and in a shard alike."""
+    paths = np.asarray(paths, dtype=object)
+    if not len(paths):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]])
+    return starts, np.r_[starts[1:], len(paths)]
+
+
 def read_table(parent: h5py.Group, name: str) -> list[tuple]:
     """The records `write_table` stored ("files": (path, size, mtime_ns); "skipped": (path, reason))."""
     g = parent.get(name)
