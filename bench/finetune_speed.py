@@ -47,6 +47,7 @@ from cnncodes.finetune import (
     train_epoch,
 )
 from cnncodes.finetune import loop as loop_module  # train_epoch builds its TrainStep from this module's global
+from cnncodes.finetune.model import set_train_mode
 from common import HYMENOPTERA  # noqa: E402
 
 
@@ -197,7 +198,7 @@ def main(arch, precision, batch_size, steps, mode, rounds, warmup, workers, imag
         step = TrainStep(run.trainer, run.normalize, run.optimizer, run.scaler, dev, precision,
                          loss_function(False, dev))
         synthetic = synthetic_batch(batch_size, prep.crop, dev)
-        run.model.train()
+        set_train_mode(run.model, run.frozen)  # frozen parts (none here) keep their BatchNorm in eval mode
         ceiling(step, synthetic, warmup, dev)
         mode = ("interleaved" if run.workers == 0 else "rounds") if mode == "auto" else mode
         print(f"{arch} {precision} batch {batch_size} crop {prep.crop} on {dev} ({torch.get_num_threads()} threads, "
