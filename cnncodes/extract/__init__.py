@@ -8,7 +8,7 @@ Where things live (each module imports only those above it):
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # name -> submodule. Imported on first use, so the CLI can build its options from
 # `config` (torch-free) without importing torch.
@@ -18,13 +18,4 @@ _EXPORTS = {
     "ExtractResult": "api", "JPEG_SUFFIXES": "api", "extract": "api",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import CnnCodesError
+from ..lazy import lazy_exports
 from .names import C_GRID, CLFS, PATIENCE, TORCH_CLFS
 
 if TYPE_CHECKING:
@@ -97,12 +98,7 @@ _LAZY = {
 __all__ = ["CLFS", "TORCH_CLFS", "C_GRID", "fit_head", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None = "auto", *, tta: bool = False,
