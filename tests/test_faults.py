@@ -533,24 +533,34 @@ def test_resume_under_a_small_open_files_limit_keeps_every_shard(tmp_path):
     assert not parts.exists()
 
 
+SHARDED = {"weights": "none", "image_size": 32, "batch_size": 2, "checkpoint_every": 0, "progress": False}
+
+
+def _shards_left_by_an_interrupted_merge(tmp_path: Path, monkeypatch) -> tuple[Path, Path, list[Path]]:
+    """6 images extracted into 3 shards, then Ctrl-C before the merge: (data, cache, shards)."""
+    from cnncodes import store
+    from cnncodes.extract import extract
+
+    data, out = write_folder(tmp_path / "data", {"train": 3}), tmp_path / "c.h5"
+    with monkeypatch.context() as m:
+        m.setattr("cnncodes.extract.api.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            extract(data, out, **SHARDED)
+    assert not out.exists()  # the merge never ran
+    shards = sorted(store.parts_folder(out).glob("*.h5"))
+    assert len(shards) == 3
+    return data, out, shards
+
+
 def test_unreadable_shard_stops_the_run_and_keeps_every_shard(tmp_path, monkeypatch):
     """EACCES on one shard (injected: root reads any file) is no proof of a torn shard."""
     import errno
 
-    from cnncodes import store
     from cnncodes.errors import CnnCodesError
     from cnncodes.extract import extract
 
-    data = write_folder(tmp_path / "data", {"train": 3})
-    out = tmp_path / "c.h5"
-    parts = tmp_path / "c.h5.parts"
-    real_write = store.write_cache
-    monkeypatch.setattr("cnncodes.extract.api.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
-    monkeypatch.setattr("cnncodes.extract.api.write_cache", real_write)
-    shards = sorted(parts.glob("*.h5"))
-    assert len(shards) == 3
+    data, out, shards = _shards_left_by_an_interrupted_merge(tmp_path, monkeypatch)
+    parts = shards[0].parent
     real_open = open
 
     def refuse(path, *args, **kwargs):
@@ -560,26 +570,18 @@ def test_unreadable_shard_stops_the_run_and_keeps_every_shard(tmp_path, monkeypa
 
     monkeypatch.setattr("builtins.open", refuse)
     with pytest.raises(CnnCodesError, match=f"{shards[1]}: cannot read .*Permission denied.*every shard is kept: make the file readable"):
-        extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
+        extract(data, out, **SHARDED)
     assert sorted(parts.glob("*.h5")) == shards
 
 
 def test_a_torn_shard_is_removed_redone_and_said(tmp_path, monkeypatch):
-    from cnncodes import store
     from cnncodes.extract import extract
 
-    data = write_folder(tmp_path / "data", {"train": 3})
-    out, parts = tmp_path / "c.h5", tmp_path / "c.h5.parts"
-    real_write = store.write_cache
-    monkeypatch.setattr("cnncodes.extract.api.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False)
-    monkeypatch.setattr("cnncodes.extract.api.write_cache", real_write)
-    shards = sorted(parts.glob("*.h5"))
+    data, out, shards = _shards_left_by_an_interrupted_merge(tmp_path, monkeypatch)
+    parts = shards[0].parent
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # a write cut short
     said = []
-    r = extract(data, out, weights="none", image_size=32, batch_size=2, checkpoint_every=0, progress=False,
-                log=said.append)
+    r = extract(data, out, **SHARDED, log=said.append)
     assert r.extracted == 2 and not parts.exists()  # that shard's two images, nothing else
     assert any(f"1 shard(s) torn by an interrupted write (e.g. {shards[1].name}) were removed" in m for m in said), said
     extract(data, tmp_path / "fresh.h5", weights="none", image_size=32, batch_size=2, progress=False, log=said.append)
