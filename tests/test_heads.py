@@ -573,3 +573,29 @@ def test_svm_and_logreg_at_scale_solve_their_objective_by_lbfgs(synthetic, monke
         x = c.features("val")[()]
     assert (head_lb.predict(x) == head_sk.predict(x)).mean() > 0.95
     assert r_lb["splits"]["val"]["accuracy"] >= r_sk["splits"]["val"]["accuracy"] - 0.05
+
+
+def test_fit_head_options_are_one_config_and_the_cli_is_built_from_it(synthetic):
+    """HeadConfig holds every option once: the CLI's flags are its fields with its defaults, a config
+    passed whole fits what the same keywords fit, and a bad value or name is refused before any work."""
+    import dataclasses
+
+    from cnncodes.cli.head_cmd import fit_head_command
+    from cnncodes.heads import HeadConfig
+
+    names = {f.name for f in dataclasses.fields(HeadConfig)} - {"grid", "patience"}  # API-only fields
+    defaults = {p.name: p.default for p in fit_head_command.params if p.name in names}
+    assert set(defaults) == names and HeadConfig(**defaults) == HeadConfig()
+    params = fit_head_command.make_context("fit-head", ["c.h5", "-o", "h.h5", "--clf", "svm", "--C", "0.1",
+                                                        "--epochs", "7", "--tta"]).params
+    assert HeadConfig(**{k: v for k, v in params.items() if k in names}) == HeadConfig(clf="svm", C="0.1", max_iter=7,
+                                                                                          tta=True)
+    whole, _ = fit_head(synthetic, config=HeadConfig(clf="logreg", C=0.1, tta=True))
+    keywords, _ = fit_head(synthetic, "logreg", 0.1, tta=True)
+    np.testing.assert_array_equal(whole.coef, keywords.coef)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*folds_n.*fields of HeadConfig"):
+        fit_head(synthetic, folds_n=3)
+    for bad, message in [({"clf": "rf"}, "unknown --clf 'rf'"), ({"C": -1}, "--C must be 'auto' or a positive"),
+                         ({"folds": 1}, "--folds must be >= 2"), ({"max_iter": 0}, "--epochs must be >= 1")]:
+        with pytest.raises(CnnCodesError, match=message):
+            fit_head(synthetic, **bad)

@@ -7,27 +7,20 @@ from pathlib import Path
 
 import click
 
+from ..heads.config import HeadConfig
 from ..heads.names import CLFS
 from ..precision import PRECISIONS
-from .options import manifest_from, manifest_options
+from .options import config_options, manifest_from, manifest_options
 
 
 @click.command("fit-head")
 @click.argument("cache", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Head file to write (.h5).")
-@click.option("--clf", type=click.Choice(CLFS), default="logreg", show_default=True,
-              help="svm: LinearSVC; logreg: softmax regression; linear / linear-svm: torch heads that stream the cache.")
-@click.option("--C", "C", default="auto", show_default=True,
-              help="Inverse regularisation, or 'auto': grouped cross-validation on train only.")
-@click.option("--folds", type=int, default=5, show_default=True, help="CV folds for --C auto (<= 50k codes).")
-@click.option("--tta", is_flag=True, help="Score held-out images by averaging all their stored views (extract --eval-views).")
-@click.option("--allow-unseen-classes", is_flag=True, help="Report even if a held-out class has no training images.")
-@click.option("--epochs", type=int, default=None, help="Epochs of the torch heads [default: ~1000 steps, >= 3].")
-@click.option("--device", default="auto", show_default=True, help="Torch heads: auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and of the torch heads.")
+@config_options(HeadConfig, {"clf": {"type": click.Choice(CLFS)}, "max_iter": {"decls": ["--epochs"], "type": int}},
+                skip=("grid", "patience"))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--confusion", type=click.Path(dir_okay=False), default=None, help="Draw confusion matrices (PNG; .pdf/.svg by suffix).")
-def fit_head_command(cache, out, clf, C, folds, tta, allow_unseen_classes, epochs, device, seed, json_out, confusion):
+def fit_head_command(cache, out, json_out, confusion, **options):
     """Fit a linear head on the train split of CACHE and report on its other splits.
 
     Uses every stored train view; standardisation is part of the head. The head file is HDF5
@@ -42,8 +35,7 @@ def fit_head_command(cache, out, clf, C, folds, tta, allow_unseen_classes, epoch
         check_replaceable(json_out, "JSON report", lambda p: p.suffix.lower() == ".json", [cache, out])
     if confusion:
         figure_format(confusion)
-    head, report = fit_head(cache, clf, C, tta=tta, folds=folds, device=device, max_iter=epochs,
-                            allow_unseen_classes=allow_unseen_classes, seed=seed, log=lambda m: click.echo(m, err=True))
+    head, report = fit_head(cache, config=HeadConfig(**options), log=lambda m: click.echo(m, err=True))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     head.save(out)
     _print_report(report)

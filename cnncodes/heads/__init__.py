@@ -70,17 +70,17 @@ head is fitted, for the report.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CnnCodesError
 from ..lazy import lazy_exports
-from .names import C_GRID, CLFS, PATIENCE, TORCH_CLFS
+from .names import C_GRID, CLFS, TORCH_CLFS
 
 if TYPE_CHECKING:
+    from .config import HeadConfig
     from .format import LinearHead
 
 # Public names, imported from their module on first use: `cnncodes fit-head --help` (which needs
@@ -91,7 +91,7 @@ _LAZY = {
     "TrainSet": "codes", "load_train": "codes", "iter_blocks": "codes", "code_stats": "codes",
     "image_groups": "codes", "available_memory": "codes",
     "Selection": "selection", "cv_folds": "selection", "grouped_folds": "selection", "fit_linear": "selection",
-    "parse_C": "selection",
+    "HeadConfig": "config", "parse_C": "config",
     "TorchLinearClassifier": "torch_solver", "auto_epochs": "torch_solver",
     "predict_images": "report", "evaluate_split": "report",
 }
@@ -101,34 +101,32 @@ __all__ = ["CLFS", "TORCH_CLFS", "C_GRID", "fit_head", *_LAZY]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
-def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None = "auto", *, tta: bool = False,
-             folds: int = 5, grid: Sequence[float] = C_GRID, device: str = "auto", max_iter: int | None = None,
-             allow_unseen_classes: bool = False, seed: int = 0, patience: int | None = PATIENCE,
-             log: Callable[[str], None] | None = None) -> tuple[LinearHead, dict]:
+def fit_head(cache_path: str | Path, clf: str | None = None, C: float | str | None = None, *,
+             config: HeadConfig | None = None, log: Callable[[str], None] | None = None,
+             **overrides: Any) -> tuple[LinearHead, dict]:
     """Fit a linear head on a cache's train split and report on every other split.
 
-    clf: svm | logreg | linear | linear-svm (see the module docstring). C: "auto" (grouped CV
-    on train only) or a number. tta: score held-out images by averaging all their stored
-    views. Returns the head and a JSON-friendly report. Held-out splits are read only after
-    the head is fitted (their labels are checked first for classes the head cannot learn). patience:
-    svm/logreg stop the C path after that many larger C without a better CV accuracy (None: whole grid).
+    The options are `config` (default `HeadConfig()`: logreg, C by CV) with `clf`, `C` and
+    `overrides`, any of its fields by name (`fit_head(cache, "svm", tta=True)`). clf: svm | logreg |
+    linear | linear-svm (see the module docstring). C: "auto" (grouped CV on train only) or a
+    number. tta: score held-out images by averaging all their stored views. Returns the head and
+    a JSON-friendly report. Held-out splits are read only after the head is fitted (their labels
+    are checked first for classes the head cannot learn).
     """
+    from ..config import with_overrides
     from ..runtime import resolve_device
     from ..store import Cache
     from .codes import check_memory, load_train
+    from .config import HeadConfig
     from .format import LinearHead, head_meta
     from .report import evaluate_split, unseen_classes
-    from .selection import fit_linear, parse_C
+    from .selection import fit_linear
 
+    given = {k: v for k, v in (("clf", clf), ("C", C)) if v is not None}
+    config = with_overrides(HeadConfig, config, {**given, **overrides}, "fit_head")
+    clf, tta = config.clf, config.tta
     log = log or (lambda m: None)
-    if clf not in CLFS:
-        raise CnnCodesError(f"unknown --clf '{clf}'; choose one of: {', '.join(CLFS)}")
-    fixed_C = parse_C(C)
-    dev = resolve_device(device)
-    if folds < 2:
-        raise CnnCodesError(f"--folds must be >= 2, got {folds}")
-    if max_iter is not None and max_iter < 1:
-        raise CnnCodesError(f"--epochs must be >= 1, got {max_iter} (omit it for ~1000 steps)")
+    dev = resolve_device(config.device)
 
     start = time.perf_counter()
     with Cache(cache_path) as cache:
@@ -136,9 +134,8 @@ def fit_head(cache_path: str | Path, clf: str = "logreg", C: float | str | None 
             check_memory(clf, cache.features("train").shape, cache.path, log)
         data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
         heldout = [s for s in cache.splits if s != "train"]
-        unseen = {s: unseen_classes(cache, s, data.classes, allow_unseen_classes) for s in heldout}
-        w, b, sel = fit_linear(data, clf, fixed_C, grid=grid, folds=folds, tta=tta, device=dev, max_iter=max_iter, seed=seed,
-                                patience=patience)
+        unseen = {s: unseen_classes(cache, s, data.classes, config.allow_unseen_classes) for s in heldout}
+        w, b, sel = fit_linear(data, config, dev)
         fit_seconds = time.perf_counter() - start
         head = LinearHead(w, b, data.mean, data.scale, [cache.classes[i] for i in data.classes], clf, sel.C,
                           head_meta(cache, sel, tta))

@@ -7,7 +7,6 @@ picking the best mean accuracy (ties to the smallest C), and refitting on all of
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,7 +14,8 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from .codes import TrainSet
-from .names import C_GRID, LBFGS_ABOVE, PATIENCE, TORCH_CLFS
+from .config import HeadConfig
+from .names import LBFGS_ABOVE, TORCH_CLFS
 from .report import predict_images
 
 HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
@@ -99,32 +99,32 @@ def _stop_reason(grid: Sequence[float], mean: np.ndarray, patience: int | None) 
             f"({mean[best]:.4f}) for {patience} larger values; C={skipped} not fitted")
 
 
-def fit_linear(data: TrainSet, clf: str, C: float | None, *, grid: Sequence[float] = C_GRID, folds: int = 5,
-               tta: bool = False, device="cpu", max_iter: int | None = None, seed: int = 0,
-               patience: int | None = PATIENCE) -> tuple[np.ndarray, np.ndarray, Selection]:
-    """Fit `clf` on `data`; C=None chooses C by grouped CV. Returns W (K, D), b (K,) and the selection.
+def fit_linear(data: TrainSet, config: HeadConfig, device="cpu") -> tuple[np.ndarray, np.ndarray, Selection]:
+    """Fit `config.clf` on `data`; C 'auto' chooses C by grouped CV over `config.grid`. Returns
+    W (K, D), b (K,) and the selection.
 
     svm/logreg, and the torch heads on codes in memory (full-batch L-BFGS), walk the grid upwards
     and stop after `patience` values without a better CV accuracy (None: the whole grid); the
     streamed torch heads (or a fixed `max_iter`, Adam epochs) train every C in one batched pass.
     Above LBFGS_ABOVE train codes svm and logreg too are solved by L-BFGS (same objective, torch).
     """
-    grid = sorted(float(c) for c in grid)
+    clf, C = config.clf, config.fixed_C
     if C is None:
-        fold, n_folds, strategy = cv_folds(data, folds, seed)
+        grid = list(config.grid)
+        fold, n_folds, strategy = cv_folds(data, config.folds, config.seed)
     else:
-        fold, n_folds, strategy, grid = np.zeros(len(data.y), np.int64), 0, "fixed C", [float(C)]
-    sel = Selection(C=float(C) if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
-    if clf in TORCH_CLFS and not (data.in_memory and max_iter is None):
-        return _fit_torch(data, clf, grid, fold, n_folds, sel, tta, device, max_iter, seed)
+        fold, n_folds, strategy, grid = np.zeros(len(data.y), np.int64), 0, "fixed C", [C]
+    sel = Selection(C=C if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
+    if clf in TORCH_CLFS and not (data.in_memory and config.max_iter is None):
+        return _fit_torch(data, config, grid, fold, n_folds, sel, device)
     if clf in TORCH_CLFS or len(data.y) > LBFGS_ABOVE:
-        return _fit_lbfgs(data, clf, grid, fold, n_folds, sel, tta, device, patience)
+        return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device)
     from .sklearn_solver import fold_path, sklearn_refit
 
     if n_folds:
-        with contextlib.closing(fold_path(clf, data, fold, n_folds, grid, seed, sel.notes)) as path:
-            _walk(path, data, fold, grid, sel, tta, patience)
-    w, b = sklearn_refit(clf, data, sel.C, seed, sel.notes)
+        with contextlib.closing(fold_path(clf, data, fold, n_folds, grid, config.seed, sel.notes)) as path:
+            _walk(path, data, fold, grid, sel, config.tta, config.patience)
+    w, b = sklearn_refit(clf, data, sel.C, config.seed, sel.notes)
     return w.astype(np.float64), b.astype(np.float64), sel
 
 
@@ -141,13 +141,14 @@ def _walk(path, data: TrainSet, fold: np.ndarray, grid: list[float], sel: Select
     sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
 
 
-def _fit_lbfgs(data: TrainSet, clf: str, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection,
-               tta: bool, device, patience: int | None) -> tuple[np.ndarray, np.ndarray, Selection]:
+def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection,
+               device) -> tuple[np.ndarray, np.ndarray, Selection]:
     """Codes in memory: the fold models by full-batch L-BFGS, C by C, stopping like svm/logreg; then the
     full-data model at the chosen C, started from the mean of its fold models."""
     from .lbfgs import LBFGS_MAX_ITER, lbfgs_path
     from .torch_solver import SMOOTH_HINGE_TAU
 
+    clf = config.clf
     loss = LBFGS_LOSS[clf]
     solver = {"softmax": "LogisticRegression's objective", "squared-hinge": "LinearSVC's objective",
               "hinge": f"the Crammer-Singer hinge smoothed, tau={SMOOTH_HINGE_TAU:g}"}[loss]
@@ -166,25 +167,26 @@ def _fit_lbfgs(data: TrainSet, clf: str, grid: list[float], fold: np.ndarray, n_
             yield {f: (w[f][None], b[f][None]) for f in range(n_folds)}
 
     if n_folds:
-        _walk(path(), data, fold, grid, sel, tta, patience)
+        _walk(path(), data, fold, grid, sel, config.tta, config.patience)
     (w, b, iters), = lbfgs_path(data.features, data.y, K, fold, np.array([-1]), [sel.C], loss, device=device,
                                 init=fits.get(sel.C))
     converged(sel.C, iters)
     return w[0].astype(np.float64), b[0].astype(np.float64), sel
 
 
-def _fit_torch(data: TrainSet, clf: str, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection, tta: bool,
-               device, max_iter: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, Selection]:
+def _fit_torch(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection,
+               device) -> tuple[np.ndarray, np.ndarray, Selection]:
     """All (fold, C) models and the full-data model per C in one batched pass, then the pick."""
     from .torch_solver import train_torch
 
     G = len(grid)
     heldout = np.repeat(np.r_[np.arange(n_folds), -1], G)  # fold models, then full-data models
     w_all, b_all, _ = train_torch(data.features, data.y, len(data.classes), fold, heldout, np.tile(grid, n_folds + 1),
-                                  TORCH_CLFS[clf], epochs=max_iter, device=device, seed=seed, **data.std_args)
+                                  TORCH_CLFS[config.clf], epochs=config.max_iter, device=device, seed=config.seed,
+                                  **data.std_args)
     if n_folds:
         fold_models = {f: (w_all[f * G:(f + 1) * G], b_all[f * G:(f + 1) * G]) for f in range(n_folds)}
-        best, mean = _pick(grid, _fold_scores(data, fold, fold_models, tta))
+        best, mean = _pick(grid, _fold_scores(data, fold, fold_models, config.tta))
         sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
     best = grid.index(sel.C)
     return w_all[n_folds * G + best].astype(np.float64), b_all[n_folds * G + best].astype(np.float64), sel
@@ -195,16 +197,4 @@ def _fold_scores(data: TrainSet, fold: np.ndarray, fold_models: dict, tta: bool)
     preds = predict_images(data.features, data.groups, data.views, fold, fold_models, tta, **data.std_args)
     return np.stack([(p == data.y[rows][:, None]).mean(axis=0) for rows, p in (preds[f] for f in sorted(fold_models))])
 
-
-def parse_C(value) -> float | None:
-    """'auto' -> None (cross-validate); a positive number -> float; else CnnCodesError."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return None
-    try:
-        c = float(value)
-    except (TypeError, ValueError):
-        raise CnnCodesError(f"--C must be 'auto' or a positive number, got {value!r}") from None
-    if not (c > 0 and math.isfinite(c)):
-        raise CnnCodesError(f"--C must be 'auto' or a positive number, got {value!r}")
-    return c
 
