@@ -11,7 +11,6 @@ confidence, not a calibrated probability).
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,16 +31,15 @@ from .data import (
 )
 from .errors import CnnCodesError
 from .folders import image_files
+from .predictions import Predictions
 from .heads import LinearHead
 from .manifest import ManifestOptions, is_manifest, read_manifest
 from .runtime import (
     autocast,
     check_precision,
-    check_replaceable,
     configure_threads,
     inference_batch_size,
     resolve_device,
-    save_figure,
 )
 from .store import HDF5_SIGNATURE
 
@@ -263,30 +261,6 @@ def _walk_images(folder: Path, skipped: list) -> list[Path]:
 # --------------------------------------------------------------------------- predict
 
 
-@dataclass
-class Predictions:
-    """What `predict` found: one row per usable image, skipped inputs, accuracy when labelled."""
-
-    rows: list[dict]
-    skipped: list[tuple[str, str]]
-    classes: list[str]
-    scores: np.ndarray  # (n, K) raw class scores (logits / decision scores), rows order
-    files: list[Path] = field(default_factory=list)  # each row's image file (rows show paths as given)
-
-    def accuracy(self) -> dict[str, dict]:
-        """{"all" or split: {"accuracy", "correct", "images"}} over images with a known class."""
-        groups: dict[str, list[dict]] = {}
-        for r in self.rows:
-            if r["true"] is not None:
-                groups.setdefault("all", []).append(r)
-                if r["split"]:
-                    groups.setdefault(r["split"], []).append(r)
-        if len({r["split"] for r in groups.get("all", [])}) <= 1:
-            groups = {"all": groups["all"]} if "all" in groups else {}
-        return {k: {"accuracy": sum(r["pred"] == r["true"] for r in v) / len(v),
-                    "correct": sum(r["pred"] == r["true"] for r in v), "images": len(v)} for k, v in groups.items()}
-
-
 def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: str | None = None, device: str = "auto",
             precision: str | None = None, batch_size: int | None = None, workers: int | None = None,
             manifest: ManifestOptions | None = None) -> Predictions:
@@ -327,84 +301,3 @@ def _predictions(items: list[Item], ok: np.ndarray, scores: np.ndarray, skipped,
     rows = [{"path": items[i].name, "pred": classes[int(p.argmax())], "score": float(p.max()),
              "true": items[i].true, "split": items[i].split} for i, p in zip(good, probs)]
     return Predictions(rows, skipped, classes, scores[good], [items[i].path for i in good])
-
-
-PREDICTION_SUFFIXES = (".csv", ".json")
-CSV_HEADER = ("path", "pred", "score", "true")
-
-
-def check_predictions_path(out: str | Path, inputs: Sequence[str | Path] = ()) -> None:
-    """A predictions file is .csv or .json and replaces only an earlier predictions file: never an
-    input (a manifest), a head, a cache or anything else."""
-    if Path(out).suffix.lower() not in PREDICTION_SUFFIXES:
-        raise CnnCodesError(f"{out}: predictions are written as .csv or .json; name the file with one of those")
-    check_replaceable(out, "predictions file", _holds_predictions, inputs)
-
-
-def _holds_predictions(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(1 << 16)
-    except (OSError, UnicodeDecodeError):
-        return False
-    if path.suffix.lower() == ".csv":
-        return head.splitlines()[:1] == [",".join(CSV_HEADER)]
-    try:
-        return "predictions" in json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, TypeError, OSError):
-        return False
-
-
-def write_predictions(preds: Predictions, out: str | Path) -> None:
-    """CSV (path, pred, score, true) or JSON (rows, skipped, accuracy) by the file suffix."""
-    check_predictions_path(out)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".json":
-        out.write_text(json.dumps({"classes": preds.classes, "predictions": preds.rows,
-                                   "skipped": [{"path": p, "reason": r} for p, r in preds.skipped],
-                                   "accuracy": preds.accuracy()}, indent=2))
-        return
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_HEADER)
-        for r in preds.rows:
-            writer.writerow([r["path"], r["pred"], f"{r['score']:.6f}", r["true"] or ""])
-
-
-def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -> Path:
-    """A grid of a random sample of images titled with predicted (and true) class; wrong in red.
-
-    Wrong predictions are drawn first (up to half the grid), so the mistakes are always on it.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .data import BadImage, load_rgb
-
-    rows = preds.rows
-    rng = np.random.default_rng(seed)
-    wrong = [i for i, r in enumerate(rows) if r["true"] is not None and r["true"] != r["pred"]]
-    pick = rng.permutation(wrong)[: n // 2].tolist()
-    rest = [i for i in range(len(rows)) if i not in set(pick)]
-    pick = sorted(pick + rng.permutation(rest)[: min(n, len(rows)) - len(pick)].tolist())
-    cols = min(4, len(pick))
-    lines = int(np.ceil(len(pick) / cols))
-    fig = Figure(figsize=(3 * cols, 3.2 * lines))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(lines, cols, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), pick):
-        r = rows[i]
-        try:
-            img = load_rgb(preds.files[i], 256)  # the file itself: a manifest's paths are relative to it
-            img.thumbnail((256, 256))
-            ax.imshow(img)
-        except BadImage:
-            pass
-        title = f"pred: {r['pred']} ({r['score']:.2f})" + (f"\ntrue: {r['true']}" if r["true"] else "")
-        wrong = r["true"] is not None and r["true"] != r["pred"]
-        ax.set_title(title, fontsize=9, color="red" if wrong else "black")
-    fig.tight_layout()
-    return save_figure(fig, out, dpi=80)

@@ -17,7 +17,8 @@ from cnncodes.errors import CnnCodesError
 from cnncodes.extract import extract
 from cnncodes.manifest import ManifestOptions, read_manifest
 from cnncodes.heads import fit_head
-from cnncodes.predict import collect_inputs, draw_grid, predict
+from cnncodes.predict import collect_inputs, predict
+from cnncodes.predictions import draw_grid
 from cnncodes.store import Cache
 
 FAST = ("--weights", "none", "--image-size", "64", "--workers", "0", "-q")

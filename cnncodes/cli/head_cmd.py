@@ -118,7 +118,8 @@ def predict_command(model, inputs, out, grid, weights, device, precision, batch_
     labelled, and so is a manifest with a label column: accuracy is printed. Scores are
     softmax of the class scores (see docs).
     """
-    from ..predict import check_predictions_path, draw_grid, predict, write_predictions
+    from ..predict import predict
+    from ..predictions import check_predictions_path, draw_grid, write_predictions
     from ..runtime import figure_format
 
     if out:
