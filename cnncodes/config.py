@@ -1,4 +1,4 @@
-"""What the options dataclasses share (`extract.ExtractConfig`, `finetune.FinetuneConfig`):
+"""What the options dataclasses share (`extract.ExtractConfig`, `heads.HeadConfig`, `finetune.FinetuneConfig`):
 fields that carry their CLI help, and a config changed by keyword overrides. Torch-free."""
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def run_demo(workdir: str | Path = "cnncodes-demo", arch: str = "resnet18", weig
     from .heads import fit_head
 
     check_arch(arch)  # a misspelt arch is an error, not a fallback to random weights
-    ExtractConfig(arch=arch, weights=weights, image_size=image_size)  # the other options, checked before any work
+    config = ExtractConfig(arch=arch, weights=weights, image_size=image_size)  # checked before any work
     workdir = Path(workdir)
     data = write_digits(workdir / "digits")
     log(f"dataset: scikit-learn digits written to {data} (train 1437, val 360 images, 10 classes)")
@@ -54,9 +55,9 @@ def run_demo(workdir: str | Path = "cnncodes-demo", arch: str = "resnet18", weig
     except CnnCodesError as e:
         log(f"note: {e}")
         log("note: continuing with --weights none (random weights): codes are weaker than pretrained ones")
-        weights = "none"
+        config = dataclasses.replace(config, weights="none")
     cache = workdir / f"digits-{arch}.h5"
-    r = extract(data, cache, arch=arch, weights=weights, image_size=image_size, overwrite=True, log=log)
+    r = extract(data, cache, config, overwrite=True, log=log)
     log(f"extract: {r.extracted} images in {r.seconds:.1f} s ({r.images_per_s:.0f} img/s) -> {cache}")
     head, report = fit_head(cache, clf=clf, log=log)
     head_path = workdir / f"digits-{arch}-{clf}.h5"
@@ -65,4 +66,4 @@ def run_demo(workdir: str | Path = "cnncodes-demo", arch: str = "resnet18", weig
     log(f"fit-head --clf {clf}: C={report['C']:g} chosen by grouped 5-fold CV on train only, "
         f"fit in {report['fit_seconds']:.1f} s -> {head_path}")
     log(f"val accuracy {val['accuracy']:.4f} on {val['images']} held-out images (val never used for any choice)")
-    return {"extract": r, "report": report, "head": head_path, "weights": weights}
+    return {"extract": r, "report": report, "head": head_path, "weights": config.weights}

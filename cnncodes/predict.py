@@ -31,9 +31,9 @@ from .data import (
 )
 from .errors import CnnCodesError
 from .folders import image_files
-from .predictions import Predictions
 from .heads import LinearHead
 from .manifest import ManifestOptions, is_manifest, read_manifest
+from .predictions import Predictions
 from .runtime import (
     autocast,
     check_precision,

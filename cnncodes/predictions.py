@@ -51,16 +51,13 @@ def check_predictions_path(out: str | Path, inputs: Sequence[str | Path] = ()) -
 
 
 def _holds_predictions(path: Path) -> bool:
+    """A CSV that starts with our header, or a JSON object with our "predictions" key."""
     try:
         with open(path, encoding="utf-8") as f:
-            head = f.read(1 << 16)
-    except (OSError, UnicodeDecodeError):
-        return False
-    if path.suffix.lower() == ".csv":
-        return head.splitlines()[:1] == [",".join(CSV_HEADER)]
-    try:
-        return "predictions" in json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, TypeError, OSError):
+            if path.suffix.lower() == ".csv":
+                return f.readline().rstrip("\r\n") == ",".join(CSV_HEADER)
+            return "predictions" in json.load(f)
+    except (OSError, ValueError, TypeError):  # unreadable, not UTF-8 or not JSON: not ours
         return False
 
 

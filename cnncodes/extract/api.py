@@ -139,7 +139,7 @@ def _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, prog
             mine = {s: _deal(files, options.batch_size) for s, files in todo.items()}
             runner = Runner(options, cache, info, pre, dev, log if main else None)
             result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, progress and main)
-            result.decode, result.decode_fallbacks = runner.decode, runner.decode_fallbacks
+            result.decode, result.decode_fallbacks = options.decode, runner.decode_fallbacks
             result.extracted, result.codes, result.seconds = _sum_over_ranks(result, dev)
         if main:
             done = Done.collect(old, parts, layout)

@@ -54,7 +54,6 @@ class Runner:
         self.model = self.model.to(dev)
         self.normalize = Normalize(pre.mean, pre.std, options.channels_last).to(dev)
         self.options, self.config, self.pre, self.dev = options, cache, pre, dev
-        self.decode = options.decode
         self.decode_fallbacks = 0
 
     @torch.inference_mode()
@@ -86,7 +85,7 @@ class Runner:
         k = self.config.views_for(split)
         dataset = ImageFiles(layout.root, paths, self.pre.load, ViewMaker(self.pre, paths, k, self.config.seed))
         batch_size, workers = self.options.batch_size, self.options.workers  # workers None: sized to the machine
-        if self.decode == "gpu":
+        if self.options.decode == "gpu":
             loader = DeviceLoader(layout.root, paths, self.pre.load, dataset.transform, batch_size, self.dev,
                                   workers or process_cores())
         else:
