@@ -3,7 +3,7 @@ ceilings and results files.
 
 A bench that writes `bench/results/<name>.json` through `write_results` gets the machine, load
 average, versions, date, git commit and exact command recorded the same way as every other;
-`bench/report.py` turns such files into the README's tables.
+`bench/report.py` turns such files into the tables of docs/benchmarks.md.
 """
 
 from __future__ import annotations

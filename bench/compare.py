@@ -38,7 +38,7 @@ How it is measured:
     beside its bound and ratio / bound; a ratio above its bound means the other path lost time
     outside the network (or the load changed), not that caching is faster than its work.
 Results go to bench/results/compare.json (machine, load average before/after, versions, date,
-git commit, exact command); `python bench/report.py` turns that file into the README's table.
+git commit, exact command); `python bench/report.py` turns that file into docs/benchmarks.md's table.
 
 The paths themselves (and how to add one) are in bench/compare_paths.py.
 """

@@ -19,7 +19,7 @@ For each arch and precision it prints, measured back to back on this machine:
 On CUDA the decode line is printed twice: CPU workers (`make_loader`) and nvJPEG on the
 device (`gpu_decode.DeviceLoader`, what `extract --decode auto` uses there).
 `--save` writes bench/results/extract_speed.json (extract_speed-cuda.json on CUDA; `python
-bench/report.py` renders it into the README) and the printout beside it as .txt.
+bench/report.py` renders it into docs/benchmarks.md) and the printout beside it as .txt.
 A shared machine is noisy (the ceiling alone moves by 20% from one minute to the next), so
 every extract run sits between two ceiling runs: ratio = the median over --repeats (>= 3) of
 extract / mean(ceiling before, ceiling after); every images/s shown is a median of --repeats.

@@ -1,9 +1,10 @@
-"""Regenerate the README's benchmark tables from the results files, so no figure is typed by hand.
+"""Regenerate the documents' benchmark tables from the results files, so no figure is typed by hand.
 
-    python bench/report.py [--readme README.md] [--results bench/results] [--check]
+    python bench/report.py [--doc docs/benchmarks.md ...] [--results bench/results] [--check]
 
 Each results file `bench/results/NAME.json` (written through `common.write_results`) fills the
-README block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; the file's "bench" field
+block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in whichever document holds it
+(by default README.md and every docs/*.md: the tables live in docs/benchmarks.md); the file's "bench" field
 picks the renderer in RENDERERS. A bench with no renderer of its own gets `render_table` when
 its file holds {"table": {"columns": [...], "rows": [[...], ...]}, "notes": [...]}. To give a
 bench its own table, decorate a function `dict -> str` with `@renderer("its bench name")`.
@@ -154,7 +155,7 @@ def render_compare(result: dict) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------- the README
+# --------------------------------------------------------------------------- the documents
 
 
 def render(result: dict, name: str = "") -> str:
@@ -190,28 +191,35 @@ def update(text: str, results: dict[str, dict]) -> tuple[str, list[str]]:
         notes.append(f"{name}: {'unchanged' if body == m['body'] else 'updated'}")
         return m.group(1) + body + m.group(4)
 
-    new = BLOCK.sub(fill, text)
-    shown = {n.split(":")[0] for n in notes}
-    notes += [f"{name}: results file with no <!-- bench:{name} --> block in the README" for name in results
-              if name not in shown]
-    return new, notes
+    return BLOCK.sub(fill, text), notes
+
+
+def default_docs() -> list[Path]:
+    """README.md and every docs/*.md: wherever a block may stand."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--doc", "--readme", dest="docs", type=Path, action="append",
+                   help="a markdown file holding blocks (repeatable) [default: README.md and docs/*.md]")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--check", action="store_true", help="exit 1 if a block is out of date; write nothing")
     args = p.parse_args(argv)
-    text = args.readme.read_text()
-    new, notes = update(text, load_results(args.results))
-    for n in notes:
-        print(n)
-    if args.check:
-        return int(new != text)
-    if new != text:
-        args.readme.write_text(new)
-    return 0
+    results = load_results(args.results)
+    stale, shown = False, set()
+    for doc in args.docs or default_docs():
+        text = doc.read_text()
+        new, notes = update(text, results)
+        for n in notes:
+            print(f"{doc.name}: {n}")
+        shown |= {n.split(":")[0] for n in notes}
+        stale |= new != text
+        if new != text and not args.check:
+            doc.write_text(new)
+    for name in sorted(set(results) - shown):
+        print(f"{name}: results file with no <!-- bench:{name} --> block in any document")
+    return int(stale) if args.check else 0
 
 
 if __name__ == "__main__":

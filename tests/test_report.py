@@ -108,3 +108,18 @@ def test_loaded_machine_is_said_in_the_table(tmp_path):
     assert "The load after the run exceeds the cores" in report.render(result)
     result["load_before"] = [9.0, 5.0, 3.0]
     assert "Other jobs loaded the machine" in report.render(result)
+
+
+def test_blocks_are_filled_in_whichever_document_holds_them(tmp_path, capsys):
+    readme, results = write(tmp_path)
+    readme.write_text("# project\n\nno blocks here, see docs\n")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(README)
+    assert report.main(["--doc", str(readme), "--doc", str(doc), "--results", str(results)]) == 0
+    assert readme.read_text() == "# project\n\nno blocks here, see docs\n"
+    assert "34.0x (extrapolated)" in doc.read_text()
+    assert report.main(["--doc", str(readme), "--doc", str(doc), "--results", str(results), "--check"]) == 0
+    doc.write_text("# moved away\n")  # a results file with no block anywhere is said
+    capsys.readouterr()
+    report.main(["--doc", str(readme), "--doc", str(doc), "--results", str(results)])
+    assert "compare: results file with no <!-- bench:compare --> block in any document" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """The HDF5 feature store ("cache") of CNN codes, and the crash-safe shards it is built from.
 
-Layout (any HDF5 tool can read it; see README "Cache format"):
+Layout (any HDF5 tool can read it; see docs/formats.md):
 
     /                       attrs: format, format_version, arch, weights, weights_name,
                             precision, preprocessing (JSON), views, eval_views, seed,
