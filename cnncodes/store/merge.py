@@ -69,21 +69,27 @@ def write_cache(
 
     `request` is `uptodate.request_key` of the call that wrote it (its torch-free no-op check)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["config"] = config.to_json()
-        for key in ("arch", "weights", "weights_name", "precision", "views", "eval_views", "seed"):
-            f.attrs[key] = getattr(config, key)
-        f.attrs["preprocessing"] = json.dumps(config.preprocessing)
-        f.attrs["classes"] = json.dumps(classes)
-        f.attrs["feature_dim"] = feature_dim
-        f.attrs["request"] = request
-        if manifest is not None:
-            f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
-        for name, version in versions.items():
-            f.attrs[f"{name}_version"] = str(version)
+        write_root_attrs(f, config, classes, feature_dim, versions, request, manifest)
         for split, plan in splits.items():
             _write_split(f.create_group(split), plan, feature_dim)
+
+
+def write_root_attrs(f: h5py.File, config: CacheConfig, classes: list[str], feature_dim: int,
+                     versions: dict[str, str], request: str = "", manifest: dict | None = None) -> None:
+    """The root attributes every cache has (a merged cache and a sharded store's index alike)."""
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["config"] = config.to_json()
+    for key in ("arch", "weights", "weights_name", "precision", "views", "eval_views", "seed"):
+        f.attrs[key] = getattr(config, key)
+    f.attrs["preprocessing"] = json.dumps(config.preprocessing)
+    f.attrs["classes"] = json.dumps(classes)
+    f.attrs["feature_dim"] = feature_dim
+    f.attrs["request"] = request
+    if manifest is not None:
+        f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
+    for name, version in versions.items():
+        f.attrs[f"{name}_version"] = str(version)
 
 
 @dataclass
