@@ -1,10 +1,10 @@
 """The saved-classifier format shared by `finetune`, `export` and `predict`.
 
 A classifier is two files: `NAME.pt`, a plain state_dict of the arch with a C-class classifier
-(torchvision: `torchvision.models.get_model(arch, num_classes=C)` loads it strictly, except
-SqueezeNet, whose classifier conv is followed by no ReLU here; timm: `timm.create_model(NAME,
-num_classes=C)`), and `NAME.json` beside it with
-the arch, class names, preprocessing and where the weights came from. No pickle: the
+(torchvision: `torchvision.models.get_model(arch, num_classes=C)` loads it strictly; timm:
+`timm.create_model(NAME, num_classes=C)`), and `NAME.json` beside it with the arch, class
+names, preprocessing, where the weights came from, and `load_steps`: what a loader must do
+after `load_state_dict` (SqueezeNet: its classifier conv is followed by no ReLU here). No pickle: the
 state_dict is read with `torch.load(weights_only=True)`.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .backbones import create_backbone, load_state_file
+from .backbones import create_backbone, load_state_file, stock_loader_steps
 from .data import Preprocessing
 from .errors import CnnCodesError
 from .runtime import atomic_path, save_torch_atomic
@@ -39,6 +39,7 @@ def save_classifier(model: nn.Module, path: str | Path, arch: str, classes: list
         "classes": list(classes),
         "preprocessing": preprocessing.to_dict(),
         "source": source,
+        "load_steps": stock_loader_steps(arch),  # [] where get_model + load_state_dict is the whole model
     }
     save_torch_atomic(state, path)
     with atomic_path(meta_path(path)) as tmp:

@@ -21,7 +21,7 @@ from scipy.special import softmax
 import torch
 from torch import nn
 
-from .backbones import WeightsInfo, create_backbone, resolve_weights
+from .backbones import WeightsInfo, create_backbone, resolve_weights, stock_mismatch
 from .data import (
     SPLIT_NAMES,
     ImageFiles,
@@ -157,6 +157,11 @@ def export_head(head_path: str | Path, out: str | Path, weights: str | None = No
     if not is_head_file(head_path):
         raise CnnCodesError(f"{head_path}: not a head file (.h5 from `cnncodes fit-head`); a classifier .pt needs no export")
     head = LinearHead.load(head_path)
+    arch = head.meta.get("arch")
+    mismatch = arch and stock_mismatch(arch)
+    if mismatch:  # an export exists to be loaded by plain torchvision; there it would give other scores
+        raise CnnCodesError(f"{head_path}: export refused: {mismatch}; predict with the head itself "
+                            f"(cnncodes predict {head_path} IMAGES), which runs the exact model")
     module = head_to_model(head, weights)
     out = ensure_pt_suffix(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from ._build import (
     parse_layers,
     resolve_preprocessing,
     resolve_weights,
+    stock_loader_steps,
+    stock_mismatch,
     weights_cached,
     weights_enum_names,
 )
@@ -29,5 +31,6 @@ from ._weights import load_state_file
 __all__ = [
     "RANDOM_INIT_SEED", "Backbone", "WeightsInfo", "canonical_arch", "check_arch", "code_dim", "create_backbone",
     "create_extractor", "create_model", "default_preprocessing", "fixed_size", "fold_batchnorm", "is_timm", "list_layers", "parse_layers",
-    "load_state_file", "resolve_preprocessing", "resolve_weights", "weights_cached", "weights_enum_names",
+    "load_state_file", "resolve_preprocessing", "resolve_weights", "stock_loader_steps",
+    "stock_mismatch", "weights_cached", "weights_enum_names",
 ]

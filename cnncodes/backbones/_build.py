@@ -128,7 +128,9 @@ def create_extractor(arch: str, weights: str | WeightsInfo | None, fold_bn: bool
 
 def default_preprocessing(arch: str, info: WeightsInfo) -> Preprocessing:
     """The weights' own eval transforms (e.g. 342/299 bilinear for inception_v3, 320/300 bicubic
-    for efficientnet_b3); a file or `none` takes the arch's DEFAULT weights' transforms."""
+    for efficientnet_b3). A torchvision file takes the transforms of the published weights it is
+    (same sha256) or else the arch's original recipe (IMAGENET1K_V1's: 256/224 bilinear for
+    the ResNets and MobileNets); `none` takes DEFAULT's; timm: the model's pretrained config."""
     arch = canonical_arch(arch)
     fields = _timm.preprocessing_fields(arch) if is_timm(arch) else _torchvision.preprocessing_fields(arch, info)
     return Preprocessing(**fields)
@@ -146,25 +148,47 @@ def fixed_size(arch: str, info: WeightsInfo) -> int | None:
 
 
 def resolve_preprocessing(arch: str, info: WeightsInfo, image_size: int | None = None,
-                          like: str | None = None) -> Preprocessing:
+                          like: str | None = None, log: Callable[[str], None] | None = None) -> Preprocessing:
     """Precedence as timm's: `image_size` override > the weights' preprocessing > the arch's default.
 
-    `like` names the weights whose preprocessing a local file or `none` follows (`IMAGENET1K_V1`:
-    256/224 where DEFAULT is V2's 232/224); a file trained like V1 loses ~2.6 points otherwise.
-    The override keeps the weights' resize/crop ratio; an arch with a fixed input size refuses it.
+    `like` names the weights whose preprocessing a local file or `none` follows (`IMAGENET1K_V1`,
+    `DEFAULT`), instead of `default_preprocessing`'s rule; for a file, `log` is told which recipe
+    it got and how to change it. The override keeps the weights' resize/crop ratio; an arch with
+    a fixed input size refuses it.
     """
     if like:
         if info.kind in ("torchvision", "timm"):
             raise CnnCodesError("--preprocess-like applies to --weights FILE or none; named weights bring their own")
-        info = resolve_weights(arch, like)
-    pre = default_preprocessing(arch, info)
+        followed = resolve_weights(arch, like)
+    else:
+        followed = info
+    pre = default_preprocessing(arch, followed)
+    if log and info.kind == "file":
+        log(f"note: {preprocessing_note(arch, info, pre, like)}")
     if not image_size or image_size == pre.crop:
         return pre
-    fixed = fixed_size(arch, info)
+    fixed = fixed_size(arch, followed)
     if fixed is not None and image_size != fixed:
         raise CnnCodesError(f"--image-size {image_size}: {arch} takes only {fixed}x{fixed} inputs (a fixed patch grid); "
                             f"drop --image-size or pick an arch that takes any size")
     return Preprocessing.for_image_size(image_size, pre)
+
+
+def preprocessing_note(arch: str, info: WeightsInfo, pre: Preprocessing, like: str | None = None) -> str:
+    """Which preprocessing a weights file gets and why, with the option that changes it."""
+    arch = canonical_arch(arch)
+    recipe = f"resize {pre.resize}, crop {pre.crop}, {pre.interpolation}"
+    name = Path(info.name).name
+    if like:
+        return f"{name}: preprocessing of {arch} {like} ({recipe}), as --preprocess-like says"
+    if is_timm(arch):
+        why = f"timm's pretrained config of {arch.removeprefix(_timm.PREFIX)}"
+    else:
+        member, matched = _torchvision.file_member(arch, info.sha256)
+        why = (f"it is torchvision's {type(member).__name__}.{member.name} (sha256 matches), so its transforms"
+               if matched else
+               f"not a torchvision weights file (no sha256 match), so {arch}'s original eval recipe, {member.name}'s")
+    return f"{name}: preprocessing: {why} ({recipe}); another with --preprocess-like NAME (e.g. DEFAULT)"
 
 
 def parse_layers(arch: str, layers: str | list[str] | None) -> str:
@@ -188,6 +212,27 @@ def list_layers(arch: str) -> list[str]:
 def code_dim(arch: str) -> int:
     arch = canonical_arch(arch)
     return _timm.code_dim(arch) if is_timm(arch) else _torchvision.code_dim(arch)
+
+
+def stock_mismatch(arch: str) -> str | None:
+    """Why a classifier saved from `arch` loads strictly into the stock architecture yet computes
+    something else there (SqueezeNet: a ReLU after the classifier conv, which no state_dict can
+    remove), or None where the stock model is the same function."""
+    arch = canonical_arch(arch)
+    extras = () if is_timm(arch) else _torchvision.stock_extras(arch)
+    if not extras:
+        return None
+    names = ", ".join(f"{n} ({t})" for n, t in extras)
+    return (f"torchvision's {arch} runs {names} after its classifier conv, which cnncodes replaces by nn.Identity; "
+            f"a state_dict cannot remove it, so a stock get_model('{arch}', num_classes=K) loads the file strictly "
+            f"but clips the logits below zero")
+
+
+def stock_loader_steps(arch: str) -> list[str]:
+    """What a loader of a saved `arch` classifier must do after `load_state_dict` to get its function."""
+    arch = canonical_arch(arch)
+    extras = () if is_timm(arch) else _torchvision.stock_extras(arch)
+    return [f"replace module {n} ({t}) with torch.nn.Identity()" for n, t in extras]
 
 
 def weights_cached(arch: str) -> bool:

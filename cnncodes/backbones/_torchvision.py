@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ._api import Backbone, WeightsInfo
-from ._weights import fit_state, hub_file, load_state_file
+from ._weights import HASH_IN_NAME, fit_state, hub_file, load_state_file
 
 AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")  # Inception v3 / GoogLeNet run without auxiliary heads
 
@@ -34,11 +34,32 @@ def weights_enum_names(arch: str) -> list[str]:
 
 
 def enum_member(info: WeightsInfo, arch: str):
-    """The weights enum member the preprocessing and build follow: the given one, else DEFAULT."""
+    """The weights enum member the preprocessing and build follow: the given one; for a file,
+    the member it is (`file_member`); for none, DEFAULT."""
     if info.kind == "torchvision":
         enum_cls, member = info.name.split(".")
         return weights_enum(arch)[member]
+    if info.kind == "file":
+        return file_member(arch, info.sha256)[0]
     return weights_enum(arch).DEFAULT
+
+
+def file_member(arch: str, sha256: str) -> tuple[object, bool]:
+    """(member, matched): the arch's weights whose published file this is (its sha256 starts with
+    the hash prefix in the URL's file name, torch.hub's convention), else the arch's original
+    recipe (`original_member`): a converted or trained checkpoint was almost always made with
+    the classic resize-256/crop-224 preprocessing, not a later recipe such as V2's 232."""
+    for member in weights_enum(arch):
+        m = HASH_IN_NAME.search(Path(member.url).name)
+        if m and sha256 and sha256.startswith(m.group(1)):
+            return member, True
+    return original_member(arch), False
+
+
+def original_member(arch: str):
+    """The arch's first ImageNet weights (IMAGENET1K_V1) where torchvision has them, else DEFAULT."""
+    enum = weights_enum(arch)
+    return enum["IMAGENET1K_V1"] if "IMAGENET1K_V1" in enum.__members__ else enum.DEFAULT
 
 
 def resolve_enum(arch: str, weights: str) -> WeightsInfo | None:
@@ -107,8 +128,9 @@ def preprocessing_fields(arch: str, info: WeightsInfo) -> dict:
 
 
 @functools.cache
-def code_dim(arch: str) -> int:
-    """The code dimension without allocating weights (the model is built on the meta device)."""
+def _classifier(arch: str) -> tuple[str, int, tuple[tuple[str, str], ...]]:
+    """find_classifier without allocating weights (the model is built on the meta device), with
+    the type names of the modules that go with the classifier."""
     kw = build_kwargs(arch, WeightsInfo("none", "none"))
     try:
         with torch.device("meta"):
@@ -116,7 +138,18 @@ def code_dim(arch: str) -> int:
     except NotImplementedError:  # a builder computing shapes from tensors (RegNet)
         with empty_weights():
             model = torchvision.models.get_model(arch, weights=None, **kw)
-    return find_classifier(model)[1]
+    name, dim, extra = find_classifier(model)
+    return name, dim, tuple((e, type(model.get_submodule(e)).__name__) for e in extra)
+
+
+def code_dim(arch: str) -> int:
+    return _classifier(arch)[1]
+
+
+def stock_extras(arch: str) -> tuple[tuple[str, str], ...]:
+    """(name, type) of the modules stock torchvision runs after the classifier and cnncodes
+    replaces by nn.Identity (SqueezeNet: classifier.2, a ReLU); () for every other arch."""
+    return _classifier(arch)[2]
 
 
 @contextlib.contextmanager

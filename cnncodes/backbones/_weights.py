@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import CnnCodesError
 from ..runtime import file_sha256
 
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention: NAME-<sha256 prefix>.pth
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")  # torch.hub's convention: NAME-<sha256 prefix>.pth
 
 
 def load_state_file(path: str | os.PathLike) -> dict:
@@ -48,7 +48,7 @@ def hub_file(url: str, what: str, hint: str) -> Path:
     here too, so a file planted in TORCH_HOME is refused before it is opened.
     """
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    m = _HASH_IN_NAME.search(path.name)
+    m = HASH_IN_NAME.search(path.name)
     prefix = m.group(1) if m else None
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

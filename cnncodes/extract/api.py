@@ -79,7 +79,8 @@ def extract(
     decodes JPEGs on the GPU (nvJPEG) when the network runs on one. `layers` ("NAME[,NAME...]"):
     pooled codes of those intermediate layers, concatenated, instead of the classifier's input
     (`cnncodes archs ARCH --layers` lists the names). `preprocess_like`: the weights name whose
-    preprocessing a weights file follows (default DEFAULT's).
+    preprocessing a weights file follows (default: the published weights it is, by sha256, else the
+    arch's original recipe; `log` says which).
     """
     options = with_overrides(ExtractConfig, config, overrides, "extract")
     layout = discover(data, manifest)
@@ -91,7 +92,8 @@ def extract(
                                   decode=resolve_decode(options.decode, dev))
     info = resolve_weights(options.arch, options.weights)
     request = request_key(weights_sha256=info.sha256, **options.request())
-    pre = resolve_preprocessing(options.arch, info, options.image_size, options.preprocess_like)
+    pre = resolve_preprocessing(options.arch, info, options.image_size, options.preprocess_like,
+                                log if distributed.is_main() else None)
     cache = CacheConfig(options.arch, info.identity, info.name, options.precision, pre.to_dict(), options.views,
                         options.eval_views, options.seed, parse_layers(options.arch, options.layers))
     if options.strict:

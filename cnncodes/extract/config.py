@@ -27,7 +27,8 @@ class ExtractConfig:
     layers: str | None = option(None, "Cache pooled codes of these intermediate layers, concatenated "
                                       "(`cnncodes archs ARCH --layers`).")
     preprocess_like: str | None = option(None, "With --weights FILE: use these named weights' preprocessing "
-                                               "(e.g. IMAGENET1K_V1) [default: DEFAULT's].")
+                                               "(e.g. DEFAULT) [default: the published weights the file is "
+                                               "(sha256), else the arch's original recipe, IMAGENET1K_V1's; none: DEFAULT's].")
     views: int = option(0, "Extra augmented codes per training image.")
     eval_views: int = option(0, "Extra augmented codes per val/test image (for test-time averaging).")
     seed: int = option(0, "Seed of the augmented views (and of --val-fraction's split).")

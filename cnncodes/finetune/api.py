@@ -133,7 +133,7 @@ def _finetune(layout: data.FolderLayout, val_name: str | None, run_dir: Path, co
     if config.select_best_on_val and val_name is None:
         raise CnnCodesError("--select-best-on-val needs a val split (DATA/val/<class>/<image>)")
     info = backbones.resolve_weights(config.arch, config.weights)
-    prep = backbones.resolve_preprocessing(config.arch, info, config.image_size, config.preprocess_like)
+    prep = backbones.resolve_preprocessing(config.arch, info, config.image_size, config.preprocess_like, echo)
     # the arch decides which --freeze names exist and their order; checked before the run folder is touched
     config = dataclasses.replace(config, freeze=freeze_order(config.arch, config.freeze))
     notes = [deterministic_note(config.arch) if config.deterministic and device.type == "cuda" else None,

@@ -48,7 +48,8 @@ class FinetuneConfig:
                                           "--clf; same arch, weights, preprocessing and classes as this run).")
     image_size: int | None = option(None, "Crop size; resize keeps the weights' ratio (256/224).")
     preprocess_like: str | None = option(None, "With --weights FILE or none: these named weights' preprocessing "
-                                                "(e.g. IMAGENET1K_V1) [default: DEFAULT's].")
+                                                "(e.g. DEFAULT) [default: the published weights the file is "
+                                                "(sha256), else the arch's original recipe, IMAGENET1K_V1's; none: DEFAULT's].")
     # optimisation
     optimizer: str = option("sgd", "sgd uses momentum 0.9.")
     lr: float = option(1e-3, "Learning rate of the pretrained layers.")

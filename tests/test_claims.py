@@ -1,0 +1,121 @@
+"""Claims checked from outside (issue 23): exports in stock torchvision, local weights files'
+preprocessing, the cache read with h5py alone, and silent differences made loud or removed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import write_folder
+from torchvision.models import MobileNet_V2_Weights
+from torchvision.models._api import Weights, WeightsEnum
+
+from cnncodes import backbones as B
+from cnncodes.classifier import save_classifier
+from cnncodes.data import Preprocessing
+from cnncodes.errors import CnnCodesError
+from cnncodes.extract import extract
+from cnncodes.heads import fit_head
+from cnncodes.predict import export_head
+from cnncodes.store import Cache
+
+QUIET = dict(progress=False, log=lambda m: None, workers=0)
+
+
+# --------------------------------------------------------------------------- SqueezeNet in stock torchvision
+
+
+def test_squeezenet_head_export_is_refused_with_the_reason(tmp_path, cli):
+    data = write_folder(tmp_path / "data", {"train": 3, "val": 1})
+    extract(data, tmp_path / "c.h5", arch="squeezenet1_1", weights="none", image_size=64, **QUIET)
+    head, _ = fit_head(tmp_path / "c.h5", "logreg", "auto")
+    head.save(tmp_path / "h.h5")
+    with pytest.raises(CnnCodesError, match=r"export refused: .*classifier\.2 \(ReLU\).*cnncodes predict"):
+        export_head(tmp_path / "h.h5", tmp_path / "m.pt")
+    r = cli("export", tmp_path / "h.h5", "-o", tmp_path / "m.pt", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "export refused" in r.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+@torch.inference_mode()
+def test_a_saved_squeezenet_records_the_step_a_stock_loader_must_take(tmp_path):
+    """A fine-tuned SqueezeNet has no ReLU after its classifier; its JSON says so, and stock
+    torchvision following that step gives its logits exactly, image by image."""
+    bb = B.create_backbone("squeezenet1_1", "none", num_classes=3)
+    with torch.no_grad():
+        bb.classifier().bias.copy_(torch.tensor([-5.0, 0.0, 5.0]))  # some logits below zero
+    model = bb.model.eval()
+    save_classifier(model, tmp_path / "m.pt", "squeezenet1_1", ["a", "b", "c"], Preprocessing(), {})
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["load_steps"] == ["replace module classifier.2 (ReLU) with torch.nn.Identity()"]
+    stock = torchvision.models.get_model("squeezenet1_1", num_classes=3).eval()
+    stock.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(stock(x), model(x))  # the strict load alone is not the model
+    stock.classifier[2] = torch.nn.Identity()
+    for got, want in zip(stock(x), model(x)):  # per image, every logit
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_other_archs_need_no_load_step():
+    assert B.stock_loader_steps("resnet18") == [] and B.stock_mismatch("mobilenet_v3_small") is None
+    assert B.stock_mismatch("squeezenet1_0") and B.stock_loader_steps("squeezenet1_0")
+
+
+# --------------------------------------------------------------------------- a local weights file's preprocessing
+
+
+def _weights_file(path, arch: str) -> tuple[str, str]:
+    torch.save(torchvision.models.get_model(arch).state_dict(), path)
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_unknown_weights_file_takes_the_arch_original_recipe(tmp_path):
+    path, _ = _weights_file(tmp_path / "mine.pth", "mobilenet_v2")  # DEFAULT (V2) is 232/224, V1 256/224
+    info = B.resolve_weights("mobilenet_v2", path)
+    notes = []
+    pre = B.resolve_preprocessing("mobilenet_v2", info, log=notes.append)
+    assert (pre.resize, pre.crop, pre.interpolation) == (256, 224, "bilinear")
+    assert len(notes) == 1 and "original eval recipe, IMAGENET1K_V1's" in notes[0] and "--preprocess-like" in notes[0]
+    assert B.resolve_preprocessing("mobilenet_v2", info, like="DEFAULT").resize == 232  # the way back
+    assert B.resolve_preprocessing("mobilenet_v2", B.WeightsInfo("none", "none")).resize == 232  # none: DEFAULT's
+    assert B.resolve_preprocessing("resnet50", B.WeightsInfo("file", path, "0" * 64)).resize == 256  # V2 232
+
+
+def test_a_file_that_is_published_weights_takes_their_transforms(tmp_path, monkeypatch):
+    path, digest = _weights_file(tmp_path / "renamed.pth", "mobilenet_v2")
+    v1, v2 = MobileNet_V2_Weights.IMAGENET1K_V1, MobileNet_V2_Weights.IMAGENET1K_V2
+
+    class Fake(WeightsEnum):  # the real table, with V1's URL naming this file's hash (no download)
+        IMAGENET1K_V1 = Weights(f"https://x/mobilenet_v2-{digest[:8]}.pth", v1.transforms, v1.meta)
+        IMAGENET1K_V2 = Weights(v2.url, v2.transforms, v2.meta)
+        DEFAULT = IMAGENET1K_V2
+
+    monkeypatch.setattr(B._torchvision, "weights_enum", lambda arch: Fake)
+    notes = []
+    info = B.resolve_weights("mobilenet_v2", path)
+    pre = B.resolve_preprocessing("mobilenet_v2", info, log=notes.append)
+    assert pre.resize == 256 and "is torchvision's Fake.IMAGENET1K_V1 (sha256 matches)" in notes[0]
+
+    class FakeV2(WeightsEnum):  # the same file named as V2: V2's transforms, although not DEFAULT's V1 here
+        IMAGENET1K_V1 = Weights(v1.url, v1.transforms, v1.meta)
+        IMAGENET1K_V2 = Weights(f"https://x/mobilenet_v2-{digest[:10]}.pth", v2.transforms, v2.meta)
+        DEFAULT = IMAGENET1K_V1
+
+    monkeypatch.setattr(B._torchvision, "weights_enum", lambda arch: FakeV2)
+    assert B.resolve_preprocessing("mobilenet_v2", info).resize == 232
+
+
+def test_extract_records_and_logs_the_file_recipe(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 1, "val": 1})
+    path, _ = _weights_file(tmp_path / "mine.pth", "mobilenet_v2")
+    notes = []
+    extract(data, tmp_path / "c.h5", arch="mobilenet_v2", weights=path, image_size=64,
+            **{**QUIET, "log": notes.append})
+    with Cache(tmp_path / "c.h5") as c:
+        assert c.config.preprocessing["resize"] == round(64 * 256 / 224)  # V1's ratio, not V2's 232/224
+    assert any("mine.pth: preprocessing: not a torchvision weights file" in n for n in notes)
