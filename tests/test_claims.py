@@ -119,3 +119,30 @@ def test_extract_records_and_logs_the_file_recipe(tmp_path):
     with Cache(tmp_path / "c.h5") as c:
         assert c.config.preprocessing["resize"] == round(64 * 256 / 224)  # V1's ratio, not V2's 232/224
     assert any("mine.pth: preprocessing: not a torchvision weights file" in n for n in notes)
+
+
+# --------------------------------------------------------------------------- the cache read with h5py alone
+
+
+def test_the_cache_describes_itself_and_the_four_line_load_gives_the_eval_view(tmp_path):
+    import h5py
+
+    data = write_folder(tmp_path / "data", {"train": 3, "val": 2})
+    p = tmp_path / "c.h5"
+    extract(data, p, arch="resnet18", weights="none", image_size=32, views=2, **QUIET)
+    # the docs' load of the plain eval view, as written there
+    with h5py.File(p) as f:
+        X = f["train/features"][:]
+        keep = f["train/views"][:] == 0
+        X, y = X[keep], f["train/labels"][:][keep]
+        classes = list(f["classes"].asstr()[:])
+        attrs = {name: dict(f[f"train/{name}"].attrs) for name in ("features", "labels", "views", "paths")}
+    assert X.shape == (6, 512) and len(keep) == 18  # 6 images, each with the eval view and 2 augmented ones
+    with Cache(p) as c:
+        plain = c.views("train") == 0
+        np.testing.assert_array_equal(X, c.features("train")[()][plain])
+        np.testing.assert_array_equal(y, c.labels("train")[plain])
+        assert classes == c.classes == ["cat", "dog"]
+    assert "views == 0 are the plain eval view" in attrs["features"]["description"]
+    assert attrs["features"]["axes"] == "row, feature"
+    assert all(a["description"] and a["axes"] == "row" for n, a in attrs.items() if n != "features")

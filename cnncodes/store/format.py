@@ -14,6 +14,32 @@ FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 ROW_CHUNK = 1024  # rows per HDF5 chunk: ~2-8 MB for D = 512..2048
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+CLASSES = "classes"  # root dataset of the class names (also the JSON root attribute of the same name)
+# What each dataset of a split is, written on it as attributes (`description`, `axes`) so a reader
+# with h5py, h5dump or xarray alone needs no documentation; docs/formats.md has the same table.
+SPLIT_DATASETS = {
+    "features": ("CNN codes (float32), one row per (image, view); rows with views == 0 are the plain eval view "
+                 "(resize + center crop), the others augmented views of the same image", "row, feature"),
+    "labels": ("class of each row (int64): an index into /classes", "row"),
+    "views": ("view of each row: 0 = the plain eval view, 1..K = augmented views (--views/--eval-views)", "row"),
+    "paths": ("image file of each row, relative to the data folder (or as the manifest writes it); "
+              "an image's rows are contiguous", "row"),
+}
+
+
+def describe_split(g: h5py.Group) -> None:
+    """Write `SPLIT_DATASETS`' description and axes on the datasets of split group `g`."""
+    for name, (description, axes) in SPLIT_DATASETS.items():
+        if name in g:
+            g[name].attrs["description"] = description
+            g[name].attrs["axes"] = axes
+
+
+def write_classes(f: h5py.File, classes: list[str]) -> None:
+    """The class names as a string dataset `/classes` (index = label), readable without JSON."""
+    d = f.create_dataset(CLASSES, data=np.array(classes, dtype=object), dtype=STR)
+    d.attrs["description"] = "class names; a row's label is an index into this list"
+    d.attrs["axes"] = "class"
 
 
 @dataclass(frozen=True)
@@ -29,6 +55,7 @@ class CacheConfig:
     eval_views: int = 0
     seed: int = 0
     layers: str = ""  # "" = the classifier's input; else pooled intermediate layers "NAME,NAME"
+    decode: str = "cpu:pil"  # the JPEG decoder, "<device>:<library>-<version>"; older caches: PIL on the CPU
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -39,10 +66,16 @@ class CacheConfig:
 
     def differences(self, other: "CacheConfig") -> list[str]:
         a, b = asdict(self), asdict(other)
+        a["decode"], b["decode"] = decoder_family(self.decode), decoder_family(other.decode)  # a version bump is no change
         return [f"{k}: cache has {b[k]!r}, asked for {a[k]!r}" for k in a if k != "weights_name" and a[k] != b[k]]
 
     def views_for(self, split: str) -> int:
         return self.views if split == "train" else self.eval_views
+
+
+def decoder_family(decode: str) -> str:
+    """"cuda:nvjpeg-torchvision-0.29.1" -> "cuda:nvjpeg-torchvision" (the decoder without its version)."""
+    return decode.rsplit("-", 1)[0] if "-" in decode else decode
 
 
 @dataclass

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from ..runtime import atomic_path
-from .format import FORMAT, FORMAT_VERSION, ROW_CHUNK, STR, CacheConfig, write_table
+from .format import FORMAT, FORMAT_VERSION, ROW_CHUNK, STR, CacheConfig, describe_split, write_classes, write_table
 from .shards import read_shard
 
 
@@ -76,7 +76,8 @@ def write_cache(
 
 def write_root_attrs(f: h5py.File, config: CacheConfig, classes: list[str], feature_dim: int,
                      versions: dict[str, str], request: str = "", manifest: dict | None = None) -> None:
-    """The root attributes every cache has (a merged cache and a sharded store's index alike)."""
+    """The root attributes every cache has (a merged cache and a sharded store's index alike),
+    and the class names as the dataset /classes."""
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = FORMAT_VERSION
     f.attrs["config"] = config.to_json()
@@ -84,6 +85,7 @@ def write_root_attrs(f: h5py.File, config: CacheConfig, classes: list[str], feat
         f.attrs[key] = getattr(config, key)
     f.attrs["preprocessing"] = json.dumps(config.preprocessing)
     f.attrs["classes"] = json.dumps(classes)
+    write_classes(f, classes)
     f.attrs["feature_dim"] = feature_dim
     f.attrs["request"] = request
     if manifest is not None:
@@ -127,6 +129,7 @@ def _write_split(g: h5py.Group, plan: SplitPlan, dim: int) -> None:
     g.create_dataset("labels", data=plan.labels.astype(np.int64))
     g.create_dataset("paths", data=np.array(paths, dtype=object), dtype=STR)
     g.create_dataset("views", data=np.concatenate(views).astype(np.int16) if views else np.zeros(0, np.int16))
+    describe_split(g)
     write_table(g, "files", plan.files, ("paths", "size", "mtime_ns"))
     write_table(g, "skipped", plan.skipped, ("paths", "reasons"))
 
