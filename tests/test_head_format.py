@@ -1,0 +1,195 @@
+"""The head file as its users read it: scikit-learn's layout, rebuilt with h5py and numpy alone,
+`LinearHead.to_sklearn`, old files, the documented example; and L-BFGS's honest stopping."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import scipy.optimize
+from conftest import run_cli, write_folder
+
+from cnncodes.errors import CnnCodesError
+from cnncodes.heads import LinearHead, fit_head
+from cnncodes.store import Cache
+from cnncodes.testing import write_synthetic_cache
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
+
+
+# --------------------------------------------------------------------------- what a user does with head.h5
+
+
+def rebuild_sklearn(head_path: Path):
+    """What the docs tell a user to do, with h5py, numpy and scikit-learn only (no cnncodes here):
+    StandardScaler(mean, scale) then LogisticRegression(coef, intercept, classes)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    with h5py.File(head_path, "r") as f:
+        scaler, lr = StandardScaler(), LogisticRegression()
+        scaler.mean_, scaler.scale_ = f["mean"][()].astype(np.float64), f["scale"][()].astype(np.float64)
+        scaler.var_, scaler.n_features_in_ = scaler.scale_ ** 2, len(scaler.mean_)
+        lr.coef_, lr.intercept_ = f["coef"][()].astype(np.float64), f["intercept"][()].astype(np.float64)
+        lr.classes_, lr.n_features_in_ = f["classes"].asstr()[()], len(scaler.mean_)
+    return make_pipeline(scaler, lr)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["binary", "3-class"])
+def cli_head(request, tmp_path_factory) -> dict:
+    """A logreg head fitted from the CLI on a small generated folder (resnet18, random weights, 32 px)."""
+    k = request.param
+    root = tmp_path_factory.mktemp(f"head{k}")
+    data = write_folder(root / "data", {"train": 8, "val": 4}, classes=("ant", "bee", "wasp")[:k], size=32)
+    cache, head = root / "c.h5", root / "head.h5"
+    run_cli("extract", data, "-o", cache, "--weights", "none", "--image-size", "32", "--workers", "0")
+    run_cli("fit-head", cache, "-o", head, "--clf", "logreg", "--C", "1")
+    with Cache(cache) as c:
+        x_train, y_train = c.load("train")
+        x_val = c.features("val")[()]
+    return {"k": k, "data": data, "cache": cache, "head": head, "x_train": x_train, "y_train": y_train, "x": x_val}
+
+
+def test_head_rebuilt_with_h5py_alone_gives_the_heads_probabilities(cli_head):
+    """The issue's check: scikit-learn rebuilt from the file's datasets, nothing else, predicts the head's
+    probabilities (1e-6), and those are LogisticRegression(C)'s own on the standardised train codes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, k = cli_head["x"], cli_head["k"]
+    rebuilt = rebuild_sklearn(cli_head["head"])
+    head = LinearHead.load(cli_head["head"])
+    assert rebuilt[-1].coef_.shape == ((1, x.shape[1]) if k == 2 else (k, x.shape[1]))
+    np.testing.assert_allclose(rebuilt.predict_proba(x), head.predict_proba(x), rtol=0, atol=1e-6)
+    assert list(rebuilt.predict(x)) == [head.classes[i] for i in head.predict(x)]
+    # the stored numbers mean what scikit-learn means by them (w, not w / 2): a fresh fit agrees
+    z_train = StandardScaler().fit(cli_head["x_train"])
+    own = LogisticRegression(C=head.C, tol=1e-10, max_iter=10_000).fit(z_train.transform(cli_head["x_train"]),
+                                                                       cli_head["y_train"])
+    np.testing.assert_allclose(rebuilt.predict_proba(x), own.predict_proba(z_train.transform(x)), atol=2e-3)
+
+
+def test_head_file_describes_itself(cli_head):
+    with h5py.File(cli_head["head"], "r") as f:
+        assert f.attrs["format"] == "cnncodes-head" and f.attrs["format_version"] == 2
+        assert f.attrs["sklearn_estimator"] == "LogisticRegression" and f.attrs["n_classes"] == cli_head["k"]
+        assert "(x - mean) / scale" in f.attrs["description"]
+        for name in ("coef", "intercept", "mean", "scale", "classes"):
+            assert f[name].attrs["description"] and f[name].attrs["shape"]
+        assert "(x - mean) / scale" in f["coef"].attrs["description"]
+        assert "(1, D) for K = 2" in f["coef"].attrs["shape"]
+
+
+def test_version1_two_row_heads_still_load(cli_head, tmp_path):
+    """A head written before the scikit-learn layout (binary: two rows [-w/2, w/2]) loads and predicts
+    as before; new files hold one row."""
+    head = LinearHead.load(cli_head["head"])
+    old = tmp_path / "old.h5"
+    head.save(old)
+    with h5py.File(old, "r+") as f:
+        f.attrs["format_version"] = 1
+        for name, rows in zip(("coef", "intercept"), (head.coef, head.intercept)):
+            del f[name]
+            f[name] = rows.astype(np.float32)  # version 1 wrote the class rows as they are in memory
+    x = cli_head["x"]
+    np.testing.assert_allclose(LinearHead.load(old).predict_proba(x), head.predict_proba(x), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(LinearHead.load(old).predict(x), head.predict(x))
+    with h5py.File(old, "r+") as f:
+        f.attrs["format_version"] = 3
+    with pytest.raises(CnnCodesError, match="head format version 3 is not supported .*upgrade cnncodes"):
+        LinearHead.load(old)
+
+
+def test_binary_softmax_of_mirrored_rows_is_the_sigmoid():
+    """Why the in-memory two rows are exact: softmax([-s/2, s/2]) = (1 - sigmoid(s), sigmoid(s))."""
+    from scipy.special import expit
+
+    from cnncodes.heads.format import as_class_rows, softmax
+
+    s = np.linspace(-40, 40, 81)
+    w, b = as_class_rows(np.array([[1.0]]), np.array([0.0]))
+    p = softmax(s[:, None] @ w.T + b)
+    np.testing.assert_allclose(p[:, 1], expit(s), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(p[:, 0], expit(-s), rtol=1e-12, atol=1e-300)
+
+
+def test_any_two_rows_are_saved_as_their_difference(tmp_path):
+    """A solver's two rows (r0, r1) (the torch heads) are stored as scikit-learn's one row r1 - r0:
+    the same probabilities and decisions before and after the file."""
+    rng = np.random.default_rng(0)
+    coef, icpt = rng.normal(size=(2, 5)), rng.normal(size=2)
+    x = rng.normal(size=(20, 5))
+    head = LinearHead(coef.copy(), icpt.copy(), np.zeros(5), np.ones(5), ["a", "b"], "linear", 1.0)
+    raw = x @ coef.T + icpt
+    np.testing.assert_allclose(head.predict_proba(x), np.exp(raw) / np.exp(raw).sum(1, keepdims=True), rtol=1e-12)
+    head.save(tmp_path / "h.h5")
+    with h5py.File(tmp_path / "h.h5", "r") as f:
+        np.testing.assert_allclose(f["coef"][()], [coef[1] - coef[0]], rtol=1e-6)
+        np.testing.assert_allclose(f["intercept"][()], [icpt[1] - icpt[0]], rtol=1e-6)
+    loaded = LinearHead.load(tmp_path / "h.h5")
+    np.testing.assert_allclose(loaded.predict_proba(x), head.predict_proba(x), atol=1e-6)
+    np.testing.assert_array_equal(loaded.predict(x), raw.argmax(1))
+
+
+# --------------------------------------------------------------------------- LinearHead.to_sklearn
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("clf", ["logreg", "svm", "linear", "linear-svm"])
+def test_to_sklearn_is_a_fitted_pipeline_equal_to_the_head(tmp_path, clf, k):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+    from sklearn.utils.validation import check_is_fitted
+
+    cache = write_synthetic_cache(tmp_path / f"c{k}.h5", {"train": 30, "val": 12}, dim=16, n_classes=k,
+                                  separation=1.5)
+    head, _ = fit_head(cache, clf, 0.1, max_iter=30)
+    pipe = head.to_sklearn()
+    assert isinstance(pipe, Pipeline) and isinstance(pipe[0], StandardScaler)
+    assert isinstance(pipe[-1], LogisticRegression if clf in ("logreg", "linear") else LinearSVC)
+    for step in (pipe, pipe[0], pipe[-1]):
+        check_is_fitted(step)
+    assert pipe[-1].C == head.C and pipe[0].n_features_in_ == pipe[-1].n_features_in_ == 16
+    assert pipe[0].n_samples_seen_ == 30 and list(pipe[-1].classes_) == head.classes
+    with Cache(cache) as c:
+        x = c.features("val")[()].astype(np.float64)
+    scores = head.decision_function(x)
+    np.testing.assert_allclose(pipe.decision_function(x), scores[:, 1] - scores[:, 0] if k == 2 else scores,
+                               rtol=1e-6, atol=1e-6)
+    assert list(pipe.predict(x)) == [head.classes[i] for i in head.predict(x)]
+    if clf in ("logreg", "linear"):
+        np.testing.assert_allclose(pipe.predict_proba(x), head.predict_proba(x), rtol=0, atol=1e-6)
+    # and after a round trip through the file
+    head.save(tmp_path / "h.h5")
+    again = LinearHead.load(tmp_path / "h.h5").to_sklearn()
+    np.testing.assert_allclose(again.decision_function(x), pipe.decision_function(x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the documented example
+
+
+def _doc_blocks() -> list[str]:
+    """The python code blocks of docs/formats.md's head-file section, verbatim."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text.split("## Head file (HDF5)", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_documented_rebuild_runs_verbatim(cli_head, monkeypatch):
+    """The docs' h5py + numpy example (and its scikit-learn variant) give the head's probabilities."""
+    blocks = _doc_blocks()
+    assert blocks, "docs/formats.md has no python example in its 'Head file (HDF5)' section"
+    monkeypatch.chdir(cli_head["head"].parent)  # the examples read head.h5 from the working folder
+    head = LinearHead.load(cli_head["head"])
+    x = cli_head["x"]
+    for block in blocks:
+        env = {"codes": x}
+        exec(compile(block, str(DOCS), "exec"), env)  # noqa: S102 - our own documentation
+        np.testing.assert_allclose(env["proba"], head.predict_proba(x), rtol=0, atol=1e-6)
