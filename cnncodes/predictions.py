@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 
 from .errors import CnnCodesError
 from .runtime import check_replaceable, save_figure
@@ -23,6 +24,10 @@ class Predictions:
     classes: list[str]
     scores: np.ndarray  # (n, K) raw class scores (logits / decision scores), rows order
     files: list[Path] = field(default_factory=list)  # each row's image file (rows show paths as given)
+
+    def probabilities(self) -> np.ndarray:
+        """(n, K) softmax of the class scores, rows order: what `score` is the largest of."""
+        return scipy.special.softmax(self.scores.astype(np.float64), axis=1)
 
     def accuracy(self) -> dict[str, dict]:
         """{"all" or split: {"accuracy", "correct", "images"}} over images with a known class."""
@@ -40,6 +45,12 @@ class Predictions:
 
 PREDICTION_SUFFIXES = (".csv", ".json")
 CSV_HEADER = ("path", "pred", "score", "true")
+SCORE_PREFIX = "score:"  # a class column named like a fixed column (a class "path", say) gets this prefix
+
+
+def score_columns(classes: Sequence[str]) -> list[str]:
+    """The CSV's per-class probability columns (`--scores`): each named by its class."""
+    return [f"{SCORE_PREFIX}{c}" if c in CSV_HEADER else c for c in classes]
 
 
 def check_predictions_path(out: str | Path, inputs: Sequence[str | Path] = ()) -> None:
@@ -54,28 +65,37 @@ def _holds_predictions(path: Path) -> bool:
     """A CSV that starts with our header, or a JSON object with our "predictions" key."""
     try:
         with open(path, encoding="utf-8") as f:
-            if path.suffix.lower() == ".csv":
-                return f.readline().rstrip("\r\n") == ",".join(CSV_HEADER)
+            if path.suffix.lower() == ".csv":  # our header, or it followed by class columns (--scores)
+                first, ours = f.readline().rstrip("\r\n"), ",".join(CSV_HEADER)
+                return first == ours or first.startswith(ours + ",")
             return "predictions" in json.load(f)
     except (OSError, ValueError, TypeError):  # unreadable, not UTF-8 or not JSON: not ours
         return False
 
 
-def write_predictions(preds: Predictions, out: str | Path) -> None:
-    """CSV (path, pred, score, true) or JSON (rows, skipped, accuracy) by the file suffix."""
+def write_predictions(preds: Predictions, out: str | Path, scores: bool = False) -> None:
+    """CSV (path, pred, score, true) or JSON (classes, rows, skipped, accuracy) by the file suffix.
+
+    scores: also every class's probability (`Predictions.probabilities`), as torchvision/timm
+    inference scripts give: one column per class after `true` in CSV (`score_columns`), a
+    {class: probability} dict "scores" per row in JSON.
+    """
     check_predictions_path(out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    probs = preds.probabilities() if scores else np.zeros((len(preds.rows), 0))
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps({"classes": preds.classes, "predictions": preds.rows,
+        rows = [{**r, "scores": dict(zip(preds.classes, map(float, p)))} if scores else r
+                for r, p in zip(preds.rows, probs)]
+        out.write_text(json.dumps({"classes": preds.classes, "predictions": rows,
                                    "skipped": [{"path": p, "reason": r} for p, r in preds.skipped],
                                    "accuracy": preds.accuracy()}, indent=2))
         return
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_HEADER)
-        for r in preds.rows:
-            writer.writerow([r["path"], r["pred"], f"{r['score']:.6f}", r["true"] or ""])
+        writer.writerow([*CSV_HEADER, *(score_columns(preds.classes) if scores else [])])
+        for r, p in zip(preds.rows, probs):
+            writer.writerow([r["path"], r["pred"], f"{r['score']:.6f}", r["true"] or "", *(f"{v:.6g}" for v in p)])
 
 
 def draw_grid(preds: Predictions, out: str | Path, n: int = 16, seed: int = 0) -> Path:

@@ -103,6 +103,8 @@ def draw_confusion(report: dict, out: str) -> None:
 @click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Write predictions (.csv or .json).")
+@click.option("--scores", is_flag=True, help="Also give every class's probability: one column per class (named by "
+              "the class) in CSV, a {class: probability} dict per row in JSON, class=probability on screen.")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Draw a sample of predictions (PNG; .pdf/.svg by suffix).")
 @click.option("--weights", default=None, help="Backbone weights for a head [default: those recorded in the head].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -110,13 +112,14 @@ def draw_confusion(report: dict, out: str) -> None:
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 16 on CPU, 128 on CUDA].")
 @click.option("--workers", type=int, default=None, help="Decode workers [default: sized to the machine].")
 @manifest_options(split=False)
-def predict_command(model, inputs, out, grid, weights, device, precision, batch_size, workers, path_col, label_col):
+def predict_command(model, inputs, out, scores, grid, weights, device, precision, batch_size, workers, path_col, label_col):
     """Classify images (files, folders and/or CSV manifests) with a head (.h5), a classifier (.pt)
     or a finetune RUN_DIR.
 
     A folder whose images sit in class-named subfolders (DIR/<class>/, DIR/val/<class>/) is
-    labelled, and so is a manifest with a label column: accuracy is printed. Scores are
-    softmax of the class scores (see docs).
+    labelled, and so is a manifest with a label column: accuracy is printed. `score` is the
+    predicted class's probability, softmax of the class scores (for svm heads a monotone
+    confidence, not calibrated); --scores gives every class's.
     """
     from ..predict import predict
     from ..predictions import check_predictions_path, draw_grid, write_predictions
@@ -131,10 +134,12 @@ def predict_command(model, inputs, out, grid, weights, device, precision, batch_
     for path, reason in preds.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     if out:
-        write_predictions(preds, out)
+        write_predictions(preds, out, scores=scores)
     else:
-        for r in preds.rows:
-            click.echo(f"{r['path']}\t{r['pred']}\t{r['score']:.4f}")
+        probs = preds.probabilities() if scores else [[]] * len(preds.rows)
+        for r, p in zip(preds.rows, probs):
+            every = "".join(f"\t{c}={v:.4f}" for c, v in zip(preds.classes, p))
+            click.echo(f"{r['path']}\t{r['pred']}\t{r['score']:.4f}{every}")
     for name, a in preds.accuracy().items():
         label = "accuracy" if name == "all" else f"{name} accuracy"
         click.echo(f"{label} {a['accuracy']:.4f} ({a['correct']}/{a['images']} labelled images)")
