@@ -32,6 +32,7 @@ from .data import (
 from .errors import CnnCodesError
 from .folders import image_files
 from .heads import LinearHead
+from .heads.multi import refuse_fused
 from .manifest import ManifestOptions, is_manifest, read_manifest
 from .predictions import Predictions
 from .runtime import (
@@ -79,6 +80,7 @@ def head_weights(head: LinearHead, weights: str | None) -> WeightsInfo:
 
 def head_to_model(head: LinearHead, weights: str | None = None) -> nn.Module:
     """The head's backbone with its classifier = the head (standardiser folded in), in eval mode."""
+    refuse_fused(head.meta, "predict/export")
     if head.meta.get("layers"):
         raise CnnCodesError(f"head was trained on codes of intermediate layers ({head.meta['layers']}), which no "
                             f"classifier of {head.meta['arch']} can take; predict and export need a head fitted on "

@@ -21,9 +21,11 @@ COMMANDS = {
     "fit-head": ("head_cmd", "fit_head_command"),
     "predict": ("head_cmd", "predict_command"),
     "export": ("head_cmd", "export_command"),
+    "select": ("select_cmd", "select_command"),
     "finetune": ("finetune_cmd", "finetune_command"),
     "demo": ("demo_cmd", "demo_command"),
     "archs": ("archs_cmd", "archs_command"),
+    "pack": ("pack_cmd", "pack_command"),
 }
 
 

@@ -13,32 +13,52 @@ from ..precision import PRECISIONS
 from .options import config_options, manifest_from, manifest_options
 
 
+def fit_head_options(f):
+    """The head options (HeadConfig's fields; --clf takes a comma-separated list), --concat, --show-all-val."""
+    f = click.option("--show-all-val", is_flag=True,
+                     help="Several candidates: also report the val/test accuracy of those not chosen "
+                          "(labelled OPTIMISTIC).")(f)
+    f = click.option("--concat", is_flag=True,
+                     help="Several caches: their codes side by side (each standardised) compete too.")(f)
+    return config_options(HeadConfig, {"clf": {"type": str, "metavar": "CLF[,CLF...]",
+                                               "help": f"{HeadConfig.__dataclass_fields__['clf'].metadata['help']} "
+                                                       f"Several (comma-separated) compete by CV."},
+                                       "max_iter": {"decls": ["--epochs"], "type": int}},
+                          skip=("grid", "patience"))(f)
+
+
 @click.command("fit-head")
-@click.argument("cache", type=click.Path(dir_okay=False))
+@click.argument("caches", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Head file to write (.h5).")
-@config_options(HeadConfig, {"clf": {"type": click.Choice(CLFS)}, "max_iter": {"decls": ["--epochs"], "type": int}},
-                skip=("grid", "patience"))
+@fit_head_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--confusion", type=click.Path(dir_okay=False), default=None, help="Draw confusion matrices (PNG; .pdf/.svg by suffix).")
-def fit_head_command(cache, out, json_out, confusion, **options):
+def fit_head_command(caches, out, json_out, confusion, concat, show_all_val, **options):
     """Fit a linear head on the train split of CACHE and report on its other splits.
 
     Uses every stored train view; standardisation is part of the head. The head file is HDF5
     (no pickle) in the linear form that `cnncodes export` folds into the backbone.
+
+    Several CACHES of the same images (other backbones, layers, preprocessing), several --clf
+    and --concat: every candidate is scored by the same grouped CV on train; the best is
+    refitted on all of train and only it is evaluated on val/test.
     """
-    from ..heads import fit_head
     from ..heads.format import holds_a_head
     from ..runtime import check_replaceable, figure_format
 
-    check_replaceable(out, "head file", holds_a_head, [cache])  # these fail now, not after the fit
+    clfs = parse_clfs(options.pop("clf"))
+    config = HeadConfig(clf=clfs[0], **options)
+    check_replaceable(out, "head file", holds_a_head, list(caches))  # these fail now, not after the fit
     if json_out:
-        check_replaceable(json_out, "JSON report", lambda p: p.suffix.lower() == ".json", [cache, out])
+        check_replaceable(json_out, "JSON report", lambda p: p.suffix.lower() == ".json", [*caches, out])
     if confusion:
         figure_format(confusion)
-    head, report = fit_head(cache, config=HeadConfig(**options), log=lambda m: click.echo(m, err=True))
+    head, report = fit_heads(caches, clfs, config, concat, show_all_val, log=lambda m: click.echo(m, err=True))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     head.save(out)
-    _print_report(report)
+    if "candidates" in report:
+        print_candidates(report)
+    print_report(report)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=2))
@@ -47,7 +67,57 @@ def fit_head_command(cache, out, json_out, confusion, **options):
     click.echo(f"head saved to {out}")
 
 
-def _print_report(report: dict) -> None:
+def parse_clfs(text: str) -> list[str]:
+    """`--clf a,b` -> ["a", "b"]; an unknown or repeated name is one error line."""
+    from ..errors import CnnCodesError
+
+    clfs = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in clfs if c not in CLFS]
+    if not clfs or bad:
+        raise CnnCodesError(f"unknown --clf '{bad[0] if bad else text}'; choose one or more (comma-separated) of: "
+                            f"{', '.join(CLFS)}")
+    if len(set(clfs)) != len(clfs):
+        raise CnnCodesError(f"--clf {text}: a head is named twice")
+    return clfs
+
+
+def fit_heads(caches, clfs: list[str], config: HeadConfig, concat: bool, show_all_val: bool, log):
+    """One cache and one head: `fit_head`, as always; else `fit_head_multi` (several candidates)."""
+    from ..errors import CnnCodesError
+
+    if concat and len(caches) < 2:
+        raise CnnCodesError("--concat joins the codes of two or more caches; pass several CACHES")
+    if len(caches) == 1 and len(clfs) == 1:
+        from ..heads import fit_head
+
+        return fit_head(caches[0], config=config, log=log)
+    from ..heads.multi import fit_head_multi
+
+    return fit_head_multi(caches, clfs, config=config, concat=concat, show_all_val=show_all_val, log=log)
+
+
+def print_candidates(report: dict, extra: dict[str, str] | None = None) -> None:
+    """The candidates' table: CV accuracy, code dim, C, fit time; the chosen one marked.
+    `extra`: per cache name, one more column (select's extraction time)."""
+    rows = report["candidates"]
+    width = max(len(f"{r['name']} {r['clf']}") for r in rows)
+    head = f"{'candidate':<{width}}  {'dim':>5}  {'C':>7}  {'CV acc':>7}  {'fit s':>6}"
+    click.echo(head + ("  " + "extract s" if extra else ""))
+    for r in rows:
+        label = f"{r['name']} {r['clf']}"
+        more = f"  {extra.get(r['name'], ''):>9}" if extra else ""
+        click.echo(f"{label:<{width}}  {r['code_dim']:>5}  {r['C']:>7g}  {r['cv_score']:>7.4f}  {r['fit_seconds']:>6.1f}"
+                   f"{more}{'  <- chosen' if r['chosen'] else ''}")
+    click.echo(f"chosen by {report['selection']['strategy']}: {report['chosen']} (only its val/test accuracy follows)")
+    opt = report.get("optimistic")
+    if opt:
+        click.echo(opt["note"])
+        for label, splits in opt["candidates"].items():
+            accs = ", ".join(f"{s} {r['accuracy']:.4f}" for s, r in splits.items() if r["accuracy"] is not None)
+            click.echo(f"  OPTIMISTIC {label}: {accs}")
+
+
+def print_report(report: dict) -> None:
     sel = report["selection"]
     if sel["auto"]:
         scores = ", ".join(f"{c:g}: {s:.3f}" for c, s in zip(sel["grid"], sel["cv_scores"]))

@@ -86,9 +86,11 @@ def load_init_head(path: str | Path, arch: str, weights_identity: str, preproces
                    classes: Sequence[str]) -> InitHead:
     """Read a head and check it fits the run; one CnnCodesError line naming every difference otherwise."""
     from ..heads import LinearHead  # h5py and scikit-learn: only when a head is given
+    from ..heads.multi import refuse_fused
 
     path = Path(path)
     head = LinearHead.load(path)
+    refuse_fused(head.meta, "--init-head")
     problems = mismatches(head.meta, classes, arch, weights_identity, preprocessing, head.classes)
     if problems:
         raise CnnCodesError(f"{path}: --init-head does not fit this run: {'; '.join(problems)}; "
