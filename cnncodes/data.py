@@ -37,6 +37,9 @@ PILImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never
 # --------------------------------------------------------------------------- decoding
 
 
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: multi-picture phone JPEGs, whose first picture decodes like any JPEG
+
+
 class BadImage(Exception):
     """Raised by `load_rgb` with a short reason; the file is skipped, not fatal."""
 
@@ -54,7 +57,7 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
             raise BadImage("empty file (0 bytes)")
         with quiet_pil():
             with Image.open(path) as im:
-                if draft_size and im.format == "JPEG":
+                if draft_size and im.format in JPEG_FORMATS:
                     im.draft("RGB", (draft_size, draft_size))
                 im.load()
                 ImageOps.exif_transpose(im, in_place=True)  # the default copies every image
@@ -92,10 +95,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # The mode, not the pixel values, gives the range: 16-bit (I;16*, and I, what 16-bit PNGs
+        # open as in older Pillow) is scaled 65535 -> 255, so a dark 16-bit image stays dark
+        # instead of jumping 257x brighter when its maximum happens to be <= 255. F is taken as 0..255.
         arr = np.asarray(im, dtype=np.float32)
-        if arr.max(initial=0) > 255:  # 16-bit range
+        if im.mode != "F":
             arr = arr / 257.0
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

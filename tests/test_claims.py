@@ -146,3 +146,36 @@ def test_the_cache_describes_itself_and_the_four_line_load_gives_the_eval_view(t
     assert "views == 0 are the plain eval view" in attrs["features"]["description"]
     assert attrs["features"]["axes"] == "row, feature"
     assert all(a["description"] and a["axes"] == "row" for n, a in attrs.items() if n != "features")
+
+
+# --------------------------------------------------------------------------- silent differences (issue 23, item 7)
+
+
+def test_a_multi_picture_phone_jpeg_gets_the_reduced_dct_decode(tmp_path):
+    from PIL import Image
+
+    from cnncodes.data import load_rgb
+
+    first, second = Image.new("RGB", (800, 600), (10, 200, 30)), Image.new("RGB", (800, 600), (200, 0, 0))
+    first.save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=[second])
+    first.save(tmp_path / "plain.jpg", "JPEG")
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    mpo, jpeg = load_rgb(tmp_path / "phone.jpg", 100), load_rgb(tmp_path / "plain.jpg", 100)
+    assert mpo.size == jpeg.size == (200, 150)  # 1/4 DCT scale keeps both sides >= 100, like a JPEG
+    assert np.abs(np.asarray(mpo, np.int16) - (10, 200, 30)).max() <= 3  # the first picture
+
+
+def test_16_bit_images_are_scaled_by_their_mode_not_their_values(tmp_path):
+    from PIL import Image
+
+    from cnncodes.data import load_rgb
+
+    dark = np.full((32, 32), 200, np.uint16)  # a dark 16-bit image: 200 of 65535
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    Image.fromarray(dark + 100).save(tmp_path / "darkish.png")  # 300 of 65535: nearly the same
+    a, b = (np.asarray(load_rgb(tmp_path / n)) for n in ("dark.png", "darkish.png"))
+    assert Image.open(tmp_path / "dark.png").mode == "I;16"
+    assert a.max() <= 1 and b.max() <= 2  # both near black (they were 200 and 1 before: 257x apart)
+    full = np.full((8, 8), 65535, np.uint16)
+    Image.fromarray(full).save(tmp_path / "white.png")
+    assert np.asarray(load_rgb(tmp_path / "white.png")).min() == 255
