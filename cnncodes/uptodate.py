@@ -43,8 +43,9 @@ class UpToDate:
 
 def request_key(*, arch: str, weights: str | None, weights_sha256: str, image_size: int | None, precision: str,
                 views: int, eval_views: int, seed: int, layers: str | None = None,
-                preprocess_like: str | None = None) -> str:
-    """The JSON the cache records: equal keys give equal cache configurations."""
+                preprocess_like: str | None = None, decode: str = "cpu") -> str:
+    """The JSON the cache records: equal keys give equal cache configurations. `decode` ("cpu", "gpu"
+    or "auto") enters the key only when not "cpu", so keys recorded before it existed still match."""
     versions = {}
     for name in _VERSIONED:
         try:
@@ -53,7 +54,8 @@ def request_key(*, arch: str, weights: str | None, weights_sha256: str, image_si
             versions[name] = ""
     return json.dumps({"arch": arch, "weights": weights, "weights_sha256": weights_sha256, "image_size": image_size,
                        "precision": precision, "views": views, "eval_views": eval_views, "seed": seed,
-                       "layers": layers, "preprocess_like": preprocess_like, "versions": versions}, sort_keys=True)
+                       "layers": layers, "preprocess_like": preprocess_like, "versions": versions,
+                       **({"decode": decode} if decode != "cpu" else {})}, sort_keys=True)
 
 
 def weights_sha256(weights: str | None) -> str:

@@ -52,9 +52,10 @@ def extract_command(data, out, overwrite, path_col, label_col, val_fraction, qui
     if r.up_to_date:
         click.echo(f"{out} is up to date ({counts} codes); nothing to extract")
     else:
-        gpu = f"; decoded on the GPU, {r.decode_fallbacks} by the CPU fallback" if r.decode == "gpu" else ""
         click.echo(f"extracted {r.extracted} images ({r.codes} codes) in {r.seconds:.1f} s "
-                   f"({r.images_per_s:.1f} img/s){gpu}; skipped {len(r.skipped)} files; {out}: {counts} codes")
+                   f"({r.images_per_s:.1f} img/s); skipped {len(r.skipped)} files; {out}: {counts} codes")
+        if r.decode == "gpu":
+            click.echo(_decoders_line(r.decoders, r.fallbacks), err=True)
 
 
 def _report_if_up_to_date(data, out, config: ExtractConfig, manifest) -> bool:
@@ -71,6 +72,13 @@ def _report_if_up_to_date(data, out, config: ExtractConfig, manifest) -> bool:
         _echo_skipped(done.skipped, out)
         click.echo(f"{out} is up to date ({_counts(done.split_counts)} codes); nothing to extract")
     return True
+
+
+def _decoders_line(decoders: dict[str, int], fallbacks: dict[str, int]) -> str:
+    """Who decoded what and why any image went to the CPU path (no silent fallback)."""
+    done = ", ".join(f"{n} by {name}" for name, n in decoders.items()) or "nothing"
+    why = "; ".join(f"{n} {reason}" for reason, n in sorted(fallbacks.items(), key=lambda kv: -kv[1]))
+    return f"decoded: {done}" + (f" (to the CPU path: {why})" if why else "")
 
 
 def _echo_skipped(skipped: list[tuple[str, str]], out: str) -> None:

@@ -24,7 +24,7 @@ from ..backbones import parse_layers, resolve_preprocessing, resolve_weights
 from ..config import with_overrides
 from ..data import FolderLayout, ImageFile, discover
 from ..errors import CnnCodesError
-from ..gpu_decode import resolve_decode
+from ..gpu_decode import device_identity, pil_identity, resolve_decode
 from ..manifest import ManifestOptions
 from ..precision import emulation_note
 from ..resume import Done, prepare_parts
@@ -47,10 +47,16 @@ class ExtractResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # all skipped files in the cache
     seconds: float = 0.0  # wall time of the network pass
     decode: str = "cpu"  # where JPEGs were decoded: "cpu" or "gpu" (nvJPEG)
-    decode_fallbacks: int = 0  # with decode "gpu": images nvJPEG did not take, decoded by the CPU path
+    decoders: dict[str, int] = field(default_factory=dict)  # decoder identity -> images it decoded in this call
+    fallbacks: dict[str, int] = field(default_factory=dict)  # with decode "gpu": why images went to the CPU path
     up_to_date: bool = False
     split_counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # where a fast path did not apply
+
+    @property
+    def decode_fallbacks(self) -> int:
+        """Images the device decoder did not take (decoded, or found unreadable, by the CPU path)."""
+        return sum(self.fallbacks.values())
 
     @property
     def images_per_s(self) -> float:
@@ -94,8 +100,9 @@ def extract(
     request = request_key(weights_sha256=info.sha256, **options.request())
     pre = resolve_preprocessing(options.arch, info, options.image_size, options.preprocess_like,
                                 log if distributed.is_main() else None)
-    cache = CacheConfig(options.arch, info.identity, info.name, options.precision, pre.to_dict(), options.views,
-                        options.eval_views, options.seed, parse_layers(options.arch, options.layers))
+    cache = CacheConfig(options.arch, info.identity, info.name, options.precision, _pre_record(pre, options.decode),
+                        options.views, options.eval_views, options.seed, parse_layers(options.arch, options.layers),
+                        _decoder(options.decode, dev))
     if options.strict:
         _fail_on_ignored(layout)
     out = Path(out)
@@ -141,7 +148,9 @@ def _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, prog
             mine = {s: _deal(files, options.batch_size) for s, files in todo.items()}
             runner = Runner(options, cache, info, pre, dev, log if main else None)
             result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, progress and main)
-            result.decode, result.decode_fallbacks = options.decode, runner.decode_fallbacks
+            stats = runner.decode_stats
+            result.decode, result.fallbacks = options.decode, dict(stats.reasons)
+            result.decoders = {k: n for k, n in ((cache.decode, stats.device), (pil_identity(), stats.cpu)) if n}
             result.extracted, result.codes, result.seconds = _sum_over_ranks(result, dev)
         if main:
             done = Done.collect(old, parts, layout)
@@ -159,6 +168,20 @@ def _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, prog
             result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}
         distributed.barrier()  # other ranks return only once the cache is complete
     return result
+
+
+def _decoder(decode: str, dev: torch.device) -> str:
+    """The decoder the cache records: part of its identity (device and CPU decodes differ slightly)."""
+    return device_identity(dev) if decode == "gpu" else pil_identity()
+
+
+def _pre_record(pre, decode: str) -> dict:
+    """The preprocessing the cache records; on the device path JPEGs are decoded at full size."""
+    record = pre.to_dict()
+    if decode == "gpu":
+        record["jpeg_draft"] = (f"device-decoded JPEGs at full size; CPU fallbacks at the smallest DCT scale "
+                                f"keeping both sides >= {pre.draft_size}")
+    return record
 
 
 def _fast_path_notes(todo: dict[str, list[ImageFile]]) -> list[str]:

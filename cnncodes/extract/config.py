@@ -11,8 +11,26 @@ from ..errors import CnnCodesError
 from ..precision import PRECISIONS
 
 DECODES = ("auto", "cpu", "gpu")
+# Nothing unmeasured is the default: `--decode auto` decodes on the GPU only once a device check
+# (bench/device_check.py) has passed on a real GPU and its bench/results/device_check.json is
+# committed; that commit sets this to True. Until then auto = CPU decoding in worker processes.
+GPU_DECODE_MEASURED = False
 # The fields that decide the codes: a cache is up to date for a request only if these match.
-CODE_FIELDS = ("arch", "weights", "image_size", "layers", "preprocess_like", "views", "eval_views", "seed", "precision")
+CODE_FIELDS = ("arch", "weights", "image_size", "layers", "preprocess_like", "views", "eval_views", "seed", "precision",
+               "decode")
+
+
+def resolve_decode(decode: str, device_type: str) -> str:
+    """Where JPEGs are decoded, "cpu" or "gpu", for a network on `device_type` ("cpu", "cuda").
+
+    'auto' is the CPU until `GPU_DECODE_MEASURED`; 'gpu' without CUDA is an error."""
+    if decode not in DECODES:
+        raise CnnCodesError(f"unknown --decode '{decode}'; use one of {', '.join(DECODES)}")
+    if decode == "gpu" and device_type != "cuda":
+        raise CnnCodesError("--decode gpu needs the network on a CUDA device (--device cuda); use --decode cpu")
+    if decode == "auto":
+        return "gpu" if GPU_DECODE_MEASURED and device_type == "cuda" else "cpu"
+    return decode
 
 
 @dataclass(frozen=True)
@@ -38,7 +56,8 @@ class ExtractConfig:
     channels_last: bool = option(True, "NHWC memory layout.")
     workers: int | None = option(None, "Decode workers [default: sized to the machine].")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
-    decode: str = option("auto", "Where JPEGs are decoded: gpu = nvJPEG batches (auto: when the network runs on CUDA).")
+    decode: str = option("auto", "Where JPEGs are decoded: cpu = PIL in worker processes; gpu = nvJPEG batches on the "
+                                 "CUDA device (opt-in: not yet measured on a GPU); auto = cpu for now.")
     strict: bool = option(False, "Stop at the first unreadable file instead of skipping it.")
     checkpoint_every: float = option(30.0, "Seconds between resumable shard writes.")
 
@@ -57,5 +76,9 @@ class ExtractConfig:
                 raise CnnCodesError(message)
 
     def request(self) -> dict:
-        """The fields that decide the codes, by name (the up-to-date key is made of them)."""
-        return {name: getattr(self, name) for name in CODE_FIELDS}
+        """The fields that decide the codes, by name (the up-to-date key is made of them); `decode` as
+        resolved where that needs no device ('auto' stays 'auto' once it may mean the GPU)."""
+        request = {name: getattr(self, name) for name in CODE_FIELDS}
+        if request["decode"] == "auto" and not GPU_DECODE_MEASURED:
+            request["decode"] = "cpu"
+        return request

@@ -18,7 +18,7 @@ from .. import distributed
 from ..backbones import create_extractor
 from ..data import FolderLayout, ImageFile, ImageFiles, Normalize, Preprocessing, as_tensor, make_loader, view_seed
 from ..errors import CnnCodesError, Interrupted
-from ..gpu_decode import DeviceLoader
+from ..gpu_decode import DecodeStats, DeviceLoader
 from ..runtime import autocast, configure_threads, process_cores
 from ..store import SplitRows, last_shard_seq, shard_path, write_shard
 from .config import ExtractConfig
@@ -30,13 +30,28 @@ class ViewMaker:
     def __init__(self, pre: Preprocessing, paths: list[str], views: int, seed: int):
         self.pre, self.paths, self.views, self.seed = pre, paths, views, seed
 
-    def __call__(self, img: Image.Image, index: int) -> torch.Tensor:
+    def __call__(self, img: Image.Image | torch.Tensor, index: int) -> torch.Tensor:
         img = as_tensor(img)
-        out = [self.pre.eval_view(img)]
+        return torch.stack([self.pre.eval_view(img), *self._random_views(img, index)])
+
+    def many(self, images: list[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
+        """The views of several decoded images; the eval views of same-sized images are made in one
+        call (one resize kernel launch per size on a GPU instead of one per image)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(j)
+        evals: dict[int, torch.Tensor] = {}
+        for js in groups.values():
+            stacked = images[js[0]].unsqueeze(0) if len(js) == 1 else torch.stack([images[j] for j in js])
+            evals.update(zip(js, self.pre.eval_view(stacked)))
+        return [torch.stack([evals[j], *self._random_views(img, i)]) for j, (img, i) in enumerate(zip(images, indices))]
+
+    def _random_views(self, img: torch.Tensor, index: int) -> list[torch.Tensor]:
+        out = []
         for k in range(1, self.views + 1):
             g = torch.Generator().manual_seed(view_seed(self.seed, self.paths[index], k))
             out.append(self.pre.random_view(img, g))
-        return torch.stack(out)
+        return out
 
 
 class Runner:
@@ -46,6 +61,8 @@ class Runner:
     `cache` the configuration the cache records (its layers already parsed).
     """
 
+    decode_many = None  # the device path's batch decoder (None: torchvision's); tests inject fakes
+
     def __init__(self, options: ExtractConfig, cache, info, pre: Preprocessing, dev: torch.device, log=None):
         configure_threads(dev)
         self.model, _, self.dim = create_extractor(cache.arch, info, layers=cache.layers, log=log)
@@ -54,7 +71,7 @@ class Runner:
         self.model = self.model.to(dev)
         self.normalize = Normalize(pre.mean, pre.std, options.channels_last).to(dev)
         self.options, self.config, self.pre, self.dev = options, cache, pre, dev
-        self.decode_fallbacks = 0
+        self.decode_stats = DecodeStats()  # images each decoder did, and why any fell back
 
     @torch.inference_mode()
     def codes(self, images: torch.Tensor) -> np.ndarray:
@@ -87,7 +104,7 @@ class Runner:
         batch_size, workers = self.options.batch_size, self.options.workers  # workers None: sized to the machine
         if self.options.decode == "gpu":
             loader = DeviceLoader(layout.root, paths, self.pre.load, dataset.transform, batch_size, self.dev,
-                                  workers or process_cores())
+                                  workers or process_cores(), decode_many=self.decode_many)
         else:
             loader = make_loader(dataset, batch_size, workers, self.dev)
         shard = ShardWriter(parts, split, k + 1, distributed.rank())
@@ -110,7 +127,10 @@ class Runner:
             shard.flush()
             raise Interrupted(f"stopped; finished batches are saved in {parts}; rerun the same command to continue") from None
         shard.flush()
-        self.decode_fallbacks += getattr(loader, "fallbacks", 0)
+        if isinstance(loader, DeviceLoader):
+            self.decode_stats.add(loader.stats)
+        else:
+            self.decode_stats.cpu += images
         return images, codes
 
 

@@ -74,7 +74,7 @@ class CacheConfig:
 
 
 def decoder_family(decode: str) -> str:
-    """"cuda:nvjpeg-torchvision-0.29.1" -> "cuda:nvjpeg-torchvision" (the decoder without its version)."""
+    """The decoder without its version: "cuda:nvjpeg-torchvision-0.29.1" -> "cuda:nvjpeg-torchvision"."""
     return decode.rsplit("-", 1)[0] if "-" in decode else decode
 
 
