@@ -193,3 +193,120 @@ def test_the_documented_rebuild_runs_verbatim(cli_head, monkeypatch):
         env = {"codes": x}
         exec(compile(block, str(DOCS), "exec"), env)  # noqa: S102 - our own documentation
         np.testing.assert_allclose(env["proba"], head.predict_proba(x), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- L-BFGS: agreement and honest stops
+
+
+def _mixed_codes(n: int, k: int, d: int = 64, rank: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Real-like codes: a few latent factors (class means plus per-image variation) mixed into d correlated
+    dimensions by a random matrix, plus small noise, standardised: low effective rank, ill-conditioned."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    z = rng.normal(size=(n, rank)) + 1.2 * rng.normal(size=(k, rank))[y]
+    x = z @ rng.normal(size=(rank, d)) + 0.05 * rng.normal(size=(n, d))
+    return ((x - x.mean(0)) / x.std(0)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("codes", ["correlated", "isotropic"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_lbfgs_softmax_is_logistic_regression(codes, k):
+    """The L-BFGS softmax fit is LogisticRegression(C)'s optimum on binary and multiclass problems, on isotropic
+    and on correlated low-rank codes: the same coef_/intercept_ (binary: its two rows' difference, scikit-learn's
+    one row) and the same probabilities, for a fold model and the full-data model. Within 5e-3 of the largest
+    weight: the objective is float32, where scipy stops (a warning says so) before tol=1e-6 on these codes."""
+    from sklearn.linear_model import LogisticRegression
+
+    from cnncodes.heads.format import as_sklearn_rows, softmax
+    from cnncodes.heads.lbfgs import lbfgs_path
+
+    n = 240
+    if codes == "correlated":
+        x, y = _mixed_codes(n, k)
+    else:
+        rng = np.random.default_rng(1)
+        y = np.arange(n) % k
+        x = rng.normal(size=(n, 40)) + 0.6 * rng.normal(size=(k, 40))[y]
+        x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    fold, grid = (np.arange(n) // k) % 2, [0.01, 1.0]  # every class on both sides
+    for C, (w, b, _) in zip(grid, lbfgs_path(x, y, k, fold, np.array([0, -1]), grid, "softmax", max_iter=5000, tol=1e-6)):
+        for m, keep in ((0, fold != 0), (1, np.ones(n, bool))):
+            sk = LogisticRegression(C=C, max_iter=10_000, tol=1e-10).fit(x[keep], y[keep])
+            coef, icpt = as_sklearn_rows(w[m], b[m])
+            scale = np.abs(sk.coef_).max()
+            np.testing.assert_allclose(coef, sk.coef_, atol=5e-3 * scale)
+            if k == 2:
+                np.testing.assert_allclose(icpt, sk.intercept_, atol=5e-3 * max(scale, 1))
+            else:  # softmax intercepts are defined up to a common shift
+                np.testing.assert_allclose(icpt - icpt.mean(), sk.intercept_ - sk.intercept_.mean(),
+                                           atol=5e-3 * max(scale, 1))
+            np.testing.assert_allclose(softmax(x @ w[m].T + b[m]), sk.predict_proba(x), atol=1e-3)
+
+
+def _scipy_stopping_like(monkeypatch, stop_at, status: int = 2, message: str = "ABNORMAL: ") -> list:
+    """Make scipy's L-BFGS-B (as lbfgs calls it) stop once `stop_at(largest gradient entry)` holds and report
+    `status`/`message` (2: its line search failed), as it does at float32 precision or on a bad curvature
+    pair. Returns the list of calls."""
+    real, calls = scipy.optimize.minimize, []
+
+    def fake(fun, x0, **kw):
+        seen = {}
+
+        def f(x):
+            value, grad = fun(x)
+            seen["g"] = np.abs(grad).max()
+            return value, grad
+
+        def stop(_):
+            if stop_at(seen["g"]):
+                raise StopIteration
+
+        calls.append(x0)
+        res = real(f, x0, jac=True, method="L-BFGS-B", callback=stop, options=kw["options"])
+        res.status, res.success, res.message = status, False, message
+        return res
+
+    monkeypatch.setattr(scipy.optimize, "minimize", fake)
+    return calls
+
+
+def test_a_line_search_failure_far_from_the_optimum_is_not_converged(tmp_path, monkeypatch):
+    """scipy stopping after one iteration with a failed line search was reported as converged; now L-BFGS
+    restarts once from there and, still far, the fit report says it did not converge, and why."""
+    cache = write_synthetic_cache(tmp_path / "c.h5", {"train": 30, "val": 10}, dim=16, n_classes=3, separation=1.5)
+    calls = _scipy_stopping_like(monkeypatch, lambda g: True)
+    _, report = fit_head(cache, "linear", 1.0)
+    assert len(calls) == 2  # the first stop, and one restart from its point
+    notes = [n for n in report["selection"]["notes"] if "did not converge" in n]
+    assert len(notes) == 1 and "at C=1 after 2 iterations (line search failed" in notes[0]
+    assert "scipy: ABNORMAL: (status 2)" in notes[0]
+
+
+def test_a_line_search_failure_near_the_optimum_is_accepted(monkeypatch):
+    """Within NEAR_OPTIMUM x tol (float32 precision) the stop is accepted: no restart, no warning, one note."""
+    from cnncodes.heads.lbfgs import NEAR_OPTIMUM, lbfgs_path
+
+    x, y = _mixed_codes(120, 3, d=16)
+    tol = 1e-4
+    calls = _scipy_stopping_like(monkeypatch, lambda g: g <= NEAR_OPTIMUM * tol / 3)
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (_, _, iters), = lbfgs_path(x, y, 3, np.zeros(120, np.int64), np.array([-1]), [1.0], "softmax", tol=tol,
+                                    precondition=False, notes=notes)  # unpreconditioned: scipy's gradient is W, b's
+    assert len(calls) == 1 and iters > 0
+    assert len(notes) == 1 and "the fit is accepted" in notes[0]
+
+
+def test_lbfgs_short_of_tol_warns_without_notes_and_names_the_iteration_limit():
+    from sklearn.exceptions import ConvergenceWarning
+
+    from cnncodes.heads.lbfgs import lbfgs_path
+
+    x, y = _mixed_codes(120, 3, d=16)
+    args = (x, y, 3, np.zeros(120, np.int64), np.array([-1]), [10.0], "softmax")
+    with pytest.warns(ConvergenceWarning, match=r"did not converge at C=10 after 2 iterations \(iteration limit \(2\)"):
+        list(lbfgs_path(*args, max_iter=2))
+    notes: list[str] = []
+    list(lbfgs_path(*args, max_iter=2, notes=notes))
+    assert len(notes) == 1 and "iteration limit (2)" in notes[0]
