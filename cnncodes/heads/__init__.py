@@ -3,7 +3,8 @@
 Where things live (input -> output):
 
 - `names`: the head names (`CLFS`, `TORCH_CLFS`) and the C grid, shared with the CLI.
-- `format`: `LinearHead` and its HDF5 file (`save`/`load`), `softmax`, `as_class_rows`.
+- `format`: `LinearHead` and its HDF5 file (`save`/`load`, `to_sklearn`), `softmax`, `as_class_rows`
+  and its inverse `as_sklearn_rows`.
 - `codes`: the train split as the solvers see it (`load_train` -> `TrainSet`), streamed
   blocks (`iter_blocks`), standardiser statistics, image ids per row, the memory budget.
 - `selection`: grouped folds, CV scores per (fold, C), the pick, the refit (`fit_linear`).
@@ -17,9 +18,11 @@ Where things live (input -> output):
 
 Every head, whatever trained it, ends as the same linear form: standardise the code
 (`(x - mean) / scale`), then `scores = coef @ z + intercept`, one row per class. Binary
-scikit-learn models (one coefficient row `w`) are stored as the two rows `[-w/2, w/2]`, so
+scikit-learn models (one coefficient row `w`) are held as the two rows `[-w/2, w/2]`, so
 softmax(scores) equals their sigmoid and argmax their sign rule. That form folds into a
-ResNet's `fc` (see `LinearHead.folded` and `cnncodes.predict.export_head`).
+ResNet's `fc` (see `LinearHead.folded` and `cnncodes.predict.export_head`). The head file
+stores scikit-learn's own layout (binary: the one row; docs/formats.md), and
+`LinearHead.to_sklearn()` gives the fitted `Pipeline(StandardScaler, LogisticRegression|LinearSVC)`.
 
 Heads (`--clf`):
 
@@ -87,7 +90,7 @@ if TYPE_CHECKING:
 # only CLFS) does not pay for torch and scikit-learn.
 _LAZY = {
     "LinearHead": "format", "HEAD_FORMAT": "format", "HEAD_VERSION": "format", "softmax": "format",
-    "as_class_rows": "format",
+    "as_class_rows": "format", "as_sklearn_rows": "format",
     "TrainSet": "codes", "load_train": "codes", "iter_blocks": "codes", "code_stats": "codes",
     "image_groups": "codes", "available_memory": "codes",
     "Selection": "selection", "cv_folds": "selection", "grouped_folds": "selection", "fit_linear": "selection",
