@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import threading
 import warnings
@@ -44,8 +45,9 @@ class BadImage(Exception):
     """Raised by `load_rgb` with a short reason; the file is skipped, not fatal."""
 
 
-def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
-    """Decode an image file to an 8-bit RGB PIL image with EXIF orientation applied.
+def load_rgb(path: str | os.PathLike | bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file (or its bytes, e.g. a WebDataset sample's) to an 8-bit RGB PIL image
+    with EXIF orientation applied: the same decoder for both, so the same bytes give the same pixels.
 
     Grayscale, palette, alpha (composited on white), CMYK and 16-bit images are converted.
     `draft_size` lets JPEG decode at a reduced scale (DCT scaling) while keeping both
@@ -53,10 +55,11 @@ def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
     Raises BadImage with a reason for zero-byte, truncated, corrupt or non-image files.
     """
     try:
-        if os.path.getsize(path) == 0:
+        in_memory = isinstance(path, (bytes, bytearray))
+        if (len(path) if in_memory else os.path.getsize(path)) == 0:
             raise BadImage("empty file (0 bytes)")
         with quiet_pil():
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(path) if in_memory else path) as im:
                 if draft_size and im.format in JPEG_FORMATS:
                     im.draft("RGB", (draft_size, draft_size))
                 im.load()

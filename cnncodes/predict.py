@@ -159,6 +159,7 @@ def export_head(head_path: str | Path, out: str | Path, weights: str | None = No
     if not is_head_file(head_path):
         raise CnnCodesError(f"{head_path}: not a head file (.h5 from `cnncodes fit-head`); a classifier .pt needs no export")
     head = LinearHead.load(head_path)
+    refuse_fused(head.meta, "export")
     arch = head.meta.get("arch")
     mismatch = arch and stock_mismatch(arch)
     if mismatch:  # an export exists to be loaded by plain torchvision; there it would give other scores
