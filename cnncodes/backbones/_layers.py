@@ -8,6 +8,7 @@ make its models traceable), with the names of `feature_info` listed first.
 from __future__ import annotations
 
 import torch
+import torchvision
 from torch import nn
 
 from ..errors import CnnCodesError
@@ -42,28 +43,53 @@ def _traceable(bb: Backbone) -> nn.Module:
 class PooledLayers(nn.Module):
     """An fx feature extractor whose outputs are pooled to (N, C) each and concatenated."""
 
-    def __init__(self, extractor: nn.Module, names: list[str]):
+    def __init__(self, extractor: nn.Module, names: list[str], channels_last: set[str] = frozenset()):
         super().__init__()
-        self.extractor, self.names = extractor, names
+        self.extractor, self.names, self.channels_last = extractor, names, set(channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.extractor(x)
-        return torch.cat([pool(out[n]) for n in self.names], dim=1)
+        return torch.cat([pool(out[n], n in self.channels_last) for n in self.names], dim=1)
 
 
-def pool(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> mean over H, W; (N, L, C) token sequences -> mean over tokens; (N, C) as is.
-
-    Channels-last stage outputs (Swin, (N, H, W, C)) are averaged over H and W.
-    """
+def pool(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """(N, C, H, W) -> mean over H, W; (N, H, W, C) (`channels_last`) -> mean over H, W;
+    (N, L, C) token sequences -> mean over tokens; (N, C) as is."""
     if t.ndim == 2:
         return t
     if t.ndim == 3:
         return t.mean(dim=1)
     if t.ndim == 4:
-        channels_last = t.shape[-1] > t.shape[1] and t.shape[1] == t.shape[2]  # (N, H, W, C)
         return t.mean(dim=(1, 2)) if channels_last else t.mean(dim=(2, 3))
     raise CnnCodesError(f"cannot pool a layer output of shape {tuple(t.shape)}")
+
+
+def channels_last_layers(bb: Backbone, names: list[str]) -> set[str]:
+    """The names among `names` whose 4-d output is (N, H, W, C), known from the model, not guessed
+    from the shape (a Swin stage at 384 px is (N, 96, 96, 96)).
+
+    Models whose stages run channels-last: torchvision's Swin (`features` and `norm`, up to its
+    final `permute`) and timm models that declare `output_fmt == "NHWC"` (Swin, Swin V2, MambaOut,
+    Sequencer, ...). There, stage and block outputs are NHWC and a convolution's output NCHW (the
+    stem's patch conv); a node inside a stem that permutes back and forth (MambaOut's) is not
+    told apart: name the stem or a stage instead.
+    """
+    scope = _channels_last_scope(bb)
+    modules = dict(bb.model.named_modules())
+    return {n for n in names if n.split(".")[0] in scope and not isinstance(modules.get(n), nn.Conv2d)}
+
+
+def _channels_last_scope(bb: Backbone) -> set[str]:
+    """The model's top-level modules that run channels-last (empty for an NCHW model)."""
+    model = bb.model
+    if bb.arch.startswith(_timm.PREFIX):
+        if not str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC"):
+            return set()
+        head = bb.classifier_name.split(".")[0]  # the head pools to (N, C) itself
+        return {name for name, _ in model.named_children() if name != head}
+    if isinstance(model, torchvision.models.SwinTransformer):
+        return {"features", "norm"}  # then `permute` back to NCHW, `avgpool`, `head`
+    return set()
 
 
 def layer_extractor(bb: Backbone, layers: str) -> tuple[nn.Module, int]:
@@ -80,7 +106,7 @@ def layer_extractor(bb: Backbone, layers: str) -> tuple[nn.Module, int]:
                             + (f"; nearest: {', '.join(near)}" if near else "")
                             + f"; `cnncodes archs {bb.arch} --layers` lists them")
     extractor = create_feature_extractor(_traceable(bb), return_nodes={n: n for n in names})
-    model = PooledLayers(extractor, names).eval()
+    model = PooledLayers(extractor, names, channels_last_layers(bb, names)).eval()
     size = 224 if bb.fixed_size is None else bb.fixed_size
     with torch.no_grad():
         dim = model(torch.zeros(1, 3, size, size)).shape[1]
