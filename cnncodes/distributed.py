@@ -133,3 +133,21 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.num_replicas))
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (picklable plain data; a no-op in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -131,3 +131,42 @@ def _split_skipped(g: h5py.Group, files: list[ImageFile], ignored: list[tuple[st
     reasons = dict(old)
     expected = [(f.path, reasons.get(f.path, "skipped")) for f in files if f.path not in with_rows] + list(ignored)
     return expected if [tuple(s) for s in old] == [tuple(s) for s in expected] else None
+
+
+def shards_up_to_date(source, out: str | Path, request: str, strict: bool = False) -> UpToDate | None:
+    """The report of a no-op `extract` from WebDataset shards (a `webdata.ShardSource`): the index
+    `out` records this request and labels, every input shard has the size and mtime it records
+    (stat only: no shard is opened) and every output shard it names is the one it indexed."""
+    from .store.sharded import index_shards, is_index
+
+    out = Path(out)
+    if not out.is_file():
+        return None
+    try:
+        cache = Cache(out)  # checks that every output shard it names exists
+    except CnnCodesError:
+        return None
+    with cache:
+        f = cache.file
+        if not is_index(f) or f.attrs.get(REQUEST_ATTR) != request:
+            return None
+        if f.attrs.get("source") != json.dumps(source.identity(), sort_keys=True):
+            return None
+        inputs = source.shards()
+        if sorted(inputs) != sorted(cache.splits):
+            return None
+        result = UpToDate({})
+        for split, shards in inputs.items():
+            g = f[split]
+            if read_table(g, "files") != [(s.path, s.size, s.mtime_ns) for s in shards]:
+                return None  # a changed, added, removed or failed input shard: the full path redoes it
+            for rel, size, mtime in index_shards(g):
+                try:
+                    st = (out.parent / rel).stat()
+                except OSError:
+                    return None
+                if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                    return None
+            result.split_counts[split] = int(g["features"].shape[0])
+            result.skipped += cache.skipped(split)
+        return None if strict and result.skipped else result  # --strict refuses them: the full path says which

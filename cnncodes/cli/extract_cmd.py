@@ -21,6 +21,19 @@ _OPTION_EXTRAS = {
 }
 
 
+def shard_options(f):
+    """WebDataset input: the val/test splits' shards, where labels come from, the class names."""
+    f = click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="WebDataset: class names, one per line (line i names class index i) "
+                          "[default: 0..the largest label].")(f)
+    f = click.option("--label-key", default="cls", show_default=True, metavar="KEY",
+                     help="WebDataset: 'cls' = the integer in each sample's .cls; another name = that field "
+                          "of its .json (a class index, or a name in --classes).")(f)
+    f = click.option("--test", "test_shards", default=None, metavar="PATTERN", help="WebDataset: the test split's shards.")(f)
+    f = click.option("--val", "val_shards", default=None, metavar="PATTERN", help="WebDataset: the val split's shards.")(f)
+    return f
+
+
 @click.command("extract")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Cache file to create or extend (.h5).")
@@ -29,27 +42,39 @@ _OPTION_EXTRAS = {
 @runtime_options
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another configuration.")
 @manifest_options()
+@shard_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def extract_command(data, out, overwrite, path_col, label_col, val_fraction, quiet, **options):
+def extract_command(data, out, overwrite, path_col, label_col, val_fraction, val_shards, test_shards, label_key,
+                    classes_file, quiet, **options):
     """Cache CNN codes of every image under DATA to an HDF5 file.
 
     DATA is DATA/<class>/<image>, DATA/{train,val,test}/<class>/<image>, or a CSV manifest
     with columns path,label[,split]. Rerun the same command to resume after a crash or to
     add images (or rows) that appeared since.
+
+    DATA may also be WebDataset shards (the train split): a pattern such as
+    'train-{000000..000099}.tar' or '*.tar' (quoted), a .txt file listing shard paths, or a
+    JSON spec {"train": PATTERN, "val": PATTERN}; then -o is an index over one output shard
+    per input shard (see docs/scale.md).
     """
+    from ..webdata import source_from_cli
+
     config = ExtractConfig(**options)
-    manifest = manifest_from(path_col, label_col, val_fraction, config.seed)
-    if not overwrite and _report_if_up_to_date(data, out, config, manifest):
+    shards = source_from_cli(data, val_shards, test_shards, label_key, classes_file)
+    manifest = None if shards else manifest_from(path_col, label_col, val_fraction, config.seed)
+    if not overwrite and _report_if_up_to_date(shards or data, out, config, manifest):
         return
     from ..extract import extract
 
-    r = extract(data, out, config, overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True),
-                manifest=manifest)
+    r = extract(shards or data, out, config, overwrite=overwrite, progress=not quiet,
+                log=lambda m: click.echo(m, err=True), manifest=manifest)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for all
     _echo_skipped(r.skipped, out)
     counts = _counts(r.split_counts)
-    if r.up_to_date:
+    if r.shards is not None:
+        _report_shards(r, out, counts)
+    elif r.up_to_date:
         click.echo(f"{out} is up to date ({counts} codes); nothing to extract")
     else:
         click.echo(f"extracted {r.extracted} images ({r.codes} codes) in {r.seconds:.1f} s "
@@ -58,12 +83,32 @@ def extract_command(data, out, overwrite, path_col, label_col, val_fraction, qui
             click.echo(_decoders_line(r.decoders, r.fallbacks), err=True)
 
 
+def _report_shards(r, out, counts: str) -> None:
+    """The sharded run's summary: shards done before, extracted, redone and why, failed (exit 2)."""
+    s = r.shards
+    redone = ", ".join(f"{n} {why}" for why, n in s["redone"].items())
+    click.echo(f"extracted {r.extracted} images ({r.codes} codes) from {s['extracted']} input shards in {r.seconds:.1f} s "
+               f"({r.images_per_s:.1f} img/s); {s['done']} shards skipped as done"
+               + (f", {sum(s['redone'].values())} redone ({redone})" if redone else "")
+               + f", {s['failed']} failed; skipped {len(r.skipped)} samples; {out}: {counts} codes")
+    if r.failed_shards:
+        for path, reason in r.failed_shards:
+            click.echo(f"error: {path}: {reason}", err=True)
+        click.echo(f"error: {len(r.failed_shards)} input shard(s) could not be read; {out} indexes the others; "
+                   f"fix them and rerun the same command to extract them", err=True)
+        raise click.exceptions.Exit(2)  # the index holds the others; a rerun retries these
+
+
 def _report_if_up_to_date(data, out, config: ExtractConfig, manifest) -> bool:
-    """The rerun on an unchanged folder, answered without importing torch (see `uptodate`)."""
-    from ..uptodate import request_key, up_to_date, weights_sha256
+    """The rerun on an unchanged folder or shards, answered without importing torch (see `uptodate`)."""
+    from ..uptodate import request_key, shards_up_to_date, up_to_date, weights_sha256
+    from ..webdata import ShardSource
 
     key = request_key(weights_sha256=weights_sha256(config.weights), **config.request())
-    done = up_to_date(data, out, key, config.strict, manifest)
+    if isinstance(data, ShardSource):
+        done = shards_up_to_date(data, out, key, config.strict)
+    else:
+        done = up_to_date(data, out, key, config.strict, manifest)
     if done is None:
         return False
     if int(os.environ.get("RANK", "0")) == 0:

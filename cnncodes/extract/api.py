@@ -31,6 +31,7 @@ from ..resume import Done, prepare_parts
 from ..runtime import FileLock, check_precision, check_space, inference_batch_size, resolve_device
 from ..store import Cache, CacheConfig, SplitPlan, parts_folder, write_cache
 from ..uptodate import request_key
+from ..webdata import ShardSource
 from .config import ExtractConfig
 from .runner import Runner
 
@@ -52,6 +53,8 @@ class ExtractResult:
     up_to_date: bool = False
     split_counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # where a fast path did not apply
+    shards: dict | None = None  # WebDataset input: input shards done before, extracted, redone (why), failed
+    failed_shards: list[tuple[str, str]] = field(default_factory=list)  # (input shard, reason): not in the index
 
     @property
     def decode_fallbacks(self) -> int:
@@ -74,8 +77,9 @@ def extract(
     manifest: ManifestOptions | None = None,
     **overrides: Any,
 ) -> ExtractResult:
-    """Extract CNN codes for every image under `data` (a folder or a CSV manifest read with
-    `manifest` options) into the HDF5 cache `out`.
+    """Extract CNN codes for every image under `data` (a folder, a CSV manifest read with
+    `manifest` options, or WebDataset shards: a `webdata.ShardSource`) into the HDF5 cache `out`
+    (for shards: an index over one output shard per input shard, see `store.sharded`).
 
     The options are `config` (default `ExtractConfig()`) with `overrides`, any of its fields by
     name (`extract(data, out, arch="densenet121", weights="none")`); `overwrite`, `progress` and
@@ -89,13 +93,14 @@ def extract(
     arch's original recipe; `log` says which).
     """
     options = with_overrides(ExtractConfig, config, overrides, "extract")
-    layout = discover(data, manifest)
-    for w in layout.warnings:
+    shards = data if isinstance(data, ShardSource) else None  # WebDataset input: see extract.sharded
+    layout = None if shards else discover(data, manifest)
+    for w in layout.warnings if layout else []:
         log(f"warning: {w}")
     dev = resolve_device(options.device)
     check_precision(options.precision, dev)
     options = dataclasses.replace(options, batch_size=options.batch_size or inference_batch_size(dev),
-                                  decode=resolve_decode(options.decode, dev))
+                                  decode=_shard_decode(options.decode) if shards else resolve_decode(options.decode, dev))
     info = resolve_weights(options.arch, options.weights)
     request = request_key(weights_sha256=info.sha256, **options.request())
     pre = resolve_preprocessing(options.arch, info, options.image_size, options.preprocess_like,
@@ -103,7 +108,7 @@ def extract(
     cache = CacheConfig(options.arch, info.identity, info.name, options.precision, _pre_record(pre, options.decode),
                         options.views, options.eval_views, options.seed, parse_layers(options.arch, options.layers),
                         _decoder(options.decode, dev))
-    if options.strict:
+    if options.strict and layout is not None:
         _fail_on_ignored(layout)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +117,39 @@ def extract(
     if slow and distributed.is_main():
         log(f"note: {slow}")  # before the run, not after minutes of waiting
     try:
-        result = _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, progress, request, log)
+        if shards is not None:
+            result = _extract_from_shards(shards, out, options, cache, info, pre, dev, overwrite, progress, request, log)
+        else:
+            result = _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, progress, request, log)
     finally:
         distributed.cleanup()
     for note in result.notes:
         log(f"note: {note}")
+    return result
+
+
+def _shard_decode(decode: str) -> str:
+    """WebDataset samples are decoded on the CPU (the nvJPEG loader reads files by path): said, never silent."""
+    if decode == "gpu":
+        raise CnnCodesError("--decode gpu reads image files by path; WebDataset shards are decoded on the CPU: "
+                            "drop --decode gpu (or use --decode cpu)")
+    return "cpu"
+
+
+def _extract_from_shards(source, out, options, cache, info, pre, dev, overwrite, progress, request, log) -> ExtractResult:
+    """`extract` on WebDataset shards (extract.sharded), as an ExtractResult."""
+    from .sharded import extract_shards
+
+    r = extract_shards(source, out, options, cache, info, pre, dev, overwrite, progress, request, log)
+    report = r["report"]
+    result = ExtractResult(out, extracted=report.images, codes=report.codes, skipped=r["skipped"],
+                           seconds=report.seconds, decode="cpu", up_to_date=r["up_to_date"],
+                           split_counts=r["split_counts"], failed_shards=report.failed,
+                           shards={"done": r["done"], "extracted": report.shards, "redone": dict(report.redone),
+                                   "failed": len(report.failed)})
+    if report.not_jpeg:
+        result.notes.append(f"the JPEG draft decode (reduced DCT scale) does not apply to {report.not_jpeg} non-JPEG "
+                            f"sample(s): they are decoded at full size, then resized as usual")
     return result
 
 

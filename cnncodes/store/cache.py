@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from .format import FORMAT, FORMAT_VERSION, CacheConfig, read_table
+from .sharded import check_sources, is_index
 from .shards import pending_shards
 
 
@@ -38,6 +39,8 @@ class Cache:
             self.feature_dim = int(a["feature_dim"])
         except (KeyError, TypeError, ValueError) as e:
             raise CnnCodesError(f"{self.path}: cache attributes are damaged ({e}); re-run `cnncodes extract --overwrite`") from e
+        if is_index(self.file):
+            check_sources(self.path, self.file)  # else a missing shard would read as fill values
         for split in self.splits:
             self._validate_split(split)
 
@@ -140,6 +143,7 @@ class Cache:
             "seed": self.config.seed,
             "splits": splits,
             "pending": pending_shards(self.path),
+            "store": a.get("store", "file"),  # "sharded": an index over one output shard per input shard
             "manifest": self.manifest,
             "versions": {k: a.get(f"{k}_version", "?") for k in ("cnncodes", "torch", "torchvision")},
         }

@@ -35,10 +35,12 @@ def last_shard_seq(parts: Path, split: str, rank: int) -> int:
     return max((int(p.stem.rsplit("-", 1)[1]) for p in parts.glob(f"{split}-r{rank:03d}-*.h5")), default=0)
 
 
-def write_shard(path: Path, rows: SplitRows) -> None:
-    """Write one shard atomically (a small HDF5 file with the same row datasets)."""
+def write_shard(path: Path, rows: SplitRows, attrs: dict | None = None) -> None:
+    """Write one shard atomically (a small HDF5 file with the same row datasets), with `attrs`
+    (what the sharded store records of the input it came from) on its root."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         _write_rows(f, rows)
+        f.attrs.update(attrs or {})
 
 
 def read_shard(path: Path) -> h5py.File | None:
