@@ -16,7 +16,17 @@ import numpy as np
 from .data import FolderLayout, ImageFile
 from .errors import CnnCodesError
 from .runtime import atomic_path
-from .store import Cache, CacheConfig, RowSource, SplitPlan, image_runs, read_shard, read_table, shard_split
+from .store import (
+    Cache,
+    CacheConfig,
+    RowSource,
+    SplitPlan,
+    image_runs,
+    read_shard,
+    read_table,
+    shard_split,
+    shard_written,
+)
 
 
 def prepare_parts(parts: Path, config: CacheConfig, overwrite: bool) -> None:
@@ -63,6 +73,7 @@ class Done:
         self.rows: dict[tuple[str, str], RowSource] = {}
         self.sigs: dict[tuple[str, str], tuple[int, int]] = {}
         self.skipped: dict[tuple[str, str], str] = {}
+        self.written: dict[tuple[str, str], int] = {}  # when the source that said the last word on a file was written
         self.feature_dim = 0
         self.torn: list[Path] = []  # shards proven torn (an interrupted write), deleted: their images are redone
 
@@ -79,25 +90,33 @@ class Done:
                 done.torn.append(path)
                 continue
             with shard:
-                done._add(shard_split(path), shard, path)
+                done._add(shard_split(path), shard, path, shard_written(path, shard))
         return done
 
-    def _add(self, split: str, g, source) -> None:
-        """Add one source's rows; a file it records supersedes what earlier sources said of it (a
-        cached image since replaced by an unreadable file is skipped now, its old code dropped)."""
+    def _add(self, split: str, g, source, written: int = -1) -> None:
+        """Add one source's rows; what it records of a file supersedes what sources written before
+        it said (a cached image since replaced by an unreadable file is skipped now, its old code
+        dropped), in write order (`written`; the old cache, -1, is older than every shard), so a
+        rank-1 shard of an earlier run never overrides a rank-0 shard of a resumed one."""
         if g["features"].shape[0]:
             self.feature_dim = int(g["features"].shape[1])
         files = read_table(g, "files")
-        for p, _, _ in files:
+        recorded = {p for p, _, _ in files}
+        newer = {p for p in recorded if written >= self.written.get((split, p), -1)}
+        for p in newer:
             self.rows.pop((split, p), None)
             self.skipped.pop((split, p), None)
+            self.written[(split, p)] = written
         paths = g["paths"].asstr()[()]
         for start, stop in zip(*image_runs(paths)):
-            self.rows[(split, paths[start])] = RowSource(source, int(start), int(stop))
+            if paths[start] in newer or paths[start] not in recorded:
+                self.rows[(split, paths[start])] = RowSource(source, int(start), int(stop))
         for p, size, mtime in files:
-            self.sigs[(split, p)] = (size, mtime)
+            if p in newer:
+                self.sigs[(split, p)] = (size, mtime)
         for p, reason in read_table(g, "skipped"):
-            self.skipped[(split, p)] = reason
+            if p in newer or p not in recorded:
+                self.skipped[(split, p)] = reason
 
     def has(self, split: str, f: ImageFile) -> bool:
         return self.sigs.get((split, f.path)) == (f.size, f.mtime_ns)

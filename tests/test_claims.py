@@ -212,3 +212,23 @@ def test_layer_pooling_knows_timm_nhwc_models():
     plain = bb.model.eval()
     torch.testing.assert_close(model(x), plain.layers[:2](plain.patch_embed(x)).mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
     assert channels_last_layers(B.create_backbone("timm:resnet10t", "none"), ["layer1"]) == set()
+
+
+def test_a_resumed_run_supersedes_shards_in_write_order_not_name_order(tmp_path):
+    """Run 1's rank 1 extracted a.jpg; the file changed; the resumed run's rank 0 extracted it again.
+    Name order puts train-r001-* last, so the old code won; write order keeps the new one."""
+    from cnncodes.resume import Done
+    from cnncodes.store import SplitRows, shard_path, write_shard
+
+    def rows(value: float, size: int) -> SplitRows:
+        return SplitRows(np.full((1, 4), value, np.float32), np.zeros(1, np.int64), ["a.jpg"], np.zeros(1, np.int16),
+                         files=[("a.jpg", size, 1)])
+
+    parts = tmp_path / "c.h5.parts"
+    parts.mkdir()
+    old, new = shard_path(parts, "train", 1, 1), shard_path(parts, "train", 0, 2)
+    write_shard(old, rows(1.0, 100))  # first run, rank 1
+    write_shard(new, rows(2.0, 200))  # resumed run, rank 0, after a.jpg changed
+    assert sorted(parts.glob("*.h5")) == [new, old]  # name order: the newer shard first
+    done = Done.collect(None, parts, None)  # the layout is not needed to collect
+    assert done.rows[("train", "a.jpg")].group == new and done.sigs[("train", "a.jpg")] == (200, 1)

@@ -40,11 +40,12 @@ from .shards import (
     read_shard,
     shard_path,
     shard_split,
+    shard_written,
     write_shard,
 )
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "ROW_CHUNK", "STR", "Cache", "CacheConfig", "RowSource",
     "ShardUnreadable", "SplitPlan", "SplitRows", "image_runs", "last_shard_seq", "parts_folder", "pending_shards", "read_shard",
-    "read_table", "shard_path", "shard_split", "write_cache", "write_shard",
+    "read_table", "shard_path", "shard_split", "shard_written", "write_cache", "write_shard",
 ]

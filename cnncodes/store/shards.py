@@ -4,6 +4,7 @@ batches in (`<cache>.parts/`), told apart as torn (redone) or unreadable (kept, 
 from __future__ import annotations
 
 import errno
+import time
 from pathlib import Path
 
 import h5py
@@ -35,12 +36,25 @@ def last_shard_seq(parts: Path, split: str, rank: int) -> int:
     return max((int(p.stem.rsplit("-", 1)[1]) for p in parts.glob(f"{split}-r{rank:03d}-*.h5")), default=0)
 
 
+WRITTEN_NS = "written_ns"  # a shard's root attribute: when it was written (ns since the epoch)
+
+
 def write_shard(path: Path, rows: SplitRows, attrs: dict | None = None) -> None:
     """Write one shard atomically (a small HDF5 file with the same row datasets), with `attrs`
-    (what the sharded store records of the input it came from) on its root."""
+    (what the sharded store records of the input it came from) and its write time on its root."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         _write_rows(f, rows)
+        f.attrs[WRITTEN_NS] = time.time_ns()
         f.attrs.update(attrs or {})
+
+
+def shard_written(path: Path, shard: h5py.File) -> int:
+    """When a shard was written: its `WRITTEN_NS` stamp, else (an older cnncodes) the file's mtime.
+
+    Shards of a resumed run supersede those of an earlier one in this order, not in name order
+    (`train-r001-*` sorts after `train-r000-*` whichever rank wrote last)."""
+    stamp = shard.attrs.get(WRITTEN_NS)
+    return int(stamp) if stamp is not None else path.stat().st_mtime_ns
 
 
 def read_shard(path: Path) -> h5py.File | None:
