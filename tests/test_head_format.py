@@ -270,16 +270,46 @@ def _scipy_stopping_like(monkeypatch, stop_at, status: int = 2, message: str = "
     return calls
 
 
-def test_a_line_search_failure_far_from_the_optimum_is_not_converged(tmp_path, monkeypatch):
-    """scipy stopping after one iteration with a failed line search was reported as converged; now L-BFGS
-    restarts once from there and, still far, the fit report says it did not converge, and why."""
+@pytest.mark.parametrize("status, message, why", [
+    (2, "ABNORMAL: ", "line search failed"),
+    (0, "CONVERGENCE: RELATIVE REDUCTION OF F <= FACTR*EPSMCH", "no further decrease of the float32 objective")])
+def test_a_stop_far_from_the_optimum_is_not_converged(tmp_path, monkeypatch, status, message, why):
+    """scipy stopping after one iteration (a failed line search, or its ftol rule) was reported as converged;
+    now L-BFGS restarts once from there and, still far, the fit report says it did not converge, and why."""
     cache = write_synthetic_cache(tmp_path / "c.h5", {"train": 30, "val": 10}, dim=16, n_classes=3, separation=1.5)
-    calls = _scipy_stopping_like(monkeypatch, lambda g: True)
+    calls = _scipy_stopping_like(monkeypatch, lambda g: True, status, message)
     _, report = fit_head(cache, "linear", 1.0)
     assert len(calls) == 2  # the first stop, and one restart from its point
     notes = [n for n in report["selection"]["notes"] if "did not converge" in n]
-    assert len(notes) == 1 and "at C=1 after 2 iterations (line search failed" in notes[0]
-    assert "scipy: ABNORMAL: (status 2)" in notes[0]
+    assert len(notes) == 1 and f"at C=1 after 2 iterations ({why}" in notes[0]
+    assert f"scipy: {message.strip()} (status {status})" in notes[0]
+
+
+def test_an_early_stop_far_from_the_optimum_restarts_and_converges(tmp_path, monkeypatch):
+    """The restart is real work, not a second report: scipy made to stop after its first iteration (as its
+    ftol rule does on float32 objectives) the first time only, the restart reaches the gradient rule."""
+    from cnncodes.heads.lbfgs import LBFGS_TOL, lbfgs_path
+
+    x, y = _mixed_codes(120, 3, d=16)
+    real, calls = scipy.optimize.minimize, []
+
+    def once_early(fun, x0, **kw):
+        calls.append(x0)
+        if len(calls) == 1:
+            kw["options"] = {**kw["options"], "maxiter": 1}
+            res = real(fun, x0, **kw)
+            res.status, res.message = 0, "CONVERGENCE: RELATIVE REDUCTION OF F <= FACTR*EPSMCH"
+            return res
+        return real(fun, x0, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", once_early)
+    notes: list[str] = []
+    (w, b, iters), = lbfgs_path(x, y, 3, np.zeros(120, np.int64), np.array([-1]), [1.0], "softmax", notes=notes)
+    assert len(calls) == 2 and iters > 1 and notes == []
+    from sklearn.linear_model import LogisticRegression
+
+    sk = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(x, y)
+    np.testing.assert_allclose(w[0], sk.coef_, atol=100 * LBFGS_TOL * np.abs(sk.coef_).max())
 
 
 def test_a_line_search_failure_near_the_optimum_is_accepted(monkeypatch):

@@ -26,9 +26,12 @@ checked by the callback), and scipy may stop before it: at its iteration limit, 
 fails (no step decreases the float32 objective), or when f stops decreasing by its relative ftol,
 both of which also happen at float32 precision close to the optimum. So every stop is judged by the
 gradient at the point scipy returns (`_minimise`): within NEAR_OPTIMUM x tol it is accepted and
-noted; farther, a line-search failure restarts L-BFGS once from there (a fresh curvature memory, as
-scipy users do), and a stop still short of the rule is reported as not converged, with scipy's
-status and message, in `notes` (the fit report's) or, without notes, as a ConvergenceWarning.
+noted; farther (and not at the iteration limit), L-BFGS restarts once from there (a fresh curvature
+memory, as scipy users do), and a stop still short of the rule is reported as not converged, with
+scipy's status and message, in `notes` (the fit report's) or, without notes, as a ConvergenceWarning.
+That restart matters: on ants/bees MobileNetV2 codes the `linear` head's fold models at C=1e-5 stopped
+on scipy's ftol after 3 iterations, gradient 100x tol, and scored CV 0.943 where LogisticRegression's
+optimum scores 0.927; restarted, they reach the rule 5 iterations later and score 0.927.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ LBFGS_TOL = 1e-4  # stop when every gradient entry (in W, b) of the summed objec
 PRECONDITION_ROWS = 8192  # rows that estimate the codes' second moment for the preconditioner
 PRECONDITION_RANK = 256  # its leading directions kept; the rest get their mean eigenvalue
 NEAR_OPTIMUM = 10.0  # a stop short of tol with the largest gradient entry within this factor of it: float32 precision
-LINE_SEARCH_FAILED = 2  # scipy L-BFGS-B's status for "ABNORMAL" (no step satisfied the line search)
+BUDGET_SPENT = 1  # scipy L-BFGS-B's status for its iteration (or evaluation) limit
+LINE_SEARCH_FAILED = 2  # its status for "ABNORMAL" (no step satisfied the line search)
 
 
 class _Preconditioner:
@@ -170,7 +174,7 @@ def _minimise(objective: Callable, x0: np.ndarray, last: dict, tol: float, max_i
               notes: list[str] | None) -> tuple[np.ndarray, int]:
     """scipy's L-BFGS-B from x0 until `last["grad"]` (the largest gradient entry in W, b of the point last
     evaluated) is <= tol; (x, iterations). A stop short of tol is judged by that gradient at the x scipy
-    returns: near the optimum accepted (noted once); far from it after a line-search failure, one restart;
+    returns: near the optimum accepted (noted once); far from it (not at the iteration limit), one restart;
     still short, noted as not converged (or warned without `notes`)."""
 
     def converged(intermediate_result) -> None:  # the stopping rule in W, b, whatever basis L-BFGS runs in
@@ -185,8 +189,8 @@ def _minimise(objective: Callable, x0: np.ndarray, last: dict, tol: float, max_i
                                       options={"maxiter": max_iter - nit, "gtol": 0.0, "maxcor": 20})
         x, nit = res.x, nit + int(res.nit)
         objective(x)  # judge the point scipy returns (after a failed line search, not the last one tried)
-        if restart or res.status != LINE_SEARCH_FAILED or last["grad"] <= NEAR_OPTIMUM * tol:
-            break
+        if restart or res.status == BUDGET_SPENT or last["grad"] <= NEAR_OPTIMUM * tol:
+            break  # else scipy stopped far from the rule (line search, ftol): once more, fresh memory
     if last["grad"] > tol:
         _short_of_tol(res, last["grad"], tol, nit, max_iter, where, notes)
     return x, nit
