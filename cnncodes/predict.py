@@ -12,7 +12,8 @@ confidence, not a calibrated probability).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,14 +270,18 @@ def _walk_images(folder: Path, skipped: list) -> list[Path]:
 # --------------------------------------------------------------------------- predict
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: str | None = None, device: str = "auto",
             precision: str | None = None, batch_size: int | None = None, workers: int | None = None,
-            manifest: ManifestOptions | None = None) -> Predictions:
+            manifest: ManifestOptions | None = None, note: Callable[[str], None] = _to_stderr) -> Predictions:
     """Classify image files, folders and/or CSV manifests (read with `manifest` options) with a
     head or a classifier (see the module docstring).
 
-    precision: None = the head's extraction precision (fp32 for classifiers; bf16 where fp16 is
-    not available on the device).
+    precision: None = the head's extraction precision (fp32 for classifiers; fp32, with a `note`,
+    where that was fp16 and the device is not CUDA).
     """
     if (batch_size is not None and batch_size < 1) or (workers is not None and workers < 0):
         raise CnnCodesError("--batch-size must be >= 1 and --workers >= 0")
@@ -286,9 +291,12 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: st
         raise CnnCodesError("no images to predict: pass image files or folders holding images"
                             + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     dev = resolve_device(device)
-    precision = precision or model.precision
-    if precision == "fp16" and dev.type != "cuda":
-        precision = "bf16"
+    if precision is None:
+        precision = model.precision
+        if precision == "fp16" and dev.type != "cuda":  # asked for explicitly, it is refused (check_precision)
+            precision = "fp32"
+            note(f"note: {model_path}'s codes were extracted in fp16, which runs on CUDA only; predicting in fp32 "
+                 f"on {dev.type} (fp16 approximates fp32 more closely than bf16 does); --precision bf16 is faster")
     scores = np.full((len(items), len(model.classes)), np.nan, np.float32)
     ok = np.zeros(len(items), bool)
     for idx, out, failed in run_model(model.module, "/", [str(i.path.resolve()) for i in items], model.preprocessing,

@@ -232,3 +232,25 @@ def test_a_resumed_run_supersedes_shards_in_write_order_not_name_order(tmp_path)
     assert sorted(parts.glob("*.h5")) == [new, old]  # name order: the newer shard first
     done = Done.collect(None, parts, None)  # the layout is not needed to collect
     assert done.rows[("train", "a.jpg")].group == new and done.sigs[("train", "a.jpg")] == (200, 1)
+
+
+def test_predict_says_what_it_runs_for_an_fp16_head_on_cpu(tmp_path, cli):
+    from cnncodes.heads import LinearHead
+    from cnncodes.predict import predict
+
+    data = write_folder(tmp_path / "data", {"train": 2, "val": 1})
+    extract(data, tmp_path / "c.h5", arch="resnet18", weights="none", image_size=32, **QUIET)
+    head, _ = fit_head(tmp_path / "c.h5", "logreg", "auto")
+    head.meta["precision"] = "fp16"  # as if extracted on a GPU in fp16
+    head.save(tmp_path / "h.h5")
+    assert LinearHead.load(tmp_path / "h.h5").meta["precision"] == "fp16"
+    notes = []
+    got = predict(tmp_path / "h.h5", [data / "val"], device="cpu", workers=0, note=notes.append)
+    assert len(notes) == 1 and "extracted in fp16" in notes[0] and "predicting in fp32" in notes[0]
+    plain = predict(tmp_path / "h.h5", [data / "val"], device="cpu", workers=0, precision="fp32", note=notes.append)
+    np.testing.assert_array_equal(got.scores, plain.scores)  # fp32 it is, not bf16
+    assert len(notes) == 1  # asked for fp32: nothing to say
+    with pytest.raises(CnnCodesError, match="fp16 needs a CUDA device"):  # asked for fp16 explicitly: refused
+        predict(tmp_path / "h.h5", [data / "val"], device="cpu", workers=0, precision="fp16")
+    r = cli("predict", tmp_path / "h.h5", data / "val", "--device", "cpu", "--workers", "0")
+    assert "note: " in r.stderr and "predicting in fp32" in r.stderr
