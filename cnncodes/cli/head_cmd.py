@@ -37,7 +37,8 @@ def fit_head_command(caches, out, json_out, confusion, concat, show_all_val, **o
     """Fit a linear head on the train split of CACHE and report on its other splits.
 
     Uses every stored train view; standardisation is part of the head. The head file is HDF5
-    (no pickle) in the linear form that `cnncodes export` folds into the backbone.
+    (no pickle) in scikit-learn's layout (StandardScaler then LogisticRegression or LinearSVC;
+    docs/formats.md), the linear form that `cnncodes export` folds into the backbone.
 
     Several CACHES of the same images (other backbones, layers, preprocessing), several --clf
     and --concat: every candidate is scored by the same grouped CV on train; the best is
