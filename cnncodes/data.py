@@ -23,11 +23,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL import ImageFile as PILImageFile
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
-
+from . import imageops
 from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, FolderLayout, ImageFile, discover  # noqa: F401  (re-exported)
 from .runtime import process_cores
+from .tvimport import torchvision  # the process's first torchvision import: without torch._dynamo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,25 +158,21 @@ class Preprocessing:
         # 2x the resize target keeps enough pixels for small random crops too.
         return 2 * self.resize
 
-    @property
-    def _interp(self) -> InterpolationMode:
-        return InterpolationMode(self.interpolation)
-
     def load(self, path: str | os.PathLike) -> Image.Image:
         return load_rgb(path, self.draft_size)
 
     def eval_view(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
         """Resize the short side, then center-crop, as uint8 (3, crop, crop)."""
-        t = TF.resize(as_tensor(img), [self.resize], interpolation=self._interp, antialias=True)
-        return TF.center_crop(t, [self.crop, self.crop])
+        t = imageops.resize(as_tensor(img), self.resize, self.interpolation)
+        return imageops.center_crop(t, self.crop)
 
     def random_view(self, img: Image.Image | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """RandomResizedCrop + horizontal flip; reproducible when `generator` is seeded."""
         t = as_tensor(img)
         top, left, h, w = _random_crop_params(t.shape[-1], t.shape[-2], self.view_scale, generator)
-        t = TF.resized_crop(t, top, left, h, w, [self.crop, self.crop], interpolation=self._interp, antialias=True)
+        t = imageops.resized_crop(t, top, left, h, w, self.crop, self.interpolation)
         if torch.rand(1, generator=generator).item() < 0.5:
-            t = TF.horizontal_flip(t)
+            t = imageops.hflip(t)
         return t
 
 
@@ -187,7 +182,7 @@ def as_tensor(img: Image.Image | torch.Tensor) -> torch.Tensor:
     The views resize uint8 tensors rather than PIL images: torch's antialiased uint8 kernel
     is ~3x faster than PIL's and within 1 grey level of it.
     """
-    return img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
+    return img if isinstance(img, torch.Tensor) else torchvision.transforms.functional.pil_to_tensor(img)
 
 
 def _random_crop_params(width: int, height: int, scale, generator) -> tuple[int, int, int, int]:

@@ -30,6 +30,9 @@ from .store import Cache, image_runs, parts_folder, read_table
 
 REQUEST_ATTR = "request"
 _VERSIONED = ("cnncodes", "torch", "torchvision", "timm")
+# How a weights file's default preprocessing is chosen (backbones.resolve_preprocessing): in the key of
+# file caches, so a cache made under the earlier rule (DEFAULT's transforms) is not taken as up to date.
+FILE_PREPROCESSING_RULE = "published-by-sha256-else-original"
 
 
 @dataclass
@@ -55,7 +58,8 @@ def request_key(*, arch: str, weights: str | None, weights_sha256: str, image_si
     return json.dumps({"arch": arch, "weights": weights, "weights_sha256": weights_sha256, "image_size": image_size,
                        "precision": precision, "views": views, "eval_views": eval_views, "seed": seed,
                        "layers": layers, "preprocess_like": preprocess_like, "versions": versions,
-                       **({"decode": decode} if decode != "cpu" else {})}, sort_keys=True)
+                       **({"decode": decode} if decode != "cpu" else {}),
+                       **({"file_preprocessing": FILE_PREPROCESSING_RULE} if weights_sha256 else {})}, sort_keys=True)
 
 
 def weights_sha256(weights: str | None) -> str:

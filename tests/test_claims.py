@@ -254,3 +254,21 @@ def test_predict_says_what_it_runs_for_an_fp16_head_on_cpu(tmp_path, cli):
         predict(tmp_path / "h.h5", [data / "val"], device="cpu", workers=0, precision="fp16")
     r = cli("predict", tmp_path / "h.h5", data / "val", "--device", "cpu", "--workers", "0")
     assert "note: " in r.stderr and "predicting in fp32" in r.stderr
+
+
+def test_a_file_cache_made_under_the_old_preprocessing_rule_is_not_up_to_date(tmp_path):
+    import h5py
+
+    from cnncodes.uptodate import request_key, up_to_date, weights_sha256
+
+    data = write_folder(tmp_path / "data", {"train": 1, "val": 1})
+    path, _ = _weights_file(tmp_path / "mine.pth", "resnet18")
+    extract(data, tmp_path / "c.h5", arch="resnet18", weights=path, image_size=32, **QUIET)
+    kw = dict(arch="resnet18", weights=path, image_size=32, precision="fp32", views=0, eval_views=0, seed=0)
+    request = request_key(weights_sha256=weights_sha256(path), **kw)
+    assert up_to_date(data, tmp_path / "c.h5", request) is not None  # this rule's cache: a no-op rerun
+    with h5py.File(tmp_path / "c.h5", "r+") as f:  # as recorded before the rule (DEFAULT's transforms then)
+        old = json.loads(f.attrs["request"])
+        del old["file_preprocessing"]
+        f.attrs["request"] = json.dumps(old, sort_keys=True)
+    assert up_to_date(data, tmp_path / "c.h5", request) is None  # the full check runs, and sees the change

@@ -158,3 +158,68 @@ def test_cuda_only_precisions_are_clear_errors_on_cpu(precision):
 def test_unknown_precision_is_refused():
     with pytest.raises(CnnCodesError, match="unknown precision 'fp8'"):
         check_precision("fp8", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- start-up of extract
+
+
+def test_extract_imports_neither_torch_dynamo_nor_transforms_v2():
+    """Both cost ~1 s of every command's start-up; `tvimport` and `imageops` keep them out."""
+    code = ("import sys, cnncodes.extract.api, cnncodes.backbones, cnncodes.gpu_decode; "
+            "print(sorted(m for m in ('torch._dynamo', 'torchvision.transforms.v2') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_roi_align_still_works_after_the_dynamo_free_import():
+    import torchvision
+
+    import cnncodes.tvimport  # noqa: F401
+
+    x = torch.arange(64.0).view(1, 1, 8, 8)
+    out = torchvision.ops.roi_align(x, torch.tensor([[0.0, 0, 0, 4, 4]]), 2)
+    assert out.shape == (1, 1, 2, 2) and out.min() > 0
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_the_views_resize_and_crop_as_torchvision_v2_does(interpolation):
+    """`imageops` replaces v2's kernels in the views: bit-identical results on the CPU, for CHW
+    tensors, HWC-backed ones (from PIL) and batches, growing and shrinking, with and without padding."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from cnncodes import imageops
+
+    mode = InterpolationMode(interpolation)
+    g = torch.Generator().manual_seed(0)
+    for h, w, short, crop in [(37, 53, 24, 20), (64, 40, 80, 70), (300, 200, 64, 56), (30, 30, 30, 40)]:
+        chw = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        hwc = chw.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # strides of a PIL image's tensor
+        batch = torch.stack([chw, chw.flip(-1)])
+        for img in (chw, hwc, batch):
+            want = TF.center_crop(TF.resize(img, [short], interpolation=mode, antialias=True), [crop, crop])
+            got = imageops.center_crop(imageops.resize(img, short, interpolation), crop)
+            assert got.shape == want.shape and torch.equal(got, want), (h, w, short, crop)
+        want = TF.resized_crop(chw, 3, 5, h // 2, w // 3, [crop, crop], interpolation=mode, antialias=True)
+        assert torch.equal(imageops.resized_crop(chw, 3, 5, h // 2, w // 3, crop, interpolation), want)
+        assert torch.equal(imageops.hflip(chw), TF.horizontal_flip(chw))
+
+
+@torch.inference_mode()
+def test_inplace_folding_is_the_copying_one_without_the_copy():
+    """extract folds its freshly built model in place (no copy of the weights); same function."""
+    from cnncodes.backbones import create_backbone, fold_batchnorm
+
+    model = create_backbone("resnet18", "none").headless().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics that folding could get wrong
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.normal_()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = model(x)
+    copied = fold_batchnorm(model, "resnet18")
+    folded = fold_batchnorm(model, "resnet18", inplace=True)
+    assert folded is model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.equal(folded(x), copied(x))
+    torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

@@ -122,7 +122,7 @@ def create_extractor(arch: str, weights: str | WeightsInfo | None, fold_bn: bool
         return model.eval().requires_grad_(False), bb.info, dim
     model = bb.headless().eval().requires_grad_(False)
     if fold_bn:
-        model = fold_batchnorm(model, bb.arch, log)
+        model = fold_batchnorm(model, bb.arch, log, inplace=True)  # the model was built for this: no copy
     return model, bb.info, bb.num_features
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 
 from .. import distributed
 from .._version import __version__
@@ -30,6 +29,7 @@ from ..precision import emulation_note
 from ..resume import Done, prepare_parts
 from ..runtime import FileLock, check_precision, check_space, inference_batch_size, resolve_device
 from ..store import Cache, CacheConfig, SplitPlan, parts_folder, write_cache
+from ..tvimport import torchvision  # without torch._dynamo: ~1 s of start-up
 from ..uptodate import request_key
 from ..webdata import ShardSource
 from .config import ExtractConfig
