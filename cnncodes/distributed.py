@@ -151,3 +151,20 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class WorkQueue:
+    """A counter shared by all ranks (the process group's key-value store): each `take()` returns
+    the next unclaimed index, so a rank that finishes early takes more work (robust to unequal
+    items and unequal ranks; a plain counter in a single process). `name` keeps queues apart."""
+
+    def __init__(self, name: str):
+        self.key, self.local = f"cnncodes/queue/{name}", 0
+        # The default group's store: the one torchrun's rendezvous made (private, but stable since torch 1.x).
+        self.store = dist.distributed_c10d._get_default_store() if is_distributed() else None
+
+    def take(self) -> int:
+        if self.store is None:
+            self.local += 1
+            return self.local - 1
+        return int(self.store.add(self.key, 1)) - 1

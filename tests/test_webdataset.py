@@ -201,18 +201,6 @@ def test_torchrun_two_processes_give_the_single_process_store_bitwise(tmp_path):
         assert list(a.paths("train")) == list(b.paths("train"))
 
 
-def test_deal_balances_unequal_shards_by_bytes():
-    from cnncodes.extract.sharded import ShardJob, deal
-    from cnncodes.webdata import InputShard
-
-    sizes = [100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
-    jobs = [ShardJob("train", InputShard(f"s{i}", s, 0), Path(f"o{i}"), "new") for i, s in enumerate(sizes)]
-    shares = [deal(jobs, 2, r) for r in range(2)]
-    assert sorted(j.shard.path for s in shares for j in s) == sorted(j.shard.path for j in jobs)  # each once
-    loads = [sum(j.shard.size for j in s) for s in shares]
-    assert loads == [100, 100]  # shard i -> rank i mod 2 would give 150 / 50
-
-
 # --------------------------------------------------------------------------- bad input
 
 

@@ -1,8 +1,8 @@
 """`extract` from WebDataset shards: one input shard -> one output shard, then one small index.
 
 Rank 0 plans (stats every input shard, reads each output shard's attributes; never opens an
-input shard that is done), every rank extracts its whole input shards (sizes dealt
-largest-first to the least loaded rank) and writes each as one atomic output shard, and
+input shard that is done), every rank takes whole input shards from a shared queue (largest
+first; a rank that is free takes the next) and writes each as one atomic output shard, and
 after one barrier rank 0 writes the index (`store.sharded.write_index`). A killed run loses
 at most the shard each process was on; every output shard depends on its input shard alone,
 batched from the shard's start, so the result is the same for any number of processes.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class ShardPlan:
     jobs: list[ShardJob]
     outputs: dict[str, list[tuple[InputShard, Path]]]  # every input shard of each split and its output
     done: int = 0  # input shards skipped as done
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this run's work queue
 
 
 @dataclass
@@ -116,19 +118,9 @@ def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, config_jso
     return None
 
 
-def deal(jobs: list[ShardJob], world: int, rank: int) -> list[ShardJob]:
-    """This rank's whole shards: largest first to the least loaded rank (by bytes), deterministic.
-
-    Unlike shard i -> rank i mod N, this balances shards of unequal sizes and a rerun's scattered
-    leftovers (see docs/scale.md); no rank waits on another until the index is written."""
-    load = [0] * world
-    mine = []
-    for i in sorted(range(len(jobs)), key=lambda i: (-jobs[i].shard.size, i)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        load[r] += max(jobs[i].shard.size, 1)
-        if r == rank:
-            mine.append(i)
-    return [jobs[i] for i in sorted(mine)]
+def largest_first(jobs: list[ShardJob]) -> list[ShardJob]:
+    """The order ranks take shards from the queue: the big ones first, so the last to finish are small."""
+    return sorted(jobs, key=lambda j: -j.shard.size)
 
 
 class ShardExtractor:
@@ -142,18 +134,24 @@ class ShardExtractor:
         self.identity = json.dumps(source.identity(), sort_keys=True)
         self.pool = ThreadPoolExecutor(max(1, process_cores()), thread_name_prefix="decode")
 
-    def run(self, jobs: list[ShardJob], progress: bool) -> ShardReport:
+    def run(self, jobs: list[ShardJob], queue: distributed.WorkQueue, progress: bool) -> ShardReport:
+        """Take shards of `jobs` from `queue` until none is left. The bar (rank 0) counts the shards
+        every rank has taken, so its total and ETA are the whole run's; img/s are this rank's."""
         report = ShardReport()
-        bar = tqdm(total=len(jobs), unit="shard", desc=f"extract (rank 0 of {distributed.world_size()})",
-                   disable=not progress, dynamic_ncols=True)
+        world = distributed.world_size()
+        bar = tqdm(total=len(jobs), unit="shard", desc="extract", disable=not progress, dynamic_ncols=True)
         start = time.perf_counter()
         try:
-            for job in jobs:
-                self.one(job, report)
+            while (i := queue.take()) < len(jobs):
+                bar.update(max(0, i - bar.n))  # shards the other ranks took meanwhile
+                self.one(jobs[i], report)
                 report.shards += 1
                 seconds = time.perf_counter() - start
-                bar.set_postfix_str(f"{report.images / max(seconds, 1e-9):.1f} img/s", refresh=False)
+                rate = report.images / max(seconds, 1e-9)
+                bar.set_postfix_str(f"{rate:.1f} img/s" + (f" on rank 0 (~{world * rate:.0f} in all)" if world > 1 else ""),
+                                    refresh=False)
                 bar.update(1)
+            bar.update(len(jobs) - bar.n)
         except KeyboardInterrupt:
             raise Interrupted("stopped; finished shards are kept; rerun the same command to continue") from None
         finally:
@@ -302,11 +300,12 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
             log(f"{sum(map(len, plan.outputs.values()))} input shards: {plan.done} done, {len(plan.jobs)} to extract"
                 + (f" ({', '.join(f'{n} {w}' for w, n in why.items())})" if why else "")
                 + f" by {distributed.world_size()} process(es)")
-        mine = deal(plan.jobs, distributed.world_size(), distributed.rank())
         report = ShardReport()
         if plan.jobs:
             runner = Runner(options, cache, info, pre, dev, log if main else None)
-            report = ShardExtractor(runner, options, cache, source, log if main else None).run(mine, progress and main)
+            queue = distributed.WorkQueue(f"shards/{plan.token}")  # the store outlives one call under torchrun
+            report = ShardExtractor(runner, options, cache, source, log if main else None).run(
+                largest_first(plan.jobs), queue, progress and main)
         report = ShardReport.merge(distributed.gather_objects(report))
         result = {"report": report, "done": plan.done, "up_to_date": False, "split_counts": {}, "skipped": []}
         if main:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from ..runtime import atomic_path
-from .format import STR, CacheConfig, SplitRows, read_table, write_table
+from .format import STR, CacheConfig, SplitRows, describe_split, read_table, write_table
 from .merge import write_root_attrs
 from .shards import read_shard, write_shard
 
@@ -95,6 +95,7 @@ def write_index(out: Path, config: CacheConfig, classes: list[str], feature_dim:
         for split, entries in splits.items():
             g = f.create_group(split)
             _virtual_rows(g, out.parent, entries, feature_dim)
+            describe_split(g)
             write_table(g, "files", [(e.origin["source"], e.origin["source_size"], e.origin["source_mtime_ns"])
                                      for e in entries], ("paths", "size", "mtime_ns"))
             write_table(g, "skipped", skipped.get(split, []), ("paths", "reasons"))

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from ..runtime import atomic_path
-from .format import HDF5_SIGNATURE, STR, SplitRows, write_table
+from .format import HDF5_SIGNATURE, STR, SplitRows, describe_split, write_table
 
 
 def parts_folder(cache: str | Path) -> Path:
@@ -130,3 +130,4 @@ def _write_rows(f: h5py.Group, rows: SplitRows) -> None:
     f.create_dataset("views", data=np.asarray(rows.views, dtype=np.int16))
     write_table(f, "files", rows.files, ("paths", "size", "mtime_ns"))
     write_table(f, "skipped", rows.skipped, ("paths", "reasons"))
+    describe_split(f)  # a shard is self-describing too (the sharded store's output shards are read as they are)
