@@ -99,7 +99,11 @@ def _stop_reason(grid: Sequence[float], mean: np.ndarray, patience: int | None) 
             f"({mean[best]:.4f}) for {patience} larger values; C={skipped} not fitted")
 
 
-def fit_linear(data: TrainSet, config: HeadConfig, device="cpu") -> tuple[np.ndarray, np.ndarray, Selection]:
+Folds = tuple[np.ndarray, int, str]  # fold id per row, number of scored folds, description (see `cv_folds`)
+
+
+def fit_linear(data: TrainSet, config: HeadConfig, device="cpu", folds: Folds | None = None,
+               refit: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, Selection]:
     """Fit `config.clf` on `data`; C 'auto' chooses C by grouped CV over `config.grid`. Returns
     W (K, D), b (K,) and the selection.
 
@@ -107,23 +111,29 @@ def fit_linear(data: TrainSet, config: HeadConfig, device="cpu") -> tuple[np.nda
     and stop after `patience` values without a better CV accuracy (None: the whole grid); the
     streamed torch heads (or a fixed `max_iter`, Adam epochs) train every C in one batched pass.
     Above LBFGS_ABOVE train codes svm and logreg too are solved by L-BFGS (same objective, torch).
+
+    `folds`: the CV folds to score on (default `cv_folds` of `data`): choosing among caches
+    (`heads.multi`) scores every candidate on the same folds. `refit=False`: only choose C, W and b
+    are None (the streamed torch heads fit the full-data models in the same pass and return them).
     """
     clf, C = config.clf, config.fixed_C
     if C is None:
         grid = list(config.grid)
-        fold, n_folds, strategy = cv_folds(data, config.folds, config.seed)
+        fold, n_folds, strategy = folds if folds is not None else cv_folds(data, config.folds, config.seed)
     else:
         fold, n_folds, strategy, grid = np.zeros(len(data.y), np.int64), 0, "fixed C", [C]
     sel = Selection(C=C if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
     if clf in TORCH_CLFS and not (data.in_memory and config.max_iter is None):
         return _fit_torch(data, config, grid, fold, n_folds, sel, device)
     if clf in TORCH_CLFS or len(data.y) > LBFGS_ABOVE:
-        return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device)
+        return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device, refit)
     from .sklearn_solver import fold_path, sklearn_refit
 
     if n_folds:
         with contextlib.closing(fold_path(clf, data, fold, n_folds, grid, config.seed, sel.notes)) as path:
             _walk(path, data, fold, grid, sel, config.tta, config.patience)
+    if not refit:
+        return None, None, sel
     w, b = sklearn_refit(clf, data, sel.C, config.seed, sel.notes)
     return w.astype(np.float64), b.astype(np.float64), sel
 
@@ -142,7 +152,7 @@ def _walk(path, data: TrainSet, fold: np.ndarray, grid: list[float], sel: Select
 
 
 def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection,
-               device) -> tuple[np.ndarray, np.ndarray, Selection]:
+               device, refit: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, Selection]:
     """Codes in memory: the fold models by full-batch L-BFGS, C by C, stopping like svm/logreg; then the
     full-data model at the chosen C, started from the mean of its fold models."""
     from .lbfgs import lbfgs_path
@@ -163,6 +173,8 @@ def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.n
 
     if n_folds:
         _walk(path(), data, fold, grid, sel, config.tta, config.patience)
+    if not refit:
+        return None, None, sel
     (w, b, _), = lbfgs_path(data.features, data.y, K, fold, np.array([-1]), [sel.C], loss, device=device,
                             init=fits.get(sel.C), notes=sel.notes)
     return w[0].astype(np.float64), b[0].astype(np.float64), sel

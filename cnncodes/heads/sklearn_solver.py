@@ -19,6 +19,14 @@ from . import codes
 from .codes import SKLEARN_BYTES_PER_VALUE, TrainSet
 from .format import as_class_rows
 
+# LinearSVC's stopping rule. scikit-learn's default tol 1e-4 is 1000x liblinear's own for the dual solvers (0.1);
+# 1e-3 cut the svm C search on real ResNet-50 codes of the 1,437 digits by ~22% of CPU time with the same CV
+# scores, C and val accuracy (1e-2 changed them). max_iter bounds the large C values where dual coordinate descent
+# crawls (an unconverged fit becomes a selection note); 5000 let one C of a 720-image, 12-class set take a minute.
+SVM_TOL = 1e-3
+SVM_MAX_ITER = 1000
+
+
 def _sklearn_estimator(clf: str, seed: int, shape: tuple[int, int]):
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
@@ -26,7 +34,9 @@ def _sklearn_estimator(clf: str, seed: int, shape: tuple[int, int]):
     if clf == "svm":
         # Dual coordinate descent while n is within a few D (3x faster than the primal solver that
         # dual="auto" picks for n > D on 2k x 2k codes); primal (TRON) for n >> D, where dual crawls.
-        return LinearSVC(C=1.0, dual=bool(shape[0] <= 4 * shape[1]), max_iter=5000, random_state=seed)
+        # tol/max_iter: see SVM_TOL.
+        return LinearSVC(C=1.0, dual=bool(shape[0] <= 4 * shape[1]), tol=SVM_TOL, max_iter=SVM_MAX_ITER,
+                         random_state=seed)
     return LogisticRegression(C=1.0, max_iter=1000, warm_start=True)
 
 
