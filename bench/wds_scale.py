@@ -107,7 +107,7 @@ def in_memory_seconds(shards: list[Path], batch_size: int | None) -> float:
     from cnncodes.backbones import resolve_preprocessing, resolve_weights
     from cnncodes.extract import ExtractConfig
     from cnncodes.extract.runner import Runner
-    from cnncodes.extract.sharded import ShardExtractor, ShardJob, _Rows
+    from cnncodes.extract.shard_worker import ShardExtractor, ShardJob, _Rows
     from cnncodes.runtime import inference_batch_size
     from cnncodes.webdata import InputShard, ShardSource, read_samples
 
@@ -126,7 +126,7 @@ def in_memory_seconds(shards: list[Path], batch_size: int | None) -> float:
     job = ShardJob("train", InputShard("-", 0, 0), Path("-"), "new")
     start = time.perf_counter()
     for batch in batches:
-        step._run_batch(job, batch, _Rows(1))  # rows dropped: nothing stored
+        step.run_batch(job, batch, _Rows(1))  # rows dropped: nothing stored
     seconds = time.perf_counter() - start
     step.pool.shutdown()
     return seconds
@@ -230,7 +230,7 @@ def balance_figures(shards: int = 10_000, ranks: int = 64, seed: int = 0) -> dic
     simulated: shard i -> rank i mod N; `deal` (largest first to the least loaded, by bytes); a shared
     work queue, largest first (a free rank takes the next shard: what cnncodes does). Cases: equal shards,
     sizes lognormal (sigma 0.5), a rerun with a random half already done, and ranks 10% apart in speed."""
-    from cnncodes.extract.sharded import ShardJob
+    from cnncodes.extract.shard_worker import ShardJob
     from cnncodes.webdata import InputShard
 
     rng = np.random.default_rng(seed)

@@ -7,7 +7,6 @@ codes, the files kept or the message, not merely that nothing crashed.
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -116,7 +115,7 @@ def test_the_store_moves_as_a_whole_and_a_missing_shard_is_refused(shards, tmp_p
 
 
 def test_rerun_skips_done_shards_without_opening_them_and_redoes_a_changed_one(shards, tmp_path, cli, monkeypatch):
-    import cnncodes.extract.sharded as sharded
+    import cnncodes.extract.shard_worker as sharded
 
     _, source = shards
     out = tmp_path / "out" / "codes.h5"
@@ -276,3 +275,29 @@ def test_an_ordinary_cache_is_not_replaced_by_an_index(shards, tmp_path, cli):
     extract(data, tmp_path / "c.h5", **FAST)
     with pytest.raises(CnnCodesError, match="is a cache extracted from a folder or CSV; write the shards' codes to another -o"):
         extract(source, tmp_path / "c.h5", **FAST)
+
+
+def test_the_gpu_path_reads_ahead_on_a_thread_and_gives_the_same_codes(shards, tmp_path, monkeypatch):
+    """On CUDA the next batches are read and decoded by a thread while the network runs: the same
+    rows, and a bad sample under --strict still stops the run (its error crosses the thread)."""
+    import cnncodes.extract.shard_worker as sharded
+
+    _, source = shards
+    extract(source, tmp_path / "inline.h5", **FAST)
+    threads = []
+    real = sharded.prefetch
+    monkeypatch.setattr(sharded, "prefetch", lambda items, depth: threads.append(depth) or real(items, depth))
+    init = sharded.ShardExtractor.__init__
+
+    def ahead(self, *a, **kw):
+        init(self, *a, **kw)
+        self.prefetch = True
+
+    monkeypatch.setattr(sharded.ShardExtractor, "__init__", ahead)
+    extract(source, tmp_path / "ahead.h5", **FAST)
+    assert len(threads) == 5
+    _same_rows(tmp_path / "inline.h5", tmp_path / "ahead.h5")
+    bad = tmp_path / "bad.tar"
+    write_tar(bad, [("a.jpg", b"not a jpeg"), ("a.cls", b"0")])
+    with pytest.raises(CnnCodesError, match="bad.tar/a: not a readable image.*--strict"):
+        extract(ShardSource({"train": (str(bad),)}), tmp_path / "strict.h5", strict=True, **FAST)

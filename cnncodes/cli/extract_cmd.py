@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
@@ -153,6 +154,9 @@ def info_command(cache, as_json):
     p = info["preprocessing"]
     click.echo(f"preprocessing: resize {p['resize']}, center crop {p['crop']}, mean {p['mean']}, std {p['std']}")
     click.echo(f"classes ({len(info['classes'])}): {', '.join(info['classes'])}")
+    if info["store"] == "sharded":
+        click.echo(f"sharded store: an index of virtual datasets over {sum(info['shards'].values())} output shards "
+                   f"in {Path(cache).stem}.shards/ (one per input shard; `cnncodes pack` makes one file)")
     if info["manifest"]:
         m = info["manifest"]
         click.echo(f"manifest: {m['path']} (sha256 {m['sha256'][:12]}), splits from {m['splits_from']}"

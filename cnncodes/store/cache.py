@@ -144,6 +144,7 @@ class Cache:
             "splits": splits,
             "pending": pending_shards(self.path),
             "store": a.get("store", "file"),  # "sharded": an index over one output shard per input shard
+            "shards": {s: len(self.file[s]["shards/paths"]) for s in self.splits if "shards" in self.file[s]},
             "manifest": self.manifest,
             "versions": {k: a.get(f"{k}_version", "?") for k in ("cnncodes", "torch", "torchvision")},
         }

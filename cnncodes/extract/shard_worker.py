@@ -1,0 +1,273 @@
+"""One rank's side of the sharded `extract`: whole input shards taken from the shared queue, each
+read sequentially, decoded by the folder path's decoder and views, run through the network and
+written as one atomic output shard (see `extract.sharded` for the plan and the index)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..data import BadImage, quiet_pil
+from ..errors import CnnCodesError, Interrupted
+from ..runtime import process_cores
+from ..store import SplitRows
+from ..store.sharded import write_output_shard
+from ..webdata import InputShard, LabelNames, ShardDamaged, ShardSource, read_samples, sample_image, sample_label
+from .runner import ViewMaker
+
+JPEG_KEYS = ("jpg", "jpeg")
+
+
+@dataclass
+class ShardJob:
+    """An input shard to extract, its output shard, and why it is (re)done."""
+
+    split: str
+    shard: InputShard
+    out: Path
+    why: str  # "new", "changed" (input size/mtime), "torn" (output unreadable), "another configuration"
+
+
+@dataclass
+class ShardReport:
+    """What one process did (summed over processes by `merge`)."""
+
+    images: int = 0
+    codes: int = 0
+    seconds: float = 0.0
+    shards: int = 0
+    redone: Counter = field(default_factory=Counter)  # why -> input shards redone
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input shard, reason): no output written
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (shard/key, reason) of bad samples
+    not_jpeg: int = 0
+
+    @staticmethod
+    def merge(reports: list[ShardReport]) -> ShardReport:
+        out = ShardReport(seconds=max((r.seconds for r in reports), default=0.0))  # the slowest rank sets the pace
+        for r in reports:
+            out.images, out.codes, out.shards, out.not_jpeg = (out.images + r.images, out.codes + r.codes,
+                                                               out.shards + r.shards, out.not_jpeg + r.not_jpeg)
+            out.redone.update(r.redone)
+            out.failed += r.failed
+            out.skipped += r.skipped
+        return out
+
+
+class ShardExtractor:
+    """Runs the network over whole input shards, writing one output shard each."""
+
+    def __init__(self, runner, options, cache, source: ShardSource, log=None):
+        self.runner, self.options, self.cache, self.log = runner, options, cache, log
+        self.label_key = source.label_key
+        names = source.classes()
+        self.classes = None if names is None else {c: i for i, c in enumerate(names)}
+        self.identity = json.dumps(source.identity(), sort_keys=True)
+        self.pool = ThreadPoolExecutor(max(1, process_cores()), thread_name_prefix="decode")
+        # On a GPU, reading and decoding the next batches overlaps the network; on a CPU they would
+        # fight over the same cores (see data.default_workers), so they take turns.
+        self.prefetch = runner.dev.type == "cuda"
+
+    def run(self, jobs: list[ShardJob], queue: distributed.WorkQueue, progress: bool) -> ShardReport:
+        """Take shards of `jobs` from `queue` until none is left. The bar (rank 0) counts the shards
+        every rank has taken, so its total and ETA are the whole run's; img/s are this rank's."""
+        report = ShardReport()
+        world = distributed.world_size()
+        bar = tqdm(total=len(jobs), unit="shard", desc="extract", disable=not progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            while (i := queue.take()) < len(jobs):
+                bar.update(max(0, i - bar.n))  # shards the other ranks took meanwhile
+                self.one(jobs[i], report)
+                report.shards += 1
+                seconds = time.perf_counter() - start
+                rate = report.images / max(seconds, 1e-9)
+                bar.set_postfix_str(f"{rate:.1f} img/s" + (f" on rank 0 (~{world * rate:.0f} in all)" if world > 1 else ""),
+                                    refresh=False)
+                bar.update(1)
+            bar.update(len(jobs) - bar.n)
+        except KeyboardInterrupt:
+            raise Interrupted("stopped; finished shards are kept; rerun the same command to continue") from None
+        finally:
+            bar.close()
+            self.pool.shutdown()
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def one(self, job: ShardJob, report: ShardReport) -> None:
+        """Extract one input shard into its output shard (written only when the shard could be read)."""
+        rows = _Rows(self.cache.views_for(job.split) + 1)
+        read = {"samples": 0, "damaged": 0, "not_jpeg": 0}
+        batches = self._decoded(job, rows, read)
+        try:
+            for items, images in prefetch(batches, 2) if self.prefetch else batches:
+                rows.add(items, self.runner.codes(images))
+        except OSError as e:
+            reason = f"cannot read this shard ({e.strerror or e})"
+            if self.options.strict:
+                raise CnnCodesError(f"{job.shard.path}: {reason} (--strict: fix it or drop it from the pattern)") from None
+            report.failed.append((job.shard.path, reason))
+            if self.log:
+                self.log(f"warning: {job.shard.path}: {reason}; the other shards go on, rerun to retry it")
+            return
+        origin = {"source": job.shard.path, "source_size": job.shard.size, "source_mtime_ns": job.shard.mtime_ns,
+                  "samples": read["samples"], "damaged": read["damaged"], "config": self.cache.to_json(),
+                  "input": self.identity, "split": job.split, "max_label": rows.max_label}
+        write_output_shard(job.out, rows.as_split_rows(self.runner.dim), origin)
+        report.images += rows.images
+        report.codes += rows.images * rows.per_image
+        report.skipped += rows.skipped
+        report.not_jpeg += read["not_jpeg"]
+        if job.why != "new":
+            report.redone[job.why] += 1
+
+    def _decoded(self, job: ShardJob, rows: _Rows, read: dict) -> Iterator[tuple[list, torch.Tensor]]:
+        """The shard's usable samples, decoded, in batches of batch_size (counted from the shard's
+        start: the same batches whichever rank runs it). A damaged tar ends the shard, recorded."""
+        batch: list[tuple[str, bytes, int, str]] = []
+        try:
+            for sample in read_samples(job.shard.path):
+                read["samples"] += 1
+                item = self._item(job, sample, rows)
+                if item is not None:
+                    batch.append(item)
+                    read["not_jpeg"] += item[3] not in JPEG_KEYS
+                if len(batch) == self.options.batch_size:
+                    yield from self._decode(job, batch, rows)
+                    batch = []
+        except ShardDamaged as e:
+            read["damaged"] = 1
+            self._bad(job, job.shard.name, f"{e}; the samples before it are kept", rows)
+        if batch:
+            yield from self._decode(job, batch, rows)
+
+    def _item(self, job: ShardJob, sample, rows: _Rows):
+        """(row path, image bytes, label, ext) of a usable sample; a bad one is recorded and None."""
+        name = f"{job.shard.name}/{sample.key}"
+        try:
+            if sample.problem:
+                raise ValueError(sample.problem)
+            ext, data = sample_image(sample)
+            return name, data, sample_label(sample, self.label_key, self.classes), ext
+        except LabelNames as e:
+            raise CnnCodesError(f"{job.shard.path}: sample {sample.key}: {e}") from None
+        except ValueError as e:
+            self._bad(job, name, str(e), rows)
+            return None
+
+    def _bad(self, job: ShardJob, name: str, reason: str, rows: _Rows) -> None:
+        if self.options.strict:
+            raise CnnCodesError(f"{job.shard.path}: {name}: {reason} (--strict: fix the shard, or drop --strict to skip it)")
+        rows.skipped.append((name, reason))
+
+    def _decode(self, job: ShardJob, batch: list, rows: _Rows) -> Iterator[tuple[list, torch.Tensor]]:
+        """Decode a batch on the thread pool (the folder path's decoder and views); bad images recorded."""
+        paths = [b[0] for b in batch]
+        views = ViewMaker(self.runner.pre, paths, rows.per_image - 1, self.cache.seed)
+
+        def decode(i: int):
+            try:
+                return views(self.runner.pre.load(batch[i][1]), i), None
+            except BadImage as e:
+                return None, str(e)
+
+        with quiet_pil():
+            decoded = list(self.pool.map(decode, range(len(batch))))
+        for i, (_, reason) in enumerate(decoded):
+            if reason is not None:
+                self._bad(job, paths[i], reason, rows)
+        good = [i for i, (t, _) in enumerate(decoded) if t is not None]
+        if good:
+            yield [batch[i] for i in good], torch.stack([decoded[i][0] for i in good])
+
+    def run_batch(self, job: ShardJob, batch: list, rows: _Rows) -> None:
+        """Decode and run one batch, inline (bench/wds_scale.py times exactly this, in memory)."""
+        for items, images in self._decode(job, batch, rows):
+            rows.add(items, self.runner.codes(images))
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced `depth` ahead by a thread; its exceptions are raised here, in order."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        """Hand `entry` over unless the consumer has stopped (then never block)."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put((x, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+            put((None, e))
+
+    thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x, error = q.get()
+            if error is not None:
+                raise error
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Rows:
+    """The rows of one output shard, gathered in memory until the shard is finished."""
+
+    def __init__(self, per_image: int):
+        self.per_image = per_image
+        self.feats: list[np.ndarray] = []
+        self.paths: list[str] = []
+        self.labels: list[int] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def images(self) -> int:
+        return len(self.labels)
+
+    @property
+    def max_label(self) -> int:
+        return max(self.labels, default=-1)
+
+    def add(self, items: list, feats: np.ndarray) -> None:
+        self.feats.append(feats)
+        self.paths += [it[0] for it in items]
+        self.labels += [it[2] for it in items]
+
+    def as_split_rows(self, dim: int) -> SplitRows:
+        v = self.per_image
+        return SplitRows(
+            features=np.concatenate(self.feats) if self.feats else np.zeros((0, dim), np.float32),
+            labels=np.repeat(np.asarray(self.labels, np.int64), v),
+            paths=[p for p in self.paths for _ in range(v)],
+            views=np.tile(np.arange(v), len(self.paths)),
+            skipped=self.skipped,
+        )
+
+
