@@ -223,3 +223,21 @@ def test_inplace_folding_is_the_copying_one_without_the_copy():
     assert folded is model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert torch.equal(folded(x), copied(x))
     torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_a_command_that_imported_torch_exits_with_its_code_and_flushed_output(tmp_path):
+    """The CLI skips the interpreter's teardown once torch is imported (~1 s): the exit code,
+    the output and the cache must be exactly those of a normal exit."""
+    data = write_folder(tmp_path / "data", {"train": 1}, size=40)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    base = [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", str(tmp_path / "c.h5"), "--arch", "resnet18",
+            "--weights", "none", "--image-size", "32", "-q"]
+    ok = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0 and ok.stdout.startswith("extracted 2 images"), ok.stdout + ok.stderr
+    from cnncodes.store import Cache
+
+    with Cache(tmp_path / "c.h5") as c:
+        assert c.features("train").shape[0] == 2
+    bad = subprocess.run(base + ["--decode", "gpu", "--device", "cpu", "--overwrite"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("use --decode cpu"), bad.stderr

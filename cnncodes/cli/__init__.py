@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import signal
 import sys
+import threading
 
 import click
 
@@ -85,4 +87,33 @@ def main() -> None:
     # A shell starts background jobs with SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler: restore it so Ctrl-C / kill -INT always stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    cli(prog_name="cnncodes")
+    try:
+        cli(prog_name="cnncodes")
+    except SystemExit as e:
+        _exit(e.code)
+    _exit(0)
+
+
+def _exit(code) -> None:
+    """Exit with `code`; once torch is imported, without the interpreter's teardown.
+
+    Tearing down torch's modules and the CUDA libraries it loads takes ~1 s of a command's wall
+    time on a 2-core CPU (measured: `import torch` alone leaves 0.6 s of teardown), for nothing
+    a finished command needs. What a normal exit does first is done here too: non-daemon
+    threads are joined, atexit handlers run (h5py closes files, temporary folders go), and the
+    output streams are flushed; every file cnncodes writes is already closed and renamed.
+    """
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
