@@ -229,7 +229,8 @@ def test_cli_options_and_defaults_are_the_config_fields():
     args = ["data", "-o", "c.h5", "--arch", "densenet121", "--layer", "features.denseblock2", "--views", "2",
             "--decode", "cpu", "--strict", "--no-channels-last", "--checkpoint-every", "5"]
     params = extract_command.make_context("extract", args).params
-    steering = ("data", "out", "overwrite", "quiet", "path_col", "label_col", "val_fraction")
+    steering = ("data", "out", "overwrite", "quiet", "path_col", "label_col", "val_fraction",
+                "val_shards", "test_shards", "label_key", "classes_file")  # the input's options, not ExtractConfig's
     assert ExtractConfig(**{k: v for k, v in params.items() if k not in steering}) == ExtractConfig(
         arch="densenet121", layers="features.denseblock2", views=2, decode="cpu", strict=True, channels_last=False,
         checkpoint_every=5.0)
