@@ -373,3 +373,13 @@ def test_the_up_to_date_request_names_the_decoder():
 def test_help_labels_gpu_decoding_as_unmeasured(cli):
     out = cli("extract", "--help").stdout
     assert "not yet measured on a GPU" in " ".join(out.split())
+
+
+def test_a_torchvision_without_the_batched_decoder_is_refused_up_front(monkeypatch):
+    import torchvision
+
+    from cnncodes.gpu_decode.decoder import torchvision_decode
+
+    monkeypatch.setattr(torchvision, "__version__", "0.18.1+cu121")
+    with pytest.raises(CnnCodesError, match=r"needs torchvision >= 0\.19 .*this is 0\.18\.1.*--decode cpu"):
+        torchvision_decode(torch.device("cpu"))

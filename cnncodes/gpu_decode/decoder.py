@@ -23,6 +23,7 @@ _NO_NVJPEG = re.compile(r"not compiled with nvjpeg|Could not run 'image::decode_
 _DEVICE = re.compile(r"CUDA error|CUDA driver|cudaError|CUDA_ERROR|device-side assert|Failed to initialize nvjpeg"
                      r"|Failed to create|Failed to synchronize CUDA|Failed to attach|NVJPEG_STATUS_(NOT_INITIALIZED"
                      r"|ARCH_MISMATCH|INTERNAL_ERROR|EXECUTION_FAILED)")
+BATCHED_DECODE_SINCE = (0, 19)  # torchvision's decode_jpeg takes a list (one batched nvJPEG call) from 0.19
 # A whole batch of header-checked JPEGs refused one by one is a decoder problem, not so many bad files.
 _ALL_REFUSED_MIN = 4
 
@@ -45,7 +46,13 @@ def device_identity(device: torch.device) -> str:
 def torchvision_decode(device: torch.device) -> DecodeMany:
     """torchvision's batched `decode_jpeg` on `device`, RGB, *without* EXIF orientation: the CUDA
     decoder ignores `apply_exif_orientation`, so it is off on the CPU too and `jpeg.orient` does it."""
+    import torchvision
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    version = tuple(int(v) for v in re.findall(r"\d+", torchvision.__version__)[:2])
+    if version < BATCHED_DECODE_SINCE:
+        raise CnnCodesError(f"--decode gpu needs torchvision >= {'.'.join(map(str, BATCHED_DECODE_SINCE))} (batched "
+                            f"decode_jpeg), this is {torchvision.__version__}; pass --decode cpu")
 
     def decode_many(datas: list[bytes]) -> list[torch.Tensor]:
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
