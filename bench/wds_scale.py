@@ -14,7 +14,8 @@ by a real `cnncodes extract` process (`--procs N`: torchrun). For each size:
 then, on the largest size: a no-op rerun (all shards done), kill -9 once half the output shards
 exist and rerun (finished shards redone must be 0: the work lost is the shard each process was
 on), and the index: its write time, size, and a full and a shuffled-piece read against a packed
-copy. Medians of --repeats. Results to bench/results/<name>.json (table in docs/scale.md).
+copy; the index over --index-shards tiny shards (write, size, open); a simulation of three ways
+to give shards to 64 ranks. Medians of --repeats. Results to bench/results/<name>.json (table in docs/scale.md).
 """
 
 from __future__ import annotations
@@ -213,6 +214,33 @@ def index_figures(out: Path, tmp: Path) -> dict:
     return {"shards": len(entries), "index_write_s": round(write_s, 3), "index_bytes": size, "reads": reads}
 
 
+def index_scale(shards: int, folder: Path, dim: int = 2048) -> dict:
+    """The index at the projection's scale: `shards` output shards of 2 rows (dim 2048): the end
+    step of rank 0 (read every shard's entry, write the index), its size, and opening it (`Cache`
+    checks every shard it names)."""
+    from cnncodes.store import Cache, CacheConfig, SplitRows
+    from cnncodes.store.sharded import read_output_shard, write_index, write_output_shard
+
+    config = CacheConfig("resnet50", "none:seed0", "none", "fp32", {})
+    paths = [folder / "codes.shards" / "train" / f"train-{i:06d}.h5" for i in range(shards)]
+    for i, p in enumerate(paths):
+        if not p.exists():
+            rows = SplitRows(np.zeros((2, dim), np.float32), np.zeros(2, np.int64), [f"{i}/a", f"{i}/b"], np.zeros(2, np.int16))
+            write_output_shard(p, rows, {"source": str(p), "source_size": 1, "source_mtime_ns": 1, "samples": 2,
+                                         "damaged": 0, "config": config.to_json(), "input": "{}", "split": "train",
+                                         "max_label": 0})
+    start = time.perf_counter()
+    entries = [read_output_shard(p) for p in paths]
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    write_index(folder / "codes.h5", config, ["a"], dim, {"train": entries}, {"train": []}, {}, "", {})
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    Cache(folder / "codes.h5").close()
+    return {"shards": shards, "read_entries_s": round(read_s, 2), "index_write_s": round(write_s, 2),
+            "index_bytes": (folder / "codes.h5").stat().st_size, "open_s": round(time.perf_counter() - start, 2)}
+
+
 def deal(jobs: list, world: int, rank: int) -> list:
     """A static alternative to cnncodes' shared queue: largest first to the least loaded rank, by bytes."""
     load = [0] * world
@@ -266,6 +294,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=1, help="processes (torchrun) per command")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the dataset and stores go (kept for reruns)")
     ap.add_argument("--name", default="wds_scale", help="results file bench/results/NAME.json")
+    ap.add_argument("--index-shards", type=int, default=10_000, help="shards of the index-at-scale measurement")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--listing", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -296,6 +325,8 @@ def main() -> None:
         rows.append(row)
         print(f"{n} images, {len(mine)} shards: in memory {memory:.1f} s, command {wall:.1f} s, overhead "
               f"{100 * (1 - memory / wall):.1f}%, peak RSS {rss:.0f} MB, no-op rerun {noop:.2f} s", flush=True)
+    scale = index_scale(args.index_shards, root / f"index-{args.index_shards}")
+    print(f"index over {args.index_shards} shards: {scale}", flush=True)
     balance = balance_figures()
     print(f"balance (makespan / ideal, 10^4 shards on 64 ranks): {balance['makespan_over_ideal']}", flush=True)
     listing = shard_list(root, shards)
@@ -305,7 +336,7 @@ def main() -> None:
     print(f"index: {index}", flush=True)
     result.update({
         "arch": "resnet18", "image_size": 64, "weights": "none", "procs": args.procs, "repeats": args.repeats,
-        "per_shard": args.per_shard, "sizes": sizes, "kill": kill, "index": index, "balance": balance,
+        "per_shard": args.per_shard, "sizes": sizes, "kill": kill, "index": index, "index_scale": scale, "balance": balance,
         "table": {"columns": ["images", "shards", "in-memory s", "command s", "bookkeeping overhead",
                               "peak RSS MB", "no-op rerun s"], "rows": rows},
         "notes": [f"resnet18 --weights none --image-size 64, {args.per_shard} JPEGs (72 px) per shard, "

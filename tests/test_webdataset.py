@@ -109,7 +109,12 @@ def test_the_store_moves_as_a_whole_and_a_missing_shard_is_refused(shards, tmp_p
     (tmp_path / "a").rename(tmp_path / "b")  # relative shard paths: the index follows its folder
     after = _rows(tmp_path / "b" / "codes.h5")
     assert all(np.array_equal(x, y) for s in before for x, y in zip(before[s], after[s]))
-    (tmp_path / "b" / "codes.shards" / "train" / "train-000002.h5").unlink()
+    shard = tmp_path / "b" / "codes.shards" / "train" / "train-000002.h5"
+    with open(shard, "ab") as f:  # e.g. redone with other rows, not yet indexed
+        f.write(b"\0")
+    with pytest.raises(CnnCodesError, match="train-000002.h5 was rewritten after this index; rerun the same"):
+        Cache(tmp_path / "b" / "codes.h5")
+    shard.unlink()
     with pytest.raises(CnnCodesError, match="train-000002.h5 it names is missing; rerun the same"):
         Cache(tmp_path / "b" / "codes.h5")
 

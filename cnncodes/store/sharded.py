@@ -142,10 +142,18 @@ def check_sources(path: Path, f: h5py.File) -> None:
         ds = f[split].get("features") if isinstance(f[split], h5py.Group) else None
         if ds is not None and ds.is_virtual:
             names.update(m.file_name for m in ds.virtual_sources())
+    recorded = {rel: (size, mtime) for split in f if isinstance(f[split], h5py.Group) for rel, size, mtime in index_shards(f[split])}
     for name in sorted(names):
-        if not (path.parent / name).is_file():
+        try:
+            st = (path.parent / name).stat()
+        except FileNotFoundError:
             raise CnnCodesError(f"{path}: the shard {path.parent / name} it names is missing; rerun the same "
-                                f"`cnncodes extract` to redo it (or restore the {shards_folder(path).name} folder beside it)")
+                                f"`cnncodes extract` to redo it (or restore the {shards_folder(path).name} folder beside it)") from None
+        if name in recorded and recorded[name][0] != st.st_size:
+            # its rows may no longer be those the index maps (HDF5 would pad or cut them silently);
+            # the size only: a copy of the store (cp -r, rsync) keeps sizes, not always mtimes
+            raise CnnCodesError(f"{path}: the shard {path.parent / name} was rewritten after this index; rerun the "
+                                f"same `cnncodes extract` to index it again")
     _ensure_open_files(path, len(names) + 64)
 
 
