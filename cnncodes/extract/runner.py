@@ -27,6 +27,8 @@ from .config import ExtractConfig
 class ViewMaker:
     """Decoded image -> (1 + K, 3, H, W) uint8: the eval view, then K seeded augmented views."""
 
+    GROUP = 16  # images resized in one call at most: bounds the stacked copy (16 12-MP photos: 0.6 GB uint8)
+
     def __init__(self, pre: Preprocessing, paths: list[str], views: int, seed: int):
         self.pre, self.paths, self.views, self.seed = pre, paths, views, seed
 
@@ -40,8 +42,9 @@ class ViewMaker:
         groups: dict[tuple[int, ...], list[int]] = {}
         for j, img in enumerate(images):
             groups.setdefault(tuple(img.shape), []).append(j)
+        chunks = [js[k:k + self.GROUP] for js in groups.values() for k in range(0, len(js), self.GROUP)]
         evals: dict[int, torch.Tensor] = {}
-        for js in groups.values():
+        for js in chunks:
             stacked = images[js[0]].unsqueeze(0) if len(js) == 1 else torch.stack([images[j] for j in js])
             evals.update(zip(js, self.pre.eval_view(stacked)))
         return [torch.stack([evals[j], *self._random_views(img, i)]) for j, (img, i) in enumerate(zip(images, indices))]
