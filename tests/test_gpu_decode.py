@@ -383,3 +383,17 @@ def test_a_torchvision_without_the_batched_decoder_is_refused_up_front(monkeypat
     monkeypatch.setattr(torchvision, "__version__", "0.18.1+cu121")
     with pytest.raises(CnnCodesError, match=r"needs torchvision >= 0\.19 .*this is 0\.18\.1.*--decode cpu"):
         torchvision_decode(torch.device("cpu"))
+
+
+def test_out_of_memory_making_the_views_is_one_line_too(eight):
+    root, names = eight
+    pre = Preprocessing.for_image_size(32)
+
+    class Oom(ViewMaker):
+        def many(self, images, indices):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    loader = DeviceLoader(root, names, pre.load, Oom(pre, names, 0, 0), batch_size=8, device=torch.device("cpu"),
+                          threads=2, decode_many=_real_decode)
+    with pytest.raises(CnnCodesError, match="out of memory resizing the views of 8 JPEGs.*--batch-size"):
+        list(loader)

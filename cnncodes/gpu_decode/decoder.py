@@ -61,12 +61,12 @@ def torchvision_decode(device: torch.device) -> DecodeMany:
     return decode_many
 
 
-def fatal_error(e: Exception, images: int, device: torch.device) -> CnnCodesError | None:
+def fatal_error(e: Exception, images: int, device: torch.device, doing: str = "decoding") -> CnnCodesError | None:
     """The one-line error for a failure that is not the image's, or None for an image error."""
     text = f"{type(e).__name__}: {e}".strip()
     line = text.splitlines()[0][:200]
     if isinstance(e, torch.cuda.OutOfMemoryError) or _OOM.search(text):
-        return CnnCodesError(f"out of memory decoding {images} JPEGs on {device} ({line}); "
+        return CnnCodesError(f"out of memory {doing} {images} JPEGs on {device} ({line}); "
                              f"pass a smaller --batch-size, or --decode cpu")
     if isinstance(e, NotImplementedError) or _NO_NVJPEG.search(text):
         return CnnCodesError(f"this torchvision cannot decode JPEGs on {device} ({line}); "

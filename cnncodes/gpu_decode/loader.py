@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data import Batch, BadImage
-from .decoder import BatchDecoder, DecodeMany
+from .decoder import BatchDecoder, DecodeMany, fatal_error
 from .jpeg import JpegHeader, orient, scan
 
 _DONE = object()  # end of a stage's stream
@@ -148,7 +148,13 @@ class DeviceLoader:
                 slow[i] = img
             else:
                 decoded[i] = orient(img, h.orientation)
-        views = self._views(decoded)
+        try:
+            views = self._views(decoded)
+        except Exception as e:  # out of memory resizing full-size photos: one line, like the decoder's
+            fatal = fatal_error(e, len(decoded), self.device, "resizing the views of")
+            if fatal is None:
+                raise
+            raise fatal from e
         failed = list(raw.failed)
         self.stats.device += len(decoded)
         self.stats.reasons.update(slow.values())
