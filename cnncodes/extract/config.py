@@ -56,8 +56,8 @@ class ExtractConfig:
     channels_last: bool = option(True, "NHWC memory layout.")
     workers: int | None = option(None, "Decode workers [default: sized to the machine].")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
-    decode: str = option("auto", "Where JPEGs are decoded: cpu = PIL in worker processes; gpu = nvJPEG batches on the "
-                                 "CUDA device (opt-in: not yet measured on a GPU); auto = cpu for now.")
+    decode: str = option("auto", "Where JPEGs are decoded: cpu = PIL (worker processes beside a GPU); gpu = nvJPEG "
+                                 "batches on the CUDA device (opt-in: not yet measured on a GPU); auto = cpu for now.")
     strict: bool = option(False, "Stop at the first unreadable file instead of skipping it.")
     checkpoint_every: float = option(30.0, "Seconds between resumable shard writes.")
 
