@@ -214,6 +214,7 @@ def _pre_record(pre, decode: str) -> dict:
     if decode == "gpu":
         record["jpeg_draft"] = (f"device-decoded JPEGs at full size; CPU fallbacks at the smallest DCT scale "
                                 f"keeping both sides >= {pre.draft_size}")
+        record["resampler"] = "torch antialiased resize: float16 on the device, uint8 for CPU fallbacks"
     return record
 
 
