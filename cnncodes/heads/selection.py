@@ -20,6 +20,12 @@ from .report import predict_images
 
 HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
 HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
+# Train codes above which svm too is solved by L-BFGS on LinearSVC's objective (`lbfgs`), not liblinear. On real
+# ResNet-50 codes of the 1,437 digits (2048-d) the C search took 9-12 s of CPU by L-BFGS, 20.7 s by liblinear's dual
+# coordinate descent (same CV scores to 1e-3, same C and val accuracy), and its cost per C is bounded by
+# lbfgs.LBFGS_MAX_ITER, where liblinear crawls at large C (one C of a 720-image, 12-class set took a minute).
+# Below it liblinear is quick, one fold per core.
+SVM_LBFGS_ABOVE = 1000
 LBFGS_LOSS = {"logreg": "softmax", "svm": "squared-hinge", **TORCH_CLFS}  # the loss each head minimises
 
 
@@ -110,7 +116,8 @@ def fit_linear(data: TrainSet, config: HeadConfig, device="cpu", folds: Folds | 
     svm/logreg, and the torch heads on codes in memory (full-batch L-BFGS), walk the grid upwards
     and stop after `patience` values without a better CV accuracy (None: the whole grid); the
     streamed torch heads (or a fixed `max_iter`, Adam epochs) train every C in one batched pass.
-    Above LBFGS_ABOVE train codes svm and logreg too are solved by L-BFGS (same objective, torch).
+    Above LBFGS_ABOVE train codes svm and logreg too are solved by L-BFGS (same objective, torch), svm
+    already above SVM_LBFGS_ABOVE.
 
     `folds`: the CV folds to score on (default `cv_folds` of `data`): choosing among caches
     (`heads.multi`) scores every candidate on the same folds. `refit=False`: only choose C, W and b
@@ -125,8 +132,15 @@ def fit_linear(data: TrainSet, config: HeadConfig, device="cpu", folds: Folds | 
     sel = Selection(C=C if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
     if clf in TORCH_CLFS and not (data.in_memory and config.max_iter is None):
         return _fit_torch(data, config, grid, fold, n_folds, sel, device)
-    if clf in TORCH_CLFS or len(data.y) > LBFGS_ABOVE:
-        return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device, refit)
+    if clf in TORCH_CLFS or len(data.y) > LBFGS_ABOVE or (clf == "svm" and len(data.y) > SVM_LBFGS_ABOVE):
+        from .sklearn_solver import one_blas_thread
+
+        # numpy's BLAS on one thread: scipy's L-BFGS-B update (vector work on M x K x D variables) and the QR
+        # of the codes gain nothing from threads, and on busy cores the threads' hand-offs cost 10-20x (real
+        # ResNet-50 digits codes, linear head: L-BFGS-B 21.6 s -> 1.2 s, QR 14.5 s -> 0.8 s with other jobs
+        # running). torch's own threads are set apart (`torch_solver._cpu_threads`).
+        with one_blas_thread():
+            return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device, refit)
     from .sklearn_solver import fold_path, sklearn_refit
 
     if n_folds:

@@ -40,7 +40,7 @@ def _sklearn_estimator(clf: str, seed: int, shape: tuple[int, int]):
     return LogisticRegression(C=1.0, max_iter=1000, warm_start=True)
 
 
-def _one_blas_thread():
+def one_blas_thread():
     """BLAS on one thread: the solvers' matrix-vector products lose more to thread hand-offs than
     they gain (a 7-C logreg path on 2k x 2k codes: 3.7 s with 2 threads, 0.12 s with 1; 90k x 512:
     38 s vs 5.7 s on a busy 2-core machine). Parallelism comes from running jobs in threads."""
@@ -174,7 +174,7 @@ def fold_path(clf: str, data: TrainSet, fold: np.ndarray, n_folds: int, grid: Se
 
     room = max(1, codes.available_memory() // max(SKLEARN_BYTES_PER_VALUE[clf][1] * data.features.size, 1))
     pool = ThreadPoolExecutor(max(1, min(len(jobs), available_cores(), room)))
-    with _one_blas_thread(), _quiet_convergence():
+    with one_blas_thread(), _quiet_convergence():
         try:
             for f, idx in jobs:
                 pool.submit(run, f, idx)
@@ -188,6 +188,6 @@ def fold_path(clf: str, data: TrainSet, fold: np.ndarray, n_folds: int, grid: Se
 def sklearn_refit(clf: str, data: TrainSet, C: float, seed: int, notes: list[str],
                   rotate: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The final model on all train codes at the chosen C: W (K, D), b (K,)."""
-    with _one_blas_thread(), _quiet_convergence():
+    with one_blas_thread(), _quiet_convergence():
         fc = fold_codes(clf, data.features, data.y, rotate)
         return _fit_C(_sklearn_estimator(clf, seed, fc.x.shape), clf, fc, len(data.classes), C, notes)
