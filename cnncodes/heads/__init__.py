@@ -14,6 +14,8 @@ Where things live (input -> output):
 - `lbfgs`: full-batch, preconditioned L-BFGS on codes in memory, C by C (the torch heads in
   memory, and svm / logreg on their own objectives above `names.LBFGS_ABOVE` codes).
 - `report`: scoring per image and the per-split report (accuracy, per class, confusion).
+- `multi`: choosing among caches (and heads, and their fusion) by the same grouped CV folds on
+  train, then refitting and evaluating only the chosen candidate (`fit_head_multi`).
 - here: `fit_head`, cache in, (head, report) out.
 
 Every head, whatever trained it, ends as the same linear form: standardise the code
@@ -29,11 +31,13 @@ Heads (`--clf`):
 - ``svm``: scikit-learn `LinearSVC` (squared hinge, one-vs-rest), codes in memory.
 - ``logreg``: scikit-learn `LogisticRegression` (lbfgs, multinomial softmax), codes in memory,
   warm-started along the C grid.
-- Above `names.LBFGS_ABOVE` (20,000) train codes, svm and logreg minimise the same objectives
-  (LinearSVC's with its penalised intercept; LogisticRegression's) by `lbfgs.lbfgs_path` in torch:
-  scikit-learn's solvers run one job per core, and at that size a held-out tenth leaves one job,
-  i.e. one busy core (100k x 2048 codes: logreg 99.8 s, svm over a minute per C). The report's
-  selection notes say which solver ran.
+- Above `names.LBFGS_ABOVE` (20,000) train codes, and svm already above `selection.SVM_LBFGS_ABOVE`
+  (1,000), svm and logreg minimise the same objectives (LinearSVC's with its penalised intercept;
+  LogisticRegression's) by `lbfgs.lbfgs_path` in torch: scikit-learn's solvers run one job per core,
+  and at that size a held-out tenth leaves one job, i.e. one busy core (100k x 2048 codes: logreg
+  99.8 s, svm over a minute per C); svm from 1,000 codes because liblinear's dual solver crawls at
+  large C (real ResNet-50 codes of 1,437 images: half liblinear's CPU time, same choice). The
+  report's selection notes say which solver ran.
 - ``linear``: `TorchLinearClassifier` with the softmax loss: the same objective as ``logreg``
   solved by minibatch Adam, streaming the cache in chunks (CPU or CUDA).
 - ``linear-svm``: `TorchLinearClassifier` with the multiclass (Crammer-Singer) hinge loss,
