@@ -201,6 +201,23 @@ def test_layer_pooling_knows_swin_stages_are_channels_last_at_any_size():
 
 
 @torch.inference_mode()
+def test_layer_pooling_sees_a_convnext_block_run_channels_last():
+    """Inside a ConvNeXt block (an NCHW model) the MLP runs on (N, H, W, C): no model-level rule
+    says so; the layout is read from which axis follows the input's width."""
+    from cnncodes.backbones._layers import layer_extractor
+
+    bb = B.create_backbone("convnext_tiny", "none")
+    model, dim = layer_extractor(bb, "features.1.0.block.3,features.1.0.block.0")
+    assert dim == 384 + 96
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    block = bb.model.eval().features[1][0].block
+    dw = block[0](bb.model.features[0](x))  # depthwise conv: (N, C, H, W)
+    mlp = block[3](block[2](block[1](dw)))  # permute, LayerNorm, Linear: (N, H, W, 4C) = (1, 16, 16, 384)
+    torch.testing.assert_close(model(x), torch.cat([mlp.mean(dim=(1, 2)), dw.mean(dim=(2, 3))], dim=1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
 def test_layer_pooling_knows_timm_nhwc_models():
     pytest.importorskip("timm")
     from cnncodes.backbones._layers import channels_last_layers

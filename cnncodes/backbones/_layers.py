@@ -79,6 +79,24 @@ def channels_last_layers(bb: Backbone, names: list[str]) -> set[str]:
     return {n for n in names if n.split(".")[0] in scope and not isinstance(modules.get(n), nn.Conv2d)}
 
 
+PROBE_WIDTH_STEP = 64  # extra input width of the layout probe: >= 1 more column at any stride up to 64
+
+
+def probe_channels_last(extractor: nn.Module, names: list[str], size: int) -> set[str] | None:
+    """The names whose 4-d output is (N, H, W, C), read from which axis grows with the input's width
+    (axis 2: NHWC, axis 3: NCHW) over two probe passes; None where the model refuses a wider input
+    (a fixed patch grid, such as timm's Swin): then `channels_last_layers`' rule. The probe also sees
+    what no model-level rule can, e.g. the MLP inside a ConvNeXt block of an NCHW model."""
+    try:
+        with torch.no_grad():
+            narrow = extractor(torch.zeros(1, 3, size, size))
+            wide = extractor(torch.zeros(1, 3, size, size + PROBE_WIDTH_STEP))
+    except Exception:  # noqa: BLE001 - a model that takes one input size only (assertions, shape errors)
+        return None
+    return {n for n in names if narrow[n].ndim == 4 and narrow[n].shape[2] != wide[n].shape[2]
+            and narrow[n].shape[3] == wide[n].shape[3]}
+
+
 def _channels_last_scope(bb: Backbone) -> set[str]:
     """The model's top-level modules that run channels-last (empty for an NCHW model)."""
     model = bb.model
@@ -106,8 +124,9 @@ def layer_extractor(bb: Backbone, layers: str) -> tuple[nn.Module, int]:
                             + (f"; nearest: {', '.join(near)}" if near else "")
                             + f"; `cnncodes archs {bb.arch} --layers` lists them")
     extractor = create_feature_extractor(_traceable(bb), return_nodes={n: n for n in names})
-    model = PooledLayers(extractor, names, channels_last_layers(bb, names)).eval()
     size = 224 if bb.fixed_size is None else bb.fixed_size
+    probed = None if bb.fixed_size is not None else probe_channels_last(extractor, names, size)
+    model = PooledLayers(extractor, names, channels_last_layers(bb, names) if probed is None else probed).eval()
     with torch.no_grad():
         dim = model(torch.zeros(1, 3, size, size)).shape[1]
     return model, int(dim)
