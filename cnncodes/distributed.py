@@ -144,12 +144,12 @@ def broadcast_object(obj):
     return box[0]
 
 
-def gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others; [obj] in a single process)."""
     if not is_distributed():
         return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

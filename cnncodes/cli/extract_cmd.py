@@ -62,6 +62,11 @@ def extract_command(data, out, overwrite, path_col, label_col, val_fraction, val
 
     config = ExtractConfig(**options)
     shards = source_from_cli(data, val_shards, test_shards, label_key, classes_file)
+    if shards and val_fraction is not None:
+        raise click.UsageError("--val-fraction applies to CSV manifests; give WebDataset val shards with --val PATTERN")
+    if not shards and (label_key != "cls" or classes_file):
+        raise click.UsageError("--label-key and --classes apply to WebDataset shards; a folder's classes are its "
+                               "subfolders, a CSV's its label column (--label-col)")
     manifest = None if shards else manifest_from(path_col, label_col, val_fraction, config.seed)
     if not overwrite and _report_if_up_to_date(shards or data, out, config, manifest):
         return

@@ -23,7 +23,7 @@ from ..data import BadImage, quiet_pil
 from ..errors import CnnCodesError, Interrupted
 from ..runtime import process_cores
 from ..store import SplitRows
-from ..store.sharded import write_output_shard
+from ..store.sharded import ShardEntry, write_output_shard
 from ..webdata import InputShard, LabelNames, ShardDamaged, ShardSource, read_samples, sample_image, sample_label
 from .runner import ViewMaker
 
@@ -52,6 +52,7 @@ class ShardReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input shard, reason): no output written
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (shard/key, reason) of bad samples
     not_jpeg: int = 0
+    entries: list[ShardEntry] = field(default_factory=list)  # the output shards written, for the index
 
     @staticmethod
     def merge(reports: list[ShardReport]) -> ShardReport:
@@ -62,6 +63,7 @@ class ShardReport:
             out.redone.update(r.redone)
             out.failed += r.failed
             out.skipped += r.skipped
+            out.entries += r.entries
         return out
 
 
@@ -125,6 +127,8 @@ class ShardExtractor:
                   "samples": read["samples"], "damaged": read["damaged"], "config": self.cache.to_json(),
                   "input": self.identity, "split": job.split, "max_label": rows.max_label}
         write_output_shard(job.out, rows.as_split_rows(self.runner.dim), origin)
+        report.entries.append(ShardEntry(job.out, rows.images * rows.per_image, self.runner.dim, rows.max_label,
+                                         {k: v for k, v in origin.items() if k != "config"}, rows.skipped))
         report.images += rows.images
         report.codes += rows.images * rows.per_image
         report.skipped += rows.skipped

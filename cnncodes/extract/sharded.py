@@ -11,6 +11,7 @@ batched from the shard's start, so the result is the same for any number of proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections import Counter
@@ -37,6 +38,7 @@ class ShardPlan:
     outputs: dict[str, list[tuple[InputShard, Path]]]  # every input shard of each split and its output
     done: int = 0  # input shards skipped as done
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this run's work queue
+    known: dict[Path, ShardEntry] = field(default_factory=dict)  # the done shards' entries (rank 0 only)
 
 
 def plan_shards(source: ShardSource, folder: Path, config_json: str, identity: str, overwrite: bool,
@@ -56,6 +58,7 @@ def plan_shards(source: ShardSource, folder: Path, config_json: str, identity: s
                 raise CnnCodesError(f"{shard.path}: {name}: {reason} (--strict: fix the shard, or drop --strict to skip it)")
             if why is None:
                 plan.done += 1
+                plan.known[out] = entry
             else:
                 plan.jobs.append(ShardJob(split, shard, out, why))
     return plan
@@ -103,7 +106,8 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
             except CnnCodesError as e:
                 error = str(e)
         distributed.share_error(error, dev)
-        plan = distributed.broadcast_object(plan)
+        known = plan.known if main else {}
+        plan = distributed.broadcast_object(dataclasses.replace(plan, known={}) if main else None)
         if main and log:
             why = Counter(j.why for j in plan.jobs)
             log(f"{sum(map(len, plan.outputs.values()))} input shards: {plan.done} done, {len(plan.jobs)} to extract"
@@ -115,23 +119,27 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
             queue = distributed.WorkQueue(f"shards/{plan.token}")  # the store outlives one call under torchrun
             report = ShardExtractor(runner, options, cache, source, log if main else None).run(
                 largest_first(plan.jobs), queue, progress and main)
-        report = ShardReport.merge(distributed.gather_objects(report))
+        reports = distributed.gather_to_main(report)
+        report = ShardReport.merge(reports) if main else report
         result = {"report": report, "done": plan.done, "up_to_date": False, "split_counts": {}, "skipped": []}
         if main:
-            result.update(_write_index(out, plan, cache, source, request, report))
+            result.update(_write_index(out, plan, known, cache, source, request, report))
         distributed.barrier()  # other ranks return once the index is complete
     return result
 
 
-def _write_index(out: Path, plan: ShardPlan, cache, source: ShardSource, request: str, report: ShardReport) -> dict:
-    """Index every input shard with a valid output shard, in input order (failed ones are left out)."""
+def _write_index(out: Path, plan: ShardPlan, known: dict[Path, ShardEntry], cache, source: ShardSource, request: str,
+                 report: ShardReport) -> dict:
+    """Index every input shard with a valid output shard, in input order (failed ones are left out).
+    The entries come from the plan (done shards) and the ranks (new ones): no shard is opened again."""
     failed = {p for p, _ in report.failed}
+    known = {**known, **{e.path: e for e in report.entries}}
     entries: dict[str, list[ShardEntry]] = {}
     skipped: dict[str, list[tuple[str, str]]] = {}
     for split, pairs in plan.outputs.items():
         entries[split], skipped[split] = [], []
         for shard, path in pairs:
-            entry = None if shard.path in failed else read_output_shard(path)
+            entry = None if shard.path in failed else known.get(path) or read_output_shard(path)
             if entry is not None:
                 entries[split].append(entry)
                 skipped[split] += entry.skipped
