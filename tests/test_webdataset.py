@@ -7,6 +7,7 @@ codes, the files kept or the message, not merely that nothing crashed.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -280,6 +281,10 @@ def test_an_ordinary_cache_is_not_replaced_by_an_index(shards, tmp_path, cli):
     extract(data, tmp_path / "c.h5", **FAST)
     with pytest.raises(CnnCodesError, match="is a cache extracted from a folder or CSV; write the shards' codes to another -o"):
         extract(source, tmp_path / "c.h5", **FAST)
+    spec = tmp_path / "wds" / "spec.json"  # the API takes what the CLI takes: here a JSON spec
+    spec.write_text(json.dumps({"train": "train-{000000..000003}.tar", "val": ["val-000000.tar"]}))
+    r = extract(spec, tmp_path / "spec.h5", **FAST)
+    assert r.split_counts == {"train": 10, "val": 4}
 
 
 def test_the_gpu_path_reads_ahead_on_a_thread_and_gives_the_same_codes(shards, tmp_path, monkeypatch):

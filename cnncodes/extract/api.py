@@ -31,7 +31,7 @@ from ..runtime import FileLock, check_precision, check_space, inference_batch_si
 from ..store import Cache, CacheConfig, SplitPlan, parts_folder, write_cache
 from ..tvimport import torchvision  # without torch._dynamo: ~1 s of start-up
 from ..uptodate import request_key
-from ..webdata import ShardSource
+from ..webdata import ShardSource, is_shard_input, source_from_cli
 from .config import ExtractConfig
 from .runner import Runner
 
@@ -93,6 +93,8 @@ def extract(
     arch's original recipe; `log` says which).
     """
     options = with_overrides(ExtractConfig, config, overrides, "extract")
+    if not isinstance(data, ShardSource) and is_shard_input(data):  # a tar pattern, shard list or JSON spec
+        data = source_from_cli(str(data), None, None, "cls", None)  # as the CLI reads it (labels from .cls)
     shards = data if isinstance(data, ShardSource) else None  # WebDataset input: see extract.sharded
     layout = None if shards else discover(data, manifest)
     for w in layout.warnings if layout else []:
