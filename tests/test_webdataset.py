@@ -139,6 +139,9 @@ def test_rerun_skips_done_shards_without_opening_them_and_redoes_a_changed_one(s
     r = extract(source, out, **FAST)
     assert (r.extracted, r.shards) == (3, {"done": 4, "extracted": 1, "redone": {"changed": 1}, "failed": 0})
     assert opened == ["train-000001.tar"]
+    with pytest.raises(CnnCodesError, match=r"train-000000.h5: an output shard of another configuration \(views: "
+                                            r"cache has 0, asked for 1\); write to another -o, or pass --overwrite"):
+        extract(source, out, views=1, **FAST)
     after = _mtimes(tmp_path / "out" / "codes.shards")
     assert {k for k in before if before[k] != after[k]} == {"train-000001.h5"}
 

@@ -110,7 +110,12 @@ def _report_if_up_to_date(data, out, config: ExtractConfig, manifest) -> bool:
     from ..uptodate import request_key, shards_up_to_date, up_to_date, weights_sha256
     from ..webdata import ShardSource
 
-    key = request_key(weights_sha256=weights_sha256(config.weights), **config.request())
+    request = config.request()
+    if isinstance(data, ShardSource):
+        if config.decode == "gpu":
+            return False  # refused for shards by the full path, with the reason
+        request["decode"] = "cpu"  # shards are decoded on the CPU (extract.api._shard_decode)
+    key = request_key(weights_sha256=weights_sha256(config.weights), **request)
     if isinstance(data, ShardSource):
         done = shards_up_to_date(data, out, key, config.strict)
     else:

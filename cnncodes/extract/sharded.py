@@ -26,7 +26,7 @@ from .. import distributed
 from .._version import __version__
 from ..errors import CnnCodesError
 from ..runtime import FileLock
-from ..store import FORMAT
+from ..store import FORMAT, CacheConfig
 from ..store.sharded import STORE, ShardEntry, output_shard, read_output_shard, shards_folder, write_index
 from ..webdata import InputShard, ShardSource, output_stem
 from .shard_worker import ShardExtractor, ShardJob, ShardReport
@@ -41,7 +41,7 @@ class ShardPlan:
     known: dict[Path, ShardEntry] = field(default_factory=dict)  # the done shards' entries (rank 0 only)
 
 
-def plan_shards(source: ShardSource, folder: Path, config_json: str, identity: str, overwrite: bool,
+def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity: str, overwrite: bool,
                 strict: bool = False) -> ShardPlan:
     """Which input shards to extract: every one without a valid output shard of this configuration
     (`strict`: a done shard that skipped samples is refused, as its first run would have been)."""
@@ -52,7 +52,7 @@ def plan_shards(source: ShardSource, folder: Path, config_json: str, identity: s
             out = output_shard(folder, split, output_stem(shard.path))
             plan.outputs[split].append((shard, out))
             entry = read_output_shard(out)
-            why = _why_redo(entry, out, shard, config_json, identity, overwrite)
+            why = _why_redo(entry, out, shard, config, identity, overwrite)
             if why is None and strict and entry.skipped:
                 name, reason = entry.skipped[0]
                 raise CnnCodesError(f"{shard.path}: {name}: {reason} (--strict: fix the shard, or drop --strict to skip it)")
@@ -64,15 +64,21 @@ def plan_shards(source: ShardSource, folder: Path, config_json: str, identity: s
     return plan
 
 
-def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, config_json: str, identity: str,
+def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, config: CacheConfig, identity: str,
               overwrite: bool) -> str | None:
     if entry is None:
         return "torn" if out.exists() else "new"
     o = entry.origin
-    if o.get("config") != config_json or o.get("input") != identity:
+    try:
+        diffs = config.differences(CacheConfig.from_json(o.get("config", "")))  # a decoder version bump is no change
+    except (ValueError, TypeError):
+        diffs = ["its configuration is unreadable"]
+    if o.get("input") != identity:
+        diffs.append(f"labels: it has {o.get('input')}, asked for {identity}")
+    if diffs:
         if not overwrite:
-            raise CnnCodesError(f"{out}: an output shard of another configuration (backbone, preprocessing, views "
-                                f"or labels); write to another -o, or pass --overwrite to replace it")
+            raise CnnCodesError(f"{out}: an output shard of another configuration ({diffs[0]}); write to another -o, "
+                                f"or pass --overwrite to replace it")
         return "another configuration"
     if (o.get("source"), o.get("source_size"), o.get("source_mtime_ns")) != (shard.path, shard.size, shard.mtime_ns):
         return "changed"
@@ -102,7 +108,7 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
                 stack.enter_context(FileLock(out, what=f"cache {out}"))  # one writer per store
                 _refuse_other_cache(out, overwrite)
                 _remove_temporaries(folder)
-                plan = plan_shards(source, folder, cache.to_json(), identity, overwrite, options.strict)
+                plan = plan_shards(source, folder, cache, identity, overwrite, options.strict)
             except CnnCodesError as e:
                 error = str(e)
         distributed.share_error(error, dev)
