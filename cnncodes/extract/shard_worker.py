@@ -4,6 +4,7 @@ written as one atomic output shard (see `extract.sharded` for the plan and the i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -113,8 +114,11 @@ class ShardExtractor:
         read = {"samples": 0, "damaged": 0, "not_jpeg": 0}
         batches = self._decoded(job, rows, read)
         try:
-            for items, images in prefetch(batches, 2) if self.prefetch else batches:
-                rows.add(items, self.runner.codes(images))
+            # PIL's warning filter is process-wide and only the main thread may set it: here, around
+            # the reader thread's decoding (inline, `_decode` sets it around each batch itself).
+            with quiet_pil() if self.prefetch else contextlib.nullcontext():
+                for items, images in prefetch(batches, 2) if self.prefetch else batches:
+                    rows.add(items, self.runner.codes(images))
         except OSError as e:
             reason = f"cannot read this shard ({e.strerror or e})"
             if self.options.strict:
