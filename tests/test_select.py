@@ -235,3 +235,26 @@ def test_select_extracts_each_backbone_chooses_and_resumes(tmp_path, cli):
     again = json.loads((cli(*args), (out / "report.json").read_text())[1])
     assert all(b["up_to_date"] and b["extracted"] == 0 for b in again["backbones"])  # finished caches are kept
     assert cv_table(again) == cv_table(report)
+
+
+# --------------------------------------------------------------------------- heads fast enough to choose among many
+
+
+def test_svm_from_a_thousand_codes_solves_linearsvc_objective_by_lbfgs(tmp_path, monkeypatch):
+    """Above SVM_LBFGS_ABOVE train codes svm runs L-BFGS on LinearSVC's objective (said in the notes): the
+    same C path within CV noise and a head that predicts like liblinear's."""
+    import cnncodes.heads.selection as selection
+    from cnncodes.heads import fit_head
+    from cnncodes.store import Cache
+
+    cache = informative(tmp_path, images={"train": 1010, "val": 90}, dim=16, separation=2.0)
+    grid = (1e-4, 1e-2, 1.0)
+    head_lb, r_lb = fit_head(cache, "svm", grid=grid, patience=None)
+    monkeypatch.setattr(selection, "SVM_LBFGS_ABOVE", 10**9)
+    head_sk, r_sk = fit_head(cache, "svm", grid=grid, patience=None)
+    assert any("LinearSVC's objective" in n for n in r_lb["selection"]["notes"])
+    assert not any("L-BFGS" in n for n in r_sk["selection"]["notes"])
+    np.testing.assert_allclose(r_lb["selection"]["cv_scores"], r_sk["selection"]["cv_scores"], atol=3 / 1010)
+    with Cache(cache) as c:
+        x = c.features("val")[()]
+    assert (head_lb.predict(x) == head_sk.predict(x)).mean() > 0.95
