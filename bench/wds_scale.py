@@ -8,8 +8,9 @@ use the first shards of the largest) is extracted with resnet18 `--weights none 
 by a real `cnncodes extract` process (`--procs N`: torchrun). For each size:
   - bookkeeping overhead = 1 - (in-memory time / command time): the in-memory time is the same
     samples through the same decode, views and network (ShardExtractor's batch step, same batch
-    size and threads), their bytes already in memory, nothing stored; the command time is the
-    whole `cnncodes extract` (start-up, imports, reading the tars, output shards, index);
+    size and threads), their bytes already in memory, nothing stored, in a fresh process; the
+    command time is the whole `cnncodes extract` (start-up, imports, reading the tars, output
+    shards, index);
   - peak RSS of the command (wait4's ru_maxrss: the largest process of the run);
 then, on the largest size: a no-op rerun (all shards done), kill -9 once half the output shards
 exist and rerun (finished shards redone must be 0: the work lost is the shard each process was
@@ -147,6 +148,15 @@ def one(args) -> None:
     wall, rss, out = run_command(command(Path(args.listing), Path(args.out), args.procs))
     print(f"RESULT {wall} {rss}")
     print(out)
+
+
+def memory_in_fresh_process(listing: Path) -> float:
+    """`in_memory_seconds` in a fresh interpreter, like the command: this process has asked torch
+    about CUDA (the results header), and on this machine that alone slowed the CPU pass 20-40%."""
+    proc = subprocess.run([sys.executable, __file__, "--memory", "--listing", str(listing)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    return float(re.search(r"MEMORY ([\d.]+)", proc.stdout).group(1))
 
 
 def measured(listing: Path, out: Path, procs: int) -> tuple[float, float, str]:
@@ -298,11 +308,16 @@ def main() -> None:
     ap.add_argument("--index-shards", type=int, default=10_000, help="shards of the index-at-scale measurement")
     ap.add_argument("--index-only", action="store_true", help="only the index-at-scale measurement")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--listing", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         return one(args)
+    if args.memory:
+        shards = [Path(line) for line in Path(args.listing).read_text().split()]
+        print(f"MEMORY {in_memory_seconds(shards, None)}")
+        return None
     result = results_header(args.name)
     if args.index_only:  # the index at the projection's scale alone (docs/scale.md's 10^8 projection)
         scale = index_scale(args.index_shards, Path(args.dir) / f"cnncodes-wds-index-{args.index_shards}")
@@ -326,7 +341,7 @@ def main() -> None:
     for n in sizes:
         mine = shards[:n // args.per_shard]
         listing = shard_list(root, mine)
-        memory = statistics.median(in_memory_seconds(mine, None) for _ in range(args.repeats))
+        memory = statistics.median(memory_in_fresh_process(listing) for _ in range(args.repeats))
         runs = []
         for r in range(args.repeats):
             out = root / f"store-{n}-{r}" / "codes.h5"
