@@ -8,8 +8,14 @@ CV accuracy (per image, train only) and val accuracy beside each time. Nothing i
 
 Code sets: synthetic 1,000 x 2048 codes x 12 classes (`write_synthetic_cache(rank=256)`:
 post-ReLU-like, non-negative, class structure in a decaying low-rank subspace like real codes),
-with --large also 100,000 x 2048 x 12, and ants/bees with the real ResNet-50 (extracted once into
---cache-dir; skipped when ../shared is absent).
+with --large also 100,000 x 2048 x 12, and real codes of the real ResNet-50 file: ants/bees (245
+train images) and the demo's digits (1,437 train images, 10 classes, `--preprocess-like
+IMAGENET1K_V1`), each extracted once into --cache-dir (the digits take minutes on 2 CPU cores);
+skipped when ../shared is absent.
+
+Real codes also get "cmd wall": the whole `cnncodes fit-head CACHE --clf X` command as a user runs
+it (start-up, loading, C search, final fit, report), median of --repeats; the target for choosing
+among many candidates is <= 10 s on real codes of 1-2k images.
 
     python bench/heads_speed.py            # ~minutes on 2 idle cores
     python bench/heads_speed.py --large    # + 100k codes (slow: the svm reference alone is many minutes)
@@ -111,6 +117,36 @@ def ants_bees(cache_dir: Path) -> Path | None:
     return out
 
 
+def digits_real(cache_dir: Path) -> Path | None:
+    """The demo's digits (1,437 train, 360 val images) through the real ResNet-50 file, fp32."""
+    if not RESNET50_KERAS.is_file():
+        print(f"# skipping digits: {RESNET50_KERAS} is absent", flush=True)
+        return None
+    from cnncodes.demo import write_digits
+    from cnncodes.extract import extract
+
+    data = write_digits(cache_dir / "heads-speed-digits")
+    out = cache_dir / "heads-speed-digits-resnet50.h5"
+    r = extract(data, out, arch="resnet50", weights=str(RESNET50_KERAS), preprocess_like="IMAGENET1K_V1",
+                progress=False, log=lambda m: None)
+    print(f"# {out}: {'up to date' if r.up_to_date else f'extracted in {r.seconds:.0f} s'}", flush=True)
+    return out
+
+
+def command_wall(cache: Path, clf: str, repeats: int) -> float:
+    """Median wall seconds of the whole `cnncodes fit-head` command (a fresh process: start-up included)."""
+    import subprocess
+
+    walls = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            w = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "cnncodes", "fit-head", str(cache), "-o", f"{tmp}/head.h5",
+                            "--clf", clf, "--device", "cpu"], check=True, capture_output=True)
+            walls.append(time.perf_counter() - w)
+    return round(statistics.median(walls), 2)
+
+
 def synthetic(cache_dir: Path, n: int) -> Path:
     from cnncodes.testing import write_synthetic_cache
 
@@ -127,6 +163,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clfs", default=",".join(CLFS))
     ap.add_argument("--no-reference", action="store_true", help="skip the scikit-learn GridSearchCV reference")
+    ap.add_argument("--no-digits", action="store_true", help="skip the real-code digits set (minutes to extract once)")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heads_speed.json")
     args = ap.parse_args()
@@ -136,14 +173,19 @@ def main() -> None:
     # write) loads the machine itself and must not be read as other jobs' load.
     result = {**results_header("heads_speed"), "available_cores": available_cores(), "repeats": args.repeats,
               "rows": []}
-    sets = {}
+    sets, real_sets = {}, set()
     real = ants_bees(args.cache_dir)
     if real:
         sets["ants/bees resnet50 bf16"] = real
+    digits = None if args.no_digits else digits_real(args.cache_dir)
+    if digits:
+        sets["digits resnet50 fp32"] = digits
+    real_sets = {label for label, path in sets.items() if path in (real, digits)}
     sets["synthetic 1000x2048x12"] = synthetic(args.cache_dir, 1000)
     if args.large:
         sets["synthetic 100000x2048x12"] = synthetic(args.cache_dir, 100_000)
-    lines = [f"{'codes':<26} {'head':<28} {'wall s':>7} {'cpu s':>7} {'C':>7} {'CV acc':>7} {'val acc':>7}  C tried"]
+    lines = [f"{'codes':<26} {'head':<28} {'wall s':>7} {'cpu s':>7} {'cmd s':>7} {'C':>7} {'CV acc':>7} {'val acc':>7}"
+             f"  C tried"]
     print(lines[0], flush=True)
     for label, cache in sets.items():
         runs = [(clf, lambda c=clf: ours(cache, c)) for clf in args.clfs.split(",")]
@@ -151,8 +193,11 @@ def main() -> None:
             runs += [(f"reference GridSearchCV({n})", lambda n=n: reference(cache, n)) for n in REFERENCE_OF.values()]
         for head, fn in runs:
             r = {"codes": label, "head": head, "loadavg": os.getloadavg()[0], **measure(fn, args.repeats)}
+            if label in real_sets and head in CLFS:
+                r["command_wall_s"] = command_wall(cache, head, args.repeats)
             result["rows"].append(r)
-            line = (f"{label:<26} {head:<28} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} {r['C']:>7.0e} {r['cv']:>7.4f} "
+            cmd = f"{r['command_wall_s']:>7.1f}" if "command_wall_s" in r else f"{'':>7}"
+            line = (f"{label:<26} {head:<28} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} {cmd} {r['C']:>7.0e} {r['cv']:>7.4f} "
                     f"{r['val']:>7.4f}  {r['Cs_tried']}" + (" (stopped early)" if r.get("stopped_early") else ""))
             lines.append(line)
             print(line, flush=True)
@@ -161,8 +206,10 @@ def main() -> None:
               f"{result['load_before'][0]:.1f}, after {os.getloadavg()[0]:.1f}; median of {args.repeats}")
     lines.append(footer)
     print(footer)
-    result["table"] = {"columns": ["codes", "head", "CPU s", "wall s", "C", "CV acc", "val acc", "C values tried"],
-                       "rows": [[r["codes"], r["head"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}", f"{r['C']:.0e}",
+    result["table"] = {"columns": ["codes", "head", "CPU s", "wall s", "command wall s", "C", "CV acc", "val acc",
+                                   "C values tried"],
+                       "rows": [[r["codes"], r["head"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}",
+                                 f"{r['command_wall_s']:.1f}" if "command_wall_s" in r else "", f"{r['C']:.0e}",
                                  f"{r['cv']:.4f}", f"{r['val']:.4f}",
                                  f"{r['Cs_tried']}" + (" (stopped early)" if r.get("stopped_early") else "")]
                                 for r in result["rows"]]}
