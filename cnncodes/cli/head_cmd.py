@@ -91,6 +91,8 @@ def fit_heads(caches, clfs: list[str], config: HeadConfig, concat: bool, show_al
     if len(caches) == 1 and len(clfs) == 1:
         from ..heads import fit_head
 
+        if show_all_val:
+            log("note: --show-all-val applies when several candidates compete (several caches or --clf a,b)")
         return fit_head(caches[0], config=config, log=log)
     from ..heads.multi import fit_head_multi
 
