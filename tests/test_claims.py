@@ -148,6 +148,46 @@ def test_the_cache_describes_itself_and_the_four_line_load_gives_the_eval_view(t
     assert all(a["description"] and a["axes"] == "row" for n, a in attrs.items() if n != "features")
 
 
+def test_the_cache_records_batchnorm_folding_and_a_merge_only_run_keeps_it(tmp_path, cli):
+    """BatchNorm folding moves codes by float rounding: the cache says it was done (and how much),
+    also when the last run only merged finished shards, and `info` shows it."""
+    import h5py
+
+    data = write_folder(tmp_path / "data", {"train": 3, "val": 2})
+    p = tmp_path / "c.h5"
+    extract(data, p, arch="resnet18", weights="none", image_size=32, **QUIET)
+    with h5py.File(p) as f:
+        computed = json.loads(f.attrs["computed_with"])
+    assert computed == {"batchnorm": "20 of 20 BatchNorm layers folded into the convolution before them",
+                        "channels_last": True}
+    (data / "train" / "cat" / "000.jpg").unlink()  # a rerun that extracts nothing, only rewrites the cache
+    extract(data, p, arch="resnet18", weights="none", image_size=32, **QUIET)
+    with h5py.File(p) as f:
+        assert json.loads(f.attrs["computed_with"]) == computed
+    assert "BatchNorm: 20 of 20 BatchNorm layers folded" in cli("info", p).stdout
+    vit = tmp_path / "layers.h5"  # intermediate layers are pooled from the unfolded model
+    extract(data, vit, arch="resnet18", weights="none", image_size=32, layers="layer1", **QUIET)
+    with h5py.File(vit) as f:
+        assert json.loads(f.attrs["computed_with"])["batchnorm"] == "not folded"
+
+
+def test_a_model_holding_5d_tensors_runs_without_channels_last_and_says_so(tmp_path):
+    """A traced timm Swin stage holds a 5-d attention mask, which channels_last cannot take: the
+    extraction runs in the default layout (same codes), notes it and records it, no traceback."""
+    pytest.importorskip("timm")
+    import h5py
+
+    data = write_folder(tmp_path / "data", {"train": 1, "val": 1})
+    notes = []
+    p = tmp_path / "swin.h5"
+    extract(data, p, arch="timm:swin_tiny_patch4_window7_224", weights="none", layers="layers.0",
+            progress=False, log=notes.append, workers=0)
+    assert any("channels_last skipped" in n for n in notes)
+    with h5py.File(p) as f:
+        assert json.loads(f.attrs["computed_with"])["channels_last"] is False
+        assert f["train/features"].shape == (2, 96)
+
+
 # --------------------------------------------------------------------------- silent differences (issue 23, item 7)
 
 

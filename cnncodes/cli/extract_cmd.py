@@ -164,6 +164,8 @@ def info_command(cache, as_json):
     p = info["preprocessing"]
     click.echo(f"preprocessing: resize {p['resize']}, center crop {p['crop']}, mean {p['mean']}, std {p['std']}")
     click.echo(f"classes ({len(info['classes'])}): {', '.join(info['classes'])}")
+    computed = info["computed_with"]
+    click.echo(f"decoded by {info['decode']}; BatchNorm: {computed.get('batchnorm', 'not recorded (an older cache)')}")
     if info["store"] == "sharded":
         click.echo(f"sharded store: an index of virtual datasets over {sum(info['shards'].values())} output shards "
                    f"in {Path(cache).stem}.shards/ (one per input shard; `cnncodes pack` makes one file)")

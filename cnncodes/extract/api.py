@@ -28,7 +28,7 @@ from ..manifest import ManifestOptions
 from ..precision import emulation_note
 from ..resume import Done, prepare_parts
 from ..runtime import FileLock, check_precision, check_space, inference_batch_size, resolve_device
-from ..store import Cache, CacheConfig, SplitPlan, parts_folder, write_cache
+from ..store import Cache, CacheConfig, SplitPlan, parts_folder, read_computed, write_cache
 from ..tvimport import torchvision  # without torch._dynamo: ~1 s of start-up
 from ..uptodate import request_key
 from ..webdata import ShardSource, is_shard_input, source_from_cli
@@ -179,9 +179,11 @@ def _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, prog
                 f"removed; their images are extracted again")
         todo = {s: [f for f in files if not done.has(s, f)] for s, files in layout.splits.items()}
         result = ExtractResult(out, notes=_fast_path_notes(todo))
+        computed = read_computed(out) if old is not None else {}  # a merge-only run carries it over
         if any(todo.values()):
             mine = {s: _deal(files, options.batch_size) for s, files in todo.items()}
             runner = Runner(options, cache, info, pre, dev, log if main else None)
+            computed = runner.computed_with
             result.extracted, result.codes, result.seconds = runner.run(layout, mine, parts, progress and main)
             stats = runner.decode_stats
             result.decode, result.fallbacks = options.decode, dict(stats.reasons)
@@ -197,7 +199,7 @@ def _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, prog
                 versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
                 check_space(out, _cache_bytes(plans, dim), f"; finished work is kept in {parts}")
                 write_cache(out, cache, layout.classes, dim, plans, versions, request=request,
-                            manifest=layout.manifest)
+                            manifest=layout.manifest, computed=computed)
                 shutil.rmtree(parts, ignore_errors=True)
             result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]
             result.split_counts = {s: int(plan.rows) for s, plan in plans.items()}

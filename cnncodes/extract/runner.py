@@ -57,6 +57,21 @@ class ViewMaker:
         return out
 
 
+def to_channels_last(model: torch.nn.Module, log=None) -> bool:
+    """Convert `model` to channels_last in place; False (kept as is, said in the log) where it holds
+    a parameter or buffer of another rank (e.g. a traced timm Swin's 5-d attention mask)."""
+    try:
+        model.to(memory_format=torch.channels_last)
+        return True
+    except RuntimeError as e:
+        if "channels_last" not in str(e):
+            raise
+        if log:
+            log("note: the model holds tensors that are not 4-d, so it runs in the default memory layout "
+                "(channels_last skipped; same codes)")
+        return False
+
+
 class Runner:
     """Runs the headless backbone over the files still to do, writing shards as it goes.
 
@@ -69,8 +84,10 @@ class Runner:
     def __init__(self, options: ExtractConfig, cache, info, pre: Preprocessing, dev: torch.device, log=None):
         configure_threads(dev)
         self.model, _, self.dim = create_extractor(cache.arch, info, layers=cache.layers, log=log)
-        if options.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # How the codes were computed beyond the config (fast paths within float rounding): the cache records it.
+        channels_last = options.channels_last and to_channels_last(self.model, log)
+        self.computed_with = {"batchnorm": getattr(self.model, "batchnorm_folding", "not folded"),
+                              "channels_last": channels_last}
         self.model = self.model.to(dev)
         self.normalize = Normalize(pre.mean, pre.std, options.channels_last).to(dev)
         self.options, self.config, self.pre, self.dev = options, cache, pre, dev

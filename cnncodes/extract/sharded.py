@@ -26,7 +26,7 @@ from .. import distributed
 from .._version import __version__
 from ..errors import CnnCodesError
 from ..runtime import FileLock
-from ..store import FORMAT, CacheConfig
+from ..store import FORMAT, CacheConfig, read_computed
 from ..store.sharded import STORE, ShardEntry, output_shard, read_output_shard, shards_folder, write_index
 from ..webdata import InputShard, ShardSource, output_stem
 from .shard_worker import ShardExtractor, ShardJob, ShardReport
@@ -120,8 +120,10 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
                 + (f" ({', '.join(f'{n} {w}' for w, n in why.items())})" if why else "")
                 + f" by {distributed.world_size()} process(es)")
         report = ShardReport()
+        computed = read_computed(out) if out.exists() else {}  # kept when this run extracts nothing
         if plan.jobs:
             runner = Runner(options, cache, info, pre, dev, log if main else None)
+            computed = runner.computed_with
             queue = distributed.WorkQueue(f"shards/{plan.token}")  # the store outlives one call under torchrun
             report = ShardExtractor(runner, options, cache, source, log if main else None).run(
                 largest_first(plan.jobs), queue, progress and main)
@@ -129,13 +131,13 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
         report = ShardReport.merge(reports) if main else report
         result = {"report": report, "done": plan.done, "up_to_date": False, "split_counts": {}, "skipped": []}
         if main:
-            result.update(_write_index(out, plan, known, cache, source, request, report))
+            result.update(_write_index(out, plan, known, cache, source, request, report, computed))
         distributed.barrier()  # other ranks return once the index is complete
     return result
 
 
 def _write_index(out: Path, plan: ShardPlan, known: dict[Path, ShardEntry], cache, source: ShardSource, request: str,
-                 report: ShardReport) -> dict:
+                 report: ShardReport, computed: dict | None = None) -> dict:
     """Index every input shard with a valid output shard, in input order (failed ones are left out).
     The entries come from the plan (done shards) and the ranks (new ones): no shard is opened again."""
     failed = {p for p, _ in report.failed}
@@ -153,7 +155,7 @@ def _write_index(out: Path, plan: ShardPlan, known: dict[Path, ShardEntry], cach
     dim = max((e.feature_dim for e in every), default=0)
     names = source.classes() or [str(i) for i in range(max((e.max_label for e in every), default=-1) + 1)]
     versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
-    write_index(out, cache, names, dim, entries, skipped, versions, request, source.identity())
+    write_index(out, cache, names, dim, entries, skipped, versions, request, source.identity(), computed)
     return {"split_counts": {s: sum(e.rows for e in es) for s, es in entries.items()},
             "skipped": [s for ss in skipped.values() for s in ss],
             "up_to_date": not plan.jobs}

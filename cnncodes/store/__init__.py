@@ -31,7 +31,7 @@ from .format import (
     image_runs,
     read_table,
 )
-from .merge import RowSource, SplitPlan, write_cache
+from .merge import RowSource, SplitPlan, read_computed, write_cache
 from .shards import (
     ShardUnreadable,
     last_shard_seq,
@@ -47,5 +47,5 @@ from .shards import (
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "ROW_CHUNK", "STR", "Cache", "CacheConfig", "RowSource",
     "ShardUnreadable", "SplitPlan", "SplitRows", "image_runs", "last_shard_seq", "parts_folder", "pending_shards", "read_shard",
-    "read_table", "shard_path", "shard_split", "shard_written", "write_cache", "write_shard",
+    "read_computed", "read_table", "shard_path", "shard_split", "shard_written", "write_cache", "write_shard",
 ]

@@ -137,6 +137,8 @@ class Cache:
             "weights": self.config.weights_name,
             "weights_identity": self.config.weights,
             "precision": self.config.precision,
+            "decode": self.config.decode,
+            "computed_with": json.loads(a.get("computed_with", "{}")),  # BatchNorm folding, memory layout
             "feature_dim": self.feature_dim,
             "classes": self.classes,
             "preprocessing": self.config.preprocessing,

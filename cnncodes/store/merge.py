@@ -64,20 +64,23 @@ def write_cache(
     versions: dict[str, str],
     request: str = "",
     manifest: dict | None = None,
+    computed: dict | None = None,
 ) -> None:
     """Write the whole cache atomically, copying rows from their sources in final order.
 
     `request` is `uptodate.request_key` of the call that wrote it (its torch-free no-op check)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        write_root_attrs(f, config, classes, feature_dim, versions, request, manifest)
+        write_root_attrs(f, config, classes, feature_dim, versions, request, manifest, computed)
         for split, plan in splits.items():
             _write_split(f.create_group(split), plan, feature_dim)
 
 
 def write_root_attrs(f: h5py.File, config: CacheConfig, classes: list[str], feature_dim: int,
-                     versions: dict[str, str], request: str = "", manifest: dict | None = None) -> None:
+                     versions: dict[str, str], request: str = "", manifest: dict | None = None,
+                     computed: dict | None = None) -> None:
     """The root attributes every cache has (a merged cache and a sharded store's index alike),
-    and the class names as the dataset /classes."""
+    and the class names as the dataset /classes. `computed`: how the codes were computed beyond
+    the config (BatchNorm folding, memory layout), recorded as the JSON attribute `computed_with`."""
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = FORMAT_VERSION
     f.attrs["config"] = config.to_json()
@@ -92,6 +95,18 @@ def write_root_attrs(f: h5py.File, config: CacheConfig, classes: list[str], feat
         f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
     for name, version in versions.items():
         f.attrs[f"{name}_version"] = str(version)
+    if computed:
+        f.attrs["computed_with"] = json.dumps(computed, sort_keys=True)
+
+
+def read_computed(path: Path) -> dict:
+    """`computed_with` of an existing cache or index ({} when absent or unreadable): carried over
+    by a run that writes the cache without running the network (a merge of finished shards)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs.get("computed_with", "{}"))
+    except (OSError, ValueError):
+        return {}
 
 
 @dataclass

@@ -84,12 +84,12 @@ def read_output_shard(path: Path) -> ShardEntry | None:
 
 def write_index(out: Path, config: CacheConfig, classes: list[str], feature_dim: int,
                 splits: dict[str, list[ShardEntry]], skipped: dict[str, list[tuple[str, str]]],
-                versions: dict[str, str], request: str, source: dict) -> None:
+                versions: dict[str, str], request: str, source: dict, computed: dict | None = None) -> None:
     """Write the index atomically: the root attributes of a cache and, per split, virtual row
     datasets over the shards in order, the input shards (`files`), the output shards (`shards`)
     and the skipped samples."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        write_root_attrs(f, config, classes, feature_dim, versions, request)
+        write_root_attrs(f, config, classes, feature_dim, versions, request, computed=computed)
         f.attrs["store"] = STORE
         f.attrs["source"] = json.dumps(source, sort_keys=True)
         for split, entries in splits.items():
