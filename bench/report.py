@@ -155,6 +155,52 @@ def render_compare(result: dict) -> str:
     return "\n".join(out)
 
 
+@renderer("extract_fixed_cost")
+def render_fixed_cost(r: dict) -> str:
+    """bench/extract_speed.py --fixed-cost: a whole command's wall time outside its loop, and its stages."""
+    lines = [machine_line(r), "", command_block(r), ""]
+    for arch, f in r.get("fixed_cost", {}).items():
+        runs = ", ".join(f"{x:.2f}" for x in f.get("runs_s", []))
+        lines += [f"**{arch}**: fixed cost {f['fixed_s']:.2f} s (median of {runs} s)", "",
+                  "| stage | s |", "|---|---|"]
+        lines += [f"| {stage} | {sec:.3f} |" for stage, sec in f.get("stages_s", {}).items()]
+        lines.append("")
+    return "\n".join(lines + [f"* {n}" for n in r.get("notes", [])]).rstrip()
+
+
+@renderer("device_check")
+def render_device_check(r: dict) -> str:
+    """bench/device_check.py on a GPU: rates against their bounds, the views' differences, the targets."""
+    rates = r.get("rates", {})
+    lines = [machine_line(r), "", command_block(r), "", "| measurement | value |", "|---|---|"]
+    for key in ("ceiling_img_s", "cpu_decode_img_s", "device_decode_img_s"):
+        if key in rates:
+            lines.append(f"| {key.replace('_img_s', '').replace('_', ' ')} | {rates[key]:,.0f} img/s |")
+    for key in ("command_cpu_decode", "command_gpu_decode"):
+        c = rates.get(key, {})
+        if "loop_img_s" in c:
+            lines.append(f"| extract loop, {key.split('_')[1]} decode | {c['loop_img_s']:,.0f} img/s, fixed cost "
+                         f"{c['fixed_s']} s |")
+        elif c:
+            lines.append(f"| extract, {key.split('_')[1]} decode | failed: {c.get('error', '?')} |")
+    ft = r.get("finetune", {})
+    if "ratio" in ft:
+        lines.append(f"| fine-tuning | {ft['finetune_img_s']:,.0f} img/s of a {ft['ceiling_img_s']:,.0f} img/s "
+                     f"forward+backward ceiling ({ft['ratio']:.2f}) |")
+    for key in ("views_photos", "views_generated"):
+        v = r.get(key)
+        if v:
+            lines.append(f"| device vs CPU views, {key.split('_')[1]} ({v['images']}) | grey levels max "
+                         f"{v['max_grey']:.0f}, mean {v['mean_grey']:.3f}; codes rel. diff max "
+                         f"{v['codes_rel_diff_max']:.1e} |")
+    lines += ["", "| target | met |", "|---|---|"]
+    lines += [f"| {name} | {'not measured' if ok is None else 'yes' if ok else '**no**'} |"
+              for name, ok in r.get("targets", {}).items()]
+    if r.get("skipped"):
+        lines += [""] + [f"* skipped: {s}" for s in r["skipped"]]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the documents
 
 

@@ -123,3 +123,21 @@ def test_blocks_are_filled_in_whichever_document_holds_them(tmp_path, capsys):
     capsys.readouterr()
     report.main(["--doc", str(readme), "--doc", str(doc), "--results", str(results)])
     assert "compare: results file with no <!-- bench:compare --> block in any document" in capsys.readouterr().out
+
+
+def test_the_device_check_renders_its_rates_and_says_what_it_did_not_measure():
+    result = {**HEADER, "bench": "device_check", "command": "python bench/device_check.py",
+              "rates": {"ceiling_img_s": 12000.0, "cpu_decode_img_s": 1300.0, "device_decode_img_s": 6700.0,
+                        "command_cpu_decode": {"loop_img_s": 1200.0, "fixed_s": 2.9},
+                        "command_gpu_decode": {"error": "CUDA out of memory"}},
+              "finetune": {"finetune_img_s": 900.0, "ceiling_img_s": 1000.0, "ratio": 0.9},
+              "views_photos": {"images": 398, "max_grey": 3.0, "mean_grey": 0.2, "codes_rel_diff_max": 2e-3},
+              "targets": {"suite green": True, "fixed cost <= 3 s (GPU)": None, "head fitted": False},
+              "skipped": ["a thing"]}
+    text = report.render(result)
+    assert "| ceiling | 12,000 img/s |" in text and "| device decode | 6,700 img/s |" in text
+    assert "| extract loop, cpu decode | 1,200 img/s, fixed cost 2.9 s |" in text
+    assert "| extract, gpu decode | failed: CUDA out of memory |" in text
+    assert "(0.90)" in text and "grey levels max 3, mean 0.200" in text
+    assert "| suite green | yes |" in text and "| fixed cost <= 3 s (GPU) | not measured |" in text
+    assert "| head fitted | **no** |" in text and "* skipped: a thing" in text
