@@ -280,6 +280,7 @@ def test_without_timm_the_error_says_how_to_get_it(monkeypatch):
 
 
 MOBILENET_V2 = SHARED / "weights" / "mobilenet_v2-imagenet-features.pth"
+EFFICIENTNET_LITE2 = SHARED / "weights" / "tf_efficientnet_lite2-imagenet.pth"
 REAL_FILES = [("mobilenet_v2", MOBILENET_V2), ("resnet50", RESNET50_KERAS)]
 
 
@@ -297,3 +298,35 @@ def test_real_weights_files_on_ants_bees_with_the_default_preprocessing(tmp_path
     acc = report["splits"]["val"]["accuracy"]
     print(f"{arch} {path.name}, logreg: val accuracy {acc}")
     assert acc is not None and acc >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,path", [*REAL_FILES, ("timm:tf_efficientnet_lite2", EFFICIENTNET_LITE2)],
+                         ids=["mobilenet_v2", "resnet50", "tf_efficientnet_lite2"])
+def test_batchnorm_folding_with_real_weights_on_real_photos(arch, path):
+    """The fold is a fast path: with each real file, on real photos, the folded model gives the plain
+    model's codes within float rounding, and every BatchNorm that follows a conv is gone (or the
+    log says why folding was skipped, and the codes are then the plain ones, bit for bit)."""
+    if not (path.is_file() and HYMENOPTERA.is_dir()):
+        pytest.skip("needs ../shared")
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    from cnncodes.backbones._fold import count_batchnorm
+    from cnncodes.data import Normalize, discover
+
+    layout = discover(HYMENOPTERA)
+    info = B.resolve_weights(arch, str(path))
+    pre = B.resolve_preprocessing(arch, info)
+    photos = [layout.root / f.path for f in layout.splits["val"][:16]]
+    x = Normalize(pre.mean, pre.std, channels_last=False)(torch.stack([pre.eval_view(pre.load(p)) for p in photos]))
+    plain, _, _ = B.create_extractor(arch, info, fold_bn=False)
+    notes = []
+    folded, _, _ = B.create_extractor(arch, info, fold_bn=True, log=notes.append)
+    with torch.inference_mode():
+        a, b = plain(x), folded(x)
+    rel = float(((a - b).norm(dim=1) / a.norm(dim=1)).max())
+    print(f"{arch}: {folded.batchnorm_folding}; max relative difference {rel:.1e}; {notes}")
+    if "folded into" in folded.batchnorm_folding:
+        assert count_batchnorm(folded) == 0 and 0 < rel < 1e-4
+    else:
+        assert notes and torch.equal(a, b)
