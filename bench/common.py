@@ -117,13 +117,16 @@ def results_header(bench: str) -> dict:
             "git_commit": git_commit(), "machine": machine(), "load_before": load_average()}
 
 
-def write_results(result: dict, path: Path) -> None:
-    """Add the load average after the run and write `result` as JSON (atomically)."""
+def write_results(result: dict, path: Path, printout: list[str] | None = None) -> None:
+    """Add the load average after the run and write `result` as JSON (atomically); with `printout`,
+    the lines the bench printed go beside it as PATH.txt."""
     result["load_after"] = load_average()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(path)
+    if printout is not None:
+        path.with_suffix(".txt").write_text("\n".join(printout) + "\n")
 
 
 # --------------------------------------------------------------------------- timing

@@ -276,8 +276,7 @@ def main() -> None:
         result["notes"] = [f"{n_images} images of {data.name}, batch {batch}, --weights none (same speed as real "
                            f"weights), median of {args.repeats} runs; decode alone {dec:.1f} img/s",
                            " ".join(lines[-5:-1]), lines[-1]]  # the legend as one note, then the worst figures
-        write_results(result, out)
-        out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        write_results(result, out, lines)
         print(f"wrote {out} and {out.with_suffix('.txt').name}")
 
 

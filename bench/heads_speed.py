@@ -216,8 +216,7 @@ def main() -> None:
     result["notes"] = [f"fit time with C chosen by grouped 5-fold CV on train (the same folds for the reference), "
                        f"then the final fit; median of {args.repeats}; CPU s = process CPU time (all threads); "
                        "val accuracy is reported, never used to choose"]
-    write_results(result, args.out)
-    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(result, args.out, lines)
     print(f"# wrote {args.out} and {args.out.with_suffix('.txt')}")
 
 

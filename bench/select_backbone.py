@@ -111,8 +111,7 @@ def main() -> None:
     print("\n".join(lines))
     result["notes"] = ["val accuracy of a candidate not chosen is OPTIMISTIC: shown, never used to choose; the chosen "
                        "candidate was picked by grouped 5-fold CV on train alone"]
-    write_results(result, args.out)
-    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(result, args.out, lines)
     print(f"# wrote {args.out} and {args.out.with_suffix('.txt')}")
 
 
