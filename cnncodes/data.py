@@ -158,7 +158,7 @@ class Preprocessing:
         # 2x the resize target keeps enough pixels for small random crops too.
         return 2 * self.resize
 
-    def load(self, path: str | os.PathLike) -> Image.Image:
+    def load(self, path: str | os.PathLike | bytes) -> Image.Image:
         return load_rgb(path, self.draft_size)
 
     def eval_view(self, img: Image.Image | torch.Tensor) -> torch.Tensor:

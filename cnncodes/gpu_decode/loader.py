@@ -71,6 +71,7 @@ class _Raw:
 class DeviceLoader:
     """Batches of `Batch` (uint8 (B, V, 3, H, W) images on `device`) in file order.
 
+    `load(data)` decodes a fallback's bytes (as read) on the CPU (`Preprocessing.load`);
     `transform(img, index)` makes the views of one decoded image (a tensor on `device`, or a PIL
     image from `load` for a fallback); a transform with a `many(images, indices)` method gets
     the device-decoded images of a batch at once (same-sized ones resized in one call).
@@ -158,7 +159,8 @@ class DeviceLoader:
         failed = list(raw.failed)
         self.stats.device += len(decoded)
         self.stats.reasons.update(slow.values())
-        for i, img in zip(slow, pool.map(self._load_on_cpu, slow)):
+        data = {i: d for i, d, _ in raw.files}  # the bytes already read: the CPU path decodes them, no second read
+        for i, img in zip(slow, pool.map(self._load_on_cpu, [data[i] for i in slow])):
             if isinstance(img, str):
                 failed.append((i, img))
             else:
@@ -175,9 +177,9 @@ class DeviceLoader:
             return dict(zip(indices, many([decoded[i] for i in indices], indices)))
         return {i: self.transform(decoded[i], i) for i in indices}
 
-    def _load_on_cpu(self, i: int):
+    def _load_on_cpu(self, data: bytes):
         try:
-            return self.load(self.root / self.paths[i])
+            return self.load(data)
         except BadImage as e:
             return str(e)
 
