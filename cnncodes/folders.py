@@ -15,6 +15,7 @@ from .errors import CnnCodesError
 from .manifest import MANIFEST_SUFFIXES, Manifest, ManifestOptions, is_manifest, read_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # the files the JPEG draft decode (reduced DCT scale) applies to
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
 

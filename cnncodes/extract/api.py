@@ -23,6 +23,7 @@ from ..backbones import parse_layers, resolve_preprocessing, resolve_weights
 from ..config import with_overrides
 from ..data import FolderLayout, ImageFile, discover
 from ..errors import CnnCodesError
+from ..folders import JPEG_SUFFIXES
 from ..gpu_decode import device_identity, pil_identity, resolve_decode
 from ..manifest import ManifestOptions
 from ..precision import emulation_note
@@ -35,7 +36,6 @@ from ..webdata import ShardSource, is_shard_input, source_from_cli
 from .config import ExtractConfig
 from .runner import Runner
 
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass
@@ -150,8 +150,7 @@ def _extract_from_shards(source, out, options, cache, info, pre, dev, overwrite,
                            shards={"done": r["done"], "extracted": report.shards, "redone": dict(report.redone),
                                    "failed": len(report.failed)})
     if report.not_jpeg:
-        result.notes.append(f"the JPEG draft decode (reduced DCT scale) does not apply to {report.not_jpeg} non-JPEG "
-                            f"sample(s): they are decoded at full size, then resized as usual")
+        result.notes.append(draft_note(f"{report.not_jpeg} non-JPEG sample(s)"))
     return result
 
 
@@ -226,10 +225,13 @@ def _fast_path_notes(todo: dict[str, list[ImageFile]]) -> list[str]:
     """Say where a speed trick cannot apply (no silent fallback): the JPEG draft decode
     (reduced DCT scale) exists only for JPEGs; other files are decoded at full size."""
     other = [f.path for files in todo.values() for f in files if Path(f.path).suffix.lower() not in JPEG_SUFFIXES]
-    if not other:
-        return []
-    return [f"the JPEG draft decode (reduced DCT scale) does not apply to {len(other)} non-JPEG file(s) "
-            f"(by extension, e.g. {other[0]}): they are decoded at full size, then resized as usual"]
+    return [draft_note(f"{len(other)} non-JPEG file(s) (by extension, e.g. {other[0]})")] if other else []
+
+
+def draft_note(what: str) -> str:
+    """The note for images the JPEG draft decode cannot speed up (folders and shards alike)."""
+    return (f"the JPEG draft decode (reduced DCT scale) does not apply to {what}: they are decoded at full size, "
+            f"then resized as usual")
 
 
 def _cache_bytes(plans: dict[str, SplitPlan], dim: int) -> int:

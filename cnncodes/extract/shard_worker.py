@@ -22,14 +22,12 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import BadImage, quiet_pil
 from ..errors import CnnCodesError, Interrupted
+from ..folders import JPEG_SUFFIXES
 from ..runtime import process_cores
 from ..store import SplitRows
 from ..store.sharded import ShardEntry, write_output_shard
 from ..webdata import InputShard, LabelNames, ShardDamaged, ShardSource, read_samples, sample_image, sample_label
 from .runner import ViewMaker
-
-JPEG_KEYS = ("jpg", "jpeg")
-
 
 @dataclass
 class ShardJob:
@@ -150,7 +148,7 @@ class ShardExtractor:
                 item = self._item(job, sample, rows)
                 if item is not None:
                     batch.append(item)
-                    read["not_jpeg"] += item[3] not in JPEG_KEYS
+                    read["not_jpeg"] += f".{item[3]}" not in JPEG_SUFFIXES
                 if len(batch) == self.options.batch_size:
                     yield from self._decode(job, batch, rows)
                     batch = []
