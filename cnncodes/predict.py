@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
 import torch
 from torch import nn
 
@@ -313,7 +312,7 @@ def predict(model_path: str | Path, inputs: Sequence[str | Path], *, weights: st
 
 def _predictions(items: list[Item], ok: np.ndarray, scores: np.ndarray, skipped, classes: list[str]) -> Predictions:
     good = np.flatnonzero(ok)
-    probs = softmax(scores[good].astype(np.float64), axis=1)
-    rows = [{"path": items[i].name, "pred": classes[int(p.argmax())], "score": float(p.max()),
-             "true": items[i].true, "split": items[i].split} for i, p in zip(good, probs)]
-    return Predictions(rows, skipped, classes, scores[good], [items[i].path for i in good])
+    preds = Predictions([], skipped, classes, scores[good], [items[i].path for i in good])
+    preds.rows += [{"path": items[i].name, "pred": classes[int(p.argmax())], "score": float(p.max()),
+                    "true": items[i].true, "split": items[i].split} for i, p in zip(good, preds.probabilities())]
+    return preds
