@@ -71,12 +71,20 @@ class Candidate:
     def score(self) -> float:
         return float(self.selection.score)
 
+    @property
+    def fused(self) -> bool:
+        return len(self.members) > 1
+
+    def source(self, caches: Sequence):
+        """Where its codes are read: its one cache, or its members' side by side (`FusedCache`)."""
+        return FusedCache([caches[i] for i in self.members]) if self.fused else caches[self.members[0]]
+
     def to_dict(self) -> dict:
         s = self.selection
         return {"name": self.name, "clf": self.clf, "code_dim": self.dim, "C": s.C, "cv_score": s.score,
                 "grid": s.grid, "cv_scores": s.scores, "fit_seconds": round(self.fit_seconds, 3),
                 "stopped_early": s.stopped, "notes": sorted(set(s.notes)), "chosen": self.chosen,
-                "fused": len(self.members) > 1}
+                "fused": self.fused}
 
 
 # --------------------------------------------------------------------------- the caches agree
@@ -300,14 +308,12 @@ def fit_head_multi(cache_paths: Sequence[str | Path], clfs: Sequence[str] | None
         head.meta["chosen_among"] = [{"candidate": c.label, "cv_score": c.score, "C": c.selection.C} for c in candidates]
         log(f"chosen: {chosen.label} (CV accuracy {chosen.score:.4f}, C={chosen.selection.C:g}); refitted on all of "
             f"train in {refit_seconds:.1f} s")
-        source = FusedCache([caches[i] for i in chosen.members]) if len(chosen.members) > 1 else caches[chosen.members[0]]
         report = _report(chosen, candidates, caches, paths, trains[0], config, dev, cv_seconds, refit_seconds)
-        report["splits"] = _evaluate(head, source, heldout, config.tta, unseen)
+        report["splits"] = _evaluate(head, chosen.source(caches), heldout, config.tta, unseen)
         if show_all_val:
             report["optimistic"] = {"note": OPTIMISTIC, "candidates": {
-                c.label: _evaluate(_refit(c, caches, trains, config, dev)[0],
-                                   FusedCache([caches[i] for i in c.members]) if len(c.members) > 1 else caches[c.members[0]],
-                                   heldout, config.tta, unseen, brief=True)
+                c.label: _evaluate(_refit(c, caches, trains, config, dev)[0], c.source(caches), heldout, config.tta,
+                                   unseen, brief=True)
                 for c in candidates if not c.chosen}}
     if not heldout:
         report["note"] = "no held-out split in the caches (only train): the CV accuracy is the only estimate"
@@ -342,12 +348,12 @@ def _refit(cand: Candidate, caches: Sequence, trains: Sequence[TrainSet], config
     from .selection import fit_linear
 
     start = time.perf_counter()
-    data = fused_train([trains[i] for i in cand.members]) if len(cand.members) > 1 else trains[cand.members[0]]
+    data = fused_train([trains[i] for i in cand.members]) if cand.fused else trains[cand.members[0]]
     w, b, refit_sel = fit_linear(data, dataclasses.replace(config, clf=cand.clf, C=cand.selection.C), device)
     cand.selection.notes.extend(refit_sel.notes)
     seconds = time.perf_counter() - start
     classes = [caches[0].classes[i] for i in data.classes]
-    if len(cand.members) == 1:
+    if not cand.fused:
         meta = head_meta(caches[cand.members[0]], cand.selection, config.tta)
     else:
         members = [head_meta(caches[i], cand.selection, config.tta) for i in cand.members]
@@ -379,7 +385,7 @@ def _report(chosen: Candidate, candidates: list[Candidate], caches: Sequence, pa
                     "preprocessing": c.config.preprocessing} for n, c in zip(names, caches)],
         "candidates": [c.to_dict() for c in candidates],
         "chosen": chosen.label,
-        "cache": [str(caches[i].path) for i in chosen.members] if len(chosen.members) > 1 else str(caches[chosen.members[0]].path),
+        "cache": [str(caches[i].path) for i in chosen.members] if chosen.fused else str(caches[chosen.members[0]].path),
         "clf": chosen.clf, "C": chosen.selection.C, "selection": chosen.selection.to_dict(), "tta": config.tta,
         "cv_seconds": round(cv_seconds, 3), "refit_seconds": round(refit_seconds, 3),
         "fit_seconds": round(cv_seconds + refit_seconds, 3), "device": str(device),
