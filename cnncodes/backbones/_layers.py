@@ -82,14 +82,15 @@ def channels_last_layers(bb: Backbone, names: list[str]) -> set[str]:
 PROBE_WIDTH_STEP = 64  # extra input width of the layout probe: >= 1 more column at any stride up to 64
 
 
-def probe_channels_last(extractor: nn.Module, names: list[str], size: int) -> set[str] | None:
+def probe_channels_last(extractor: nn.Module, names: list[str], narrow: dict[str, torch.Tensor],
+                        size: int) -> set[str] | None:
     """The names whose 4-d output is (N, H, W, C), read from which axis grows with the input's width
-    (axis 2: NHWC, axis 3: NCHW) over two probe passes; None where the model refuses a wider input
-    (a fixed patch grid, such as timm's Swin): then `channels_last_layers`' rule. The probe also sees
-    what no model-level rule can, e.g. the MLP inside a ConvNeXt block of an NCHW model."""
+    (axis 2: NHWC, axis 3: NCHW) between `narrow` (the outputs for a size x size input) and a
+    wider probe pass; None where the model refuses a wider input (a fixed patch grid, such as
+    timm's Swin): then `channels_last_layers`' rule. The probe also sees what no model-level rule
+    can, e.g. the MLP inside a ConvNeXt block of an NCHW model."""
     try:
         with torch.no_grad():
-            narrow = extractor(torch.zeros(1, 3, size, size))
             wide = extractor(torch.zeros(1, 3, size, size + PROBE_WIDTH_STEP))
     except Exception:  # noqa: BLE001 - a model that takes one input size only (assertions, shape errors)
         return None
@@ -125,8 +126,10 @@ def layer_extractor(bb: Backbone, layers: str) -> tuple[nn.Module, int]:
                             + f"; `cnncodes archs {bb.arch} --layers` lists them")
     extractor = create_feature_extractor(_traceable(bb), return_nodes={n: n for n in names})
     size = 224 if bb.fixed_size is None else bb.fixed_size
-    probed = None if bb.fixed_size is not None else probe_channels_last(extractor, names, size)
-    model = PooledLayers(extractor, names, channels_last_layers(bb, names) if probed is None else probed).eval()
-    with torch.no_grad():
-        dim = model(torch.zeros(1, 3, size, size)).shape[1]
+    with torch.no_grad():  # one pass gives both the probe's narrow outputs and the code dimension
+        narrow = extractor(torch.zeros(1, 3, size, size))
+    probed = None if bb.fixed_size is not None else probe_channels_last(extractor, names, narrow, size)
+    layout = channels_last_layers(bb, names) if probed is None else probed
+    model = PooledLayers(extractor, names, layout).eval()
+    dim = sum(pool(narrow[n], n in layout).shape[1] for n in names)
     return model, int(dim)
