@@ -47,8 +47,7 @@ def fit_head_command(caches, out, json_out, confusion, concat, show_all_val, **o
     from ..heads.format import holds_a_head
     from ..runtime import check_replaceable, figure_format
 
-    clfs = parse_clfs(options.pop("clf"))
-    config = HeadConfig(clf=clfs[0], **options)
+    clfs, config = parse_head_options(options)
     check_replaceable(out, "head file", holds_a_head, list(caches))  # these fail now, not after the fit
     if json_out:
         check_replaceable(json_out, "JSON report", lambda p: p.suffix.lower() == ".json", [*caches, out])
@@ -66,6 +65,12 @@ def fit_head_command(caches, out, json_out, confusion, concat, show_all_val, **o
     if confusion and report["splits"]:
         draw_confusion(report, confusion)
     click.echo(f"head saved to {out}")
+
+
+def parse_head_options(options: dict) -> tuple[list[str], HeadConfig]:
+    """`fit_head_options`' values -> (the --clf list, HeadConfig with the first of them)."""
+    clfs = parse_clfs(options.pop("clf"))
+    return clfs, HeadConfig(clf=clfs[0], **options)
 
 
 def parse_clfs(text: str) -> list[str]:

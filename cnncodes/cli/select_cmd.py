@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..heads.config import HeadConfig
 from ..precision import PRECISIONS
-from .head_cmd import fit_head_options, parse_clfs, print_candidates, print_report
+from .head_cmd import fit_head_options, parse_head_options, print_candidates, print_report
 
 
 @click.command("select")
@@ -30,8 +29,7 @@ def select_command(data, spec, out, concat, show_all_val, image_size, precision,
     from ..extract import ExtractConfig
     from ..select import parse_backbones, select_backbone
 
-    clfs = parse_clfs(options.pop("clf"))
-    head_config = HeadConfig(clf=clfs[0], **options)
+    clfs, head_config = parse_head_options(options)
     backbones = parse_backbones(spec)
     extract_config = ExtractConfig(image_size=image_size, precision=precision, batch_size=batch_size, workers=workers,
                                    device=head_config.device)
