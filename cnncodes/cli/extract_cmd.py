@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..extract.config import DECODES, ExtractConfig
+from ..errors import CnnCodesError
+from ..extract.config import DECODES, ExtractConfig, shard_decode
 from .options import backbone_options, config_options, manifest_from, manifest_options, runtime_options
 
 
@@ -112,9 +113,10 @@ def _report_if_up_to_date(data, out, config: ExtractConfig, manifest) -> bool:
 
     request = config.request()
     if isinstance(data, ShardSource):
-        if config.decode == "gpu":
-            return False  # refused for shards by the full path, with the reason
-        request["decode"] = "cpu"  # shards are decoded on the CPU (extract.api._shard_decode)
+        try:
+            request["decode"] = shard_decode(config.decode)
+        except CnnCodesError:
+            return False  # refused by the full path, with the reason
     key = request_key(weights_sha256=weights_sha256(config.weights), **request)
     if isinstance(data, ShardSource):
         done = shards_up_to_date(data, out, key, config.strict)

@@ -33,7 +33,7 @@ from ..store import Cache, CacheConfig, SplitPlan, parts_folder, read_computed, 
 from ..tvimport import torchvision  # without torch._dynamo: ~1 s of start-up
 from ..uptodate import request_key
 from ..webdata import ShardSource, is_shard_input, source_from_cli
-from .config import ExtractConfig
+from .config import ExtractConfig, shard_decode
 from .runner import Runner
 
 
@@ -102,7 +102,7 @@ def extract(
     dev = resolve_device(options.device)
     check_precision(options.precision, dev)
     options = dataclasses.replace(options, batch_size=options.batch_size or inference_batch_size(dev),
-                                  decode=_shard_decode(options.decode) if shards else resolve_decode(options.decode, dev))
+                                  decode=shard_decode(options.decode) if shards else resolve_decode(options.decode, dev))
     info = resolve_weights(options.arch, options.weights)
     request = request_key(weights_sha256=info.sha256, **options.request())
     pre = resolve_preprocessing(options.arch, info, options.image_size, options.preprocess_like,
@@ -128,14 +128,6 @@ def extract(
     for note in result.notes:
         log(f"note: {note}")
     return result
-
-
-def _shard_decode(decode: str) -> str:
-    """WebDataset samples are decoded on the CPU (the nvJPEG loader reads files by path): said, never silent."""
-    if decode == "gpu":
-        raise CnnCodesError("--decode gpu reads image files by path; WebDataset shards are decoded on the CPU: "
-                            "drop --decode gpu (or use --decode cpu)")
-    return "cpu"
 
 
 def _extract_from_shards(source, out, options, cache, info, pre, dev, overwrite, progress, request, log) -> ExtractResult:

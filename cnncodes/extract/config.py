@@ -33,6 +33,14 @@ def resolve_decode(decode: str, device_type: str) -> str:
     return decode
 
 
+def shard_decode(decode: str) -> str:
+    """Where WebDataset samples are decoded: the CPU (the nvJPEG loader reads files by path); said, never silent."""
+    if decode == "gpu":
+        raise CnnCodesError("--decode gpu reads image files by path; WebDataset shards are decoded on the CPU: "
+                            "drop --decode gpu (or use --decode cpu)")
+    return "cpu"
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """The options of `extract`, grouped like the CLI's; invalid values raise CnnCodesError.
