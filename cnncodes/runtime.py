@@ -7,10 +7,12 @@ import errno
 import hashlib
 import fcntl
 import os
+import queue
 import resource
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -257,3 +259,59 @@ def _live_pid(recorded: bytes) -> int | None:
     except PermissionError:  # alive, owned by another user
         pass
     return pid
+
+
+# --------------------------------------------------------------------------- threaded stages
+
+_DONE = object()  # end of a stage's stream
+_POLL = 0.05  # seconds between checks of the stop flag while a queue is full or empty
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` unless `stop` is set first; whether it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def pump(source: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    """A stage's thread: every item of `source` onto `out`, then the end mark; an exception
+    raised by the stage (or one before it) is handed on instead and raised by the caller."""
+    try:
+        for item in source:
+            if not _put(out, item, stop):
+                return
+        _put(out, _DONE, stop)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        _put(out, e, stop)
+
+
+def drain(q: queue.Queue, stop: threading.Event) -> Iterator:
+    """The items a stage put on `q`, until its end mark; raises what it handed on."""
+    while not stop.is_set():
+        try:
+            item = q.get(timeout=_POLL)
+        except queue.Empty:
+            continue
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced up to `depth` ahead by a thread; its exceptions are raised here, in order."""
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    thread = threading.Thread(target=pump, args=(items, out, stop), name="prefetch", daemon=True)
+    thread.start()
+    try:
+        yield from drain(out, stop)
+    finally:
+        stop.set()
+        thread.join()

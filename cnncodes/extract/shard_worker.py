@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from .. import distributed
 from ..data import BadImage, quiet_pil
 from ..errors import CnnCodesError, Interrupted
 from ..folders import JPEG_SUFFIXES
-from ..runtime import process_cores
+from ..runtime import prefetch, process_cores
 from ..store import SplitRows
 from ..store.sharded import ShardEntry, write_output_shard
 from ..webdata import InputShard, LabelNames, ShardDamaged, ShardSource, read_samples, sample_image, sample_label
@@ -201,46 +199,6 @@ class ShardExtractor:
         """Decode and run one batch, inline (bench/wds_scale.py times exactly this, in memory)."""
         for items, images in self._decode(job, batch, rows):
             rows.add(items, self.runner.codes(images))
-
-
-def prefetch(items: Iterator, depth: int) -> Iterator:
-    """`items`, produced `depth` ahead by a thread; its exceptions are raised here, in order."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(entry) -> bool:
-        """Hand `entry` over unless the consumer has stopped (then never block)."""
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for x in items:
-                if not put((x, None)):
-                    return
-            put((end, None))
-        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            put((None, e))
-
-    thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            x, error = q.get()
-            if error is not None:
-                raise error
-            if x is end:
-                return
-            yield x
-    finally:
-        stop.set()
-        thread.join()
 
 
 class _Rows:

@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 from ..data import Batch, BadImage
+from ..runtime import drain, pump
 from .decoder import BatchDecoder, DecodeMany, fatal_error
 from .jpeg import JpegHeader, orient, scan
 
-_DONE = object()  # end of a stage's stream
-_POLL = 0.05  # seconds between checks of the stop flag while a queue is full or empty
 
 
 def read_file(path: Path) -> bytes | str:
@@ -101,14 +100,14 @@ class DeviceLoader:
         ready: queue.Queue = queue.Queue(1)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="read") as pool:
             stages = [
-                threading.Thread(target=_pump, args=(self._read_batches(pool), raw, stop), name="device-read", daemon=True),
-                threading.Thread(target=_pump, args=(self._decode_batches(_drain(raw, stop), pool), ready, stop),
+                threading.Thread(target=pump, args=(self._read_batches(pool), raw, stop), name="device-read", daemon=True),
+                threading.Thread(target=pump, args=(self._decode_batches(drain(raw, stop), pool), ready, stop),
                                  name="device-decode", daemon=True),
             ]
             for t in stages:
                 t.start()
             try:
-                for batch in _drain(ready, stop):
+                for batch in drain(ready, stop):
                     if self.device.type == "cuda":  # made on the decoder's stream, used and freed on this one
                         batch.images.record_stream(torch.cuda.current_stream(self.device))
                     yield batch
@@ -182,40 +181,3 @@ class DeviceLoader:
             return self.load(data)
         except BadImage as e:
             return str(e)
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put `item` unless `stop` is set first; whether it was put."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=_POLL)
-            return True
-        except queue.Full:
-            pass
-    return False
-
-
-def _pump(source: Iterator, out: queue.Queue, stop: threading.Event) -> None:
-    """A stage's thread: every item of `source` onto `out`, then the end mark; an exception
-    raised by the stage (or one before it) is handed on instead and raised by the caller."""
-    try:
-        for item in source:
-            if not _put(out, item, stop):
-                return
-        _put(out, _DONE, stop)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-        _put(out, e, stop)
-
-
-def _drain(q: queue.Queue, stop: threading.Event) -> Iterator:
-    """The items a stage put on `q`, until its end mark; raises what it handed on."""
-    while not stop.is_set():
-        try:
-            item = q.get(timeout=_POLL)
-        except queue.Empty:
-            continue
-        if item is _DONE:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
