@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import fcntl
+import functools
 import os
 import queue
 import resource
@@ -54,7 +55,17 @@ def inference_batch_size(device: torch.device) -> int:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights files run to gigabytes)."""
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights files run to gigabytes).
+
+    Remembered per (path, size, mtime) for the process: a command asks for the same weights
+    file's hash more than once (the no-op check, then resolving the weights; select checks every
+    backbone before extracting it), and reading 100 MB twice is start-up time for nothing."""
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
