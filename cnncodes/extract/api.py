@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .._version import __version__
 from ..backbones import parse_layers, resolve_preprocessing, resolve_weights
 from ..config import with_overrides
 from ..data import FolderLayout, ImageFile, discover
@@ -30,11 +29,10 @@ from ..precision import emulation_note
 from ..resume import Done, prepare_parts
 from ..runtime import FileLock, check_precision, check_space, inference_batch_size, resolve_device
 from ..store import Cache, CacheConfig, SplitPlan, parts_folder, read_computed, write_cache
-from ..tvimport import torchvision  # without torch._dynamo: ~1 s of start-up
 from ..uptodate import request_key
 from ..webdata import ShardSource, is_shard_input, source_from_cli
 from .config import ExtractConfig, shard_decode
-from .runner import Runner
+from .runner import Runner, library_versions
 
 
 
@@ -187,9 +185,8 @@ def _extract_locked(layout, out, options, cache, info, pre, dev, overwrite, prog
                 result.up_to_date = True
             else:
                 dim = done.feature_dim or (old.feature_dim if old is not None else 0)
-                versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
                 check_space(out, _cache_bytes(plans, dim), f"; finished work is kept in {parts}")
-                write_cache(out, cache, layout.classes, dim, plans, versions, request=request,
+                write_cache(out, cache, layout.classes, dim, plans, library_versions(), request=request,
                             manifest=layout.manifest, computed=computed)
                 shutil.rmtree(parts, ignore_errors=True)
             result.skipped = [(p, r) for plan in plans.values() for p, r in plan.skipped]

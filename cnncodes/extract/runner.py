@@ -15,13 +15,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import distributed
+from .._version import __version__
 from ..backbones import create_extractor
 from ..data import FolderLayout, ImageFile, ImageFiles, Normalize, Preprocessing, as_tensor, make_loader, view_seed
 from ..errors import CnnCodesError, Interrupted
 from ..gpu_decode import DecodeStats, DeviceLoader
 from ..runtime import autocast, configure_threads, process_cores
 from ..store import SplitRows, last_shard_seq, shard_path, write_shard
+from ..tvimport import torchvision  # without torch._dynamo
 from .config import ExtractConfig
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a cache (or a sharded store's index) records of what computed its codes."""
+    return {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
 class ViewMaker:

@@ -19,16 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
-import torch
-import torchvision
 
 from .. import distributed
-from .._version import __version__
 from ..errors import CnnCodesError
 from ..runtime import FileLock
 from ..store import FORMAT, CacheConfig, read_computed
 from ..store.sharded import STORE, ShardEntry, output_shard, read_output_shard, shards_folder, write_index
 from ..webdata import InputShard, ShardSource, output_stem
+from .runner import library_versions
 from .shard_worker import ShardExtractor, ShardJob, ShardReport
 
 
@@ -154,8 +152,7 @@ def _write_index(out: Path, plan: ShardPlan, known: dict[Path, ShardEntry], cach
     every = [e for es in entries.values() for e in es]
     dim = max((e.feature_dim for e in every), default=0)
     names = source.classes() or [str(i) for i in range(max((e.max_label for e in every), default=-1) + 1)]
-    versions = {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
-    write_index(out, cache, names, dim, entries, skipped, versions, request, source.identity(), computed)
+    write_index(out, cache, names, dim, entries, skipped, library_versions(), request, source.identity(), computed)
     return {"split_counts": {s: sum(e.rows for e in es) for s, es in entries.items()},
             "skipped": [s for ss in skipped.values() for s in ss],
             "up_to_date": not plan.jobs}
