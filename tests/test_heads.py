@@ -60,13 +60,13 @@ def test_fixed_C_and_tta(synthetic):
 
 def test_non_convergence_is_a_note_and_leaves_warning_filters_alone(synthetic, monkeypatch):
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.svm import LinearSVC
+    from sklearn.linear_model import LogisticRegression
 
-    monkeypatch.setattr(sklearn_solver, "_sklearn_estimator", lambda clf, seed, shape: LinearSVC(dual=True, max_iter=1))
+    monkeypatch.setattr(sklearn_solver, "_estimator", lambda: LogisticRegression(max_iter=1, warm_start=True))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         before = list(warnings.filters)
-        _, report = fit_head(synthetic, "svm", "auto")  # CV fits run in a pool of threads
+        _, report = fit_head(synthetic, "logreg", "auto")  # CV fits run in a pool of threads
         assert warnings.filters == before
     assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert any("did not fully converge" in n for n in report["selection"]["notes"])
@@ -258,9 +258,11 @@ def test_bad_caches_give_one_line_errors(cli, synthetic, tmp_path):
 
 
 def test_in_memory_heads_refuse_codes_larger_than_memory(synthetic, monkeypatch):
-    monkeypatch.setattr(codes, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(codes, "available_memory", lambda: 1_000)
     with pytest.raises(CnnCodesError, match=r"--clf svm needs about .* GiB .* --clf linear-svm streams the codes"):
         fit_head(synthetic, "svm")
+    with pytest.raises(CnnCodesError, match=r"--clf logreg needs about .* GiB .* --clf linear streams the codes"):
+        fit_head(synthetic, "logreg")
     fit_head(synthetic, "linear", 1.0, max_iter=3)  # streams: no such limit
 
 
@@ -409,10 +411,10 @@ def test_stop_rule(scores, patience, stops_after):
     assert tried == stops_after
 
 
-@pytest.mark.parametrize("clf", ["svm", "logreg"])
-def test_row_space_fit_equals_the_plain_fit(clf):
-    """Fewer codes than dimensions: fitting in the row space (QR) gives the plain fit's model."""
-    from cnncodes.heads.sklearn_solver import _fit_C, _sklearn_estimator, fold_codes
+def test_row_space_fit_equals_the_plain_fit():
+    """Fewer codes than dimensions: fitting in the row space (QR) gives the plain fit's model (LogisticRegression;
+    the L-BFGS path's row space is checked against scikit-learn by the n=30 cases below)."""
+    from cnncodes.heads.sklearn_solver import _estimator, _fit_C, fold_codes
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 20)
@@ -421,15 +423,12 @@ def test_row_space_fit_equals_the_plain_fit(clf):
     for C in (0.01, 1.0):
         models = []
         for rotate in (False, True):
-            fc = fold_codes(clf, x, y, rotate=rotate)
+            fc = fold_codes(x, y, rotate=rotate)
             assert (fc.basis is not None) == rotate and fc.x.shape[1] == (60 if rotate else 200)
-            if clf == "logreg":  # converge tightly: lbfgs stops on a max-norm gradient, which rotation changes
-                est = _sklearn_estimator(clf, 0, fc.x.shape).set_params(tol=1e-10, max_iter=10_000)
-            else:
-                est = _sklearn_estimator(clf, 0, fc.x.shape)
-            models.append(_fit_C(est, clf, fc, 3, C, []))
+            # converge tightly: lbfgs stops on a max-norm gradient, which rotation changes
+            models.append(_fit_C(_estimator().set_params(tol=1e-10, max_iter=10_000), fc, 3, C, []))
         (w0, b0), (w1, b1) = models
-        tol = 1e-5 if clf == "svm" else 2e-3  # logreg fits float32 codes
+        tol = 2e-3  # float32 codes
         np.testing.assert_allclose(x @ w1.T + b1, x @ w0.T + b0, rtol=tol, atol=tol * np.abs(x @ w0.T).max())
 
 
@@ -557,15 +556,15 @@ def test_preconditioning_changes_the_steps_not_the_optimum(loss):
     assert again == 0
 
 
-@pytest.mark.parametrize("clf", ["svm", "logreg"])
-def test_svm_and_logreg_at_scale_solve_their_objective_by_lbfgs(synthetic, monkeypatch, clf):
-    """Above LBFGS_ABOVE train codes svm/logreg run the preconditioned L-BFGS path on their own objective
-    (said in the report): the same C path and a head that predicts like scikit-learn's."""
-    head_sk, r_sk = fit_head(synthetic, clf, patience=None)
-    monkeypatch.setattr(selection, "LBFGS_ABOVE", 0)
-    head_lb, r_lb = fit_head(synthetic, clf, patience=None)
-    objective = {"svm": "LinearSVC's objective", "logreg": "LogisticRegression's objective"}[clf]
-    assert any(objective in note for note in r_lb["selection"]["notes"])
+def test_logreg_at_scale_solves_its_objective_by_lbfgs(synthetic, monkeypatch):
+    """Above LBFGS_ABOVE train codes logreg runs the preconditioned L-BFGS path on its own objective (said in
+    the report): the same C path and a head that predicts like scikit-learn's. (svm always does: test_select.)"""
+    from cnncodes.heads import names
+
+    head_sk, r_sk = fit_head(synthetic, "logreg", patience=None)
+    monkeypatch.setattr(names, "LBFGS_ABOVE", 0)
+    head_lb, r_lb = fit_head(synthetic, "logreg", patience=None)
+    assert any("LogisticRegression's objective" in note for note in r_lb["selection"]["notes"])
     assert not any("L-BFGS" in note for note in r_sk["selection"]["notes"])
     # within one of the 40 train images at every C (near-separable codes at C=10 leave the optimum flat)
     np.testing.assert_allclose(r_lb["selection"]["cv_scores"], r_sk["selection"]["cv_scores"], atol=1 / 40 + 1e-9)

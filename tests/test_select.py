@@ -240,21 +240,26 @@ def test_select_extracts_each_backbone_chooses_and_resumes(tmp_path, cli):
 # --------------------------------------------------------------------------- heads fast enough to choose among many
 
 
-def test_svm_from_a_thousand_codes_solves_linearsvc_objective_by_lbfgs(tmp_path, monkeypatch):
-    """Above SVM_LBFGS_ABOVE train codes svm runs L-BFGS on LinearSVC's objective (said in the notes): the
-    same C path within CV noise and a head that predicts like liblinear's."""
-    import cnncodes.heads.selection as selection
+def test_svm_solves_linearsvc_objective_by_lbfgs(tmp_path):
+    """svm runs L-BFGS on LinearSVC's objective at every size (said in the notes): the CV scores of liblinear's
+    LinearSVC on the same folds within CV noise, and a head that predicts like LinearSVC fitted on all of train."""
+    from sklearn.svm import LinearSVC
+
     from cnncodes.heads import fit_head
+    from cnncodes.heads.codes import load_train
+    from cnncodes.heads.selection import cv_folds
     from cnncodes.store import Cache
 
-    cache = informative(tmp_path, images={"train": 1010, "val": 90}, dim=16, separation=2.0)
+    cache = informative(tmp_path, images={"train": 300, "val": 90}, dim=16, separation=1.0)
     grid = (1e-4, 1e-2, 1.0)
-    head_lb, r_lb = fit_head(cache, "svm", grid=grid, patience=None)
-    monkeypatch.setattr(selection, "SVM_LBFGS_ABOVE", 10**9)
-    head_sk, r_sk = fit_head(cache, "svm", grid=grid, patience=None)
-    assert any("LinearSVC's objective" in n for n in r_lb["selection"]["notes"])
-    assert not any("L-BFGS" in n for n in r_sk["selection"]["notes"])
-    np.testing.assert_allclose(r_lb["selection"]["cv_scores"], r_sk["selection"]["cv_scores"], atol=3 / 1010)
+    head, report = fit_head(cache, "svm", grid=grid, patience=None)
+    assert any("LinearSVC's objective" in n for n in report["selection"]["notes"])
     with Cache(cache) as c:
-        x = c.features("val")[()]
-    assert (head_lb.predict(x) == head_sk.predict(x)).mean() > 0.95
+        data, x_val = load_train(c), c.features("val")[()]
+    fold, k, _ = cv_folds(data, 5, 0)
+    x, y = data.features, data.y
+    reference = [np.mean([(LinearSVC(C=C, tol=1e-8, max_iter=100_000).fit(x[fold != f], y[fold != f])
+                           .predict(x[fold == f]) == y[fold == f]).mean() for f in range(k)]) for C in grid]
+    np.testing.assert_allclose(report["selection"]["cv_scores"], reference, atol=3 / 300)
+    sk = LinearSVC(C=head.C, tol=1e-8, max_iter=100_000).fit(x, y)
+    assert (head.predict(x_val) == sk.predict((x_val - data.mean) / data.scale)).mean() > 0.97

@@ -16,14 +16,13 @@ import h5py
 import numpy as np
 
 from ..errors import CnnCodesError
-from .names import LBFGS_ABOVE
+from .names import solved_by_sklearn
 
 PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
 BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
 IN_MEMORY_BYTES = 512 << 20  # torch heads load a train split smaller than this
-# Bytes per code value that svm/logreg hold: the float32 codes, plus per job a float32 fold copy
-# (logreg) or a float64 copy and liblinear's (index, value) pairs (svm).
-SKLEARN_BYTES_PER_VALUE = {"logreg": (4, 4), "svm": (4, 24)}
+# Bytes per code value that svm/logreg hold: the float32 codes, plus per LogisticRegression job a float32 fold copy.
+CODE_BYTES, SKLEARN_JOB_BYTES = 4, 4
 
 
 def iter_blocks(features, rng: np.random.Generator | None = None, mean: np.ndarray | None = None,
@@ -180,15 +179,15 @@ def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:
 def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], None]) -> None:
     """Refuse an in-memory head that cannot fit in RAM; point to the streaming heads.
 
-    Above LBFGS_ABOVE rows svm/logreg are solved by torch L-BFGS on the codes alone (no per-job copies)."""
-    fixed, per_job = SKLEARN_BYTES_PER_VALUE[clf]
+    svm, and logreg above LBFGS_ABOVE rows, are solved by torch L-BFGS on the codes alone (no per-job copies)."""
+    sklearn = solved_by_sklearn(clf, shape[0])
     values = shape[0] * shape[1]
-    need, free = values * (fixed + (per_job if shape[0] <= LBFGS_ABOVE else 0)), available_memory()
+    need, free = values * (CODE_BYTES + (SKLEARN_JOB_BYTES if sklearn else 0)), available_memory()
     hint = f"--clf {'linear-svm' if clf == 'svm' else 'linear'} streams the codes from the cache in bounded memory"
     if need > free:
         raise CnnCodesError(f"{path}: --clf {clf} needs about {need / 2**30:.1f} GiB for {values / 1e6:.0f}M code values, "
                             f"{free / 2**30:.1f} GiB are available: {hint}")
-    if values > 50_000_000 and shape[0] <= LBFGS_ABOVE:
+    if values > 50_000_000 and sklearn:
         log(f"note: --clf {clf} holds about {need / 2**30:.1f} GiB and solves on one core per fold/C; {hint} (faster at this size)")
 
 

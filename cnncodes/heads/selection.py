@@ -15,17 +15,11 @@ import numpy as np
 from ..errors import CnnCodesError
 from .codes import TrainSet
 from .config import HeadConfig
-from .names import LBFGS_ABOVE, TORCH_CLFS
+from .names import TORCH_CLFS, solved_by_sklearn
 from .report import predict_images
 
 HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
 HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
-# Train codes above which svm too is solved by L-BFGS on LinearSVC's objective (`lbfgs`), not liblinear. On real
-# ResNet-50 codes of the 1,437 digits (2048-d) the C search took 9-12 s of CPU by L-BFGS, 20.7 s by liblinear's dual
-# coordinate descent (same CV scores to 1e-3, same C and val accuracy), and its cost per C is bounded by
-# lbfgs.LBFGS_MAX_ITER, where liblinear crawls at large C (one C of a 720-image, 12-class set took a minute).
-# Below it liblinear is quick, one fold per core.
-SVM_LBFGS_ABOVE = 1000
 LBFGS_LOSS = {"logreg": "softmax", "svm": "squared-hinge", **TORCH_CLFS}  # the loss each head minimises
 
 
@@ -116,8 +110,8 @@ def fit_linear(data: TrainSet, config: HeadConfig, device="cpu", folds: Folds | 
     svm/logreg, and the torch heads on codes in memory (full-batch L-BFGS), walk the grid upwards
     and stop after `patience` values without a better CV accuracy (None: the whole grid); the
     streamed torch heads (or a fixed `max_iter`, Adam epochs) train every C in one batched pass.
-    Above LBFGS_ABOVE train codes svm and logreg too are solved by L-BFGS (same objective, torch), svm
-    already above SVM_LBFGS_ABOVE.
+    svm is always solved by L-BFGS (LinearSVC's objective, torch), logreg above LBFGS_ABOVE train codes
+    (`names.solved_by_sklearn`).
 
     `folds`: the CV folds to score on (default `cv_folds` of `data`): choosing among caches
     (`heads.multi`) scores every candidate on the same folds. `refit=False`: only choose C, W and b
@@ -132,23 +126,22 @@ def fit_linear(data: TrainSet, config: HeadConfig, device="cpu", folds: Folds | 
     sel = Selection(C=C if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
     if clf in TORCH_CLFS and not (data.in_memory and config.max_iter is None):
         return _fit_torch(data, config, grid, fold, n_folds, sel, device)
-    if clf in TORCH_CLFS or len(data.y) > LBFGS_ABOVE or (clf == "svm" and len(data.y) > SVM_LBFGS_ABOVE):
+    if not solved_by_sklearn(clf, len(data.y)):
         from .sklearn_solver import one_blas_thread
 
-        # numpy's BLAS on one thread: scipy's L-BFGS-B update (vector work on M x K x D variables) and the QR
-        # of the codes gain nothing from threads, and on busy cores the threads' hand-offs cost 10-20x (real
-        # ResNet-50 digits codes, linear head: L-BFGS-B 21.6 s -> 1.2 s, QR 14.5 s -> 0.8 s with other jobs
-        # running). torch's own threads are set apart (`torch_solver._cpu_threads`).
+        # numpy's BLAS on one thread: the QR of the codes gains nothing from threads, and on busy cores the
+        # threads' hand-offs cost 10-20x (real ResNet-50 digits codes: 14.5 s -> 0.8 s with other jobs running).
+        # torch's own threads are set apart (`torch_solver._cpu_threads`).
         with one_blas_thread():
             return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device, refit)
     from .sklearn_solver import fold_path, sklearn_refit
 
     if n_folds:
-        with contextlib.closing(fold_path(clf, data, fold, n_folds, grid, config.seed, sel.notes)) as path:
+        with contextlib.closing(fold_path(data, fold, n_folds, grid, sel.notes)) as path:
             _walk(path, data, fold, grid, sel, config.tta, config.patience)
     if not refit:
         return None, None, sel
-    w, b = sklearn_refit(clf, data, sel.C, config.seed, sel.notes)
+    w, b = sklearn_refit(data, sel.C, sel.notes)
     return w.astype(np.float64), b.astype(np.float64), sel
 
 
@@ -169,7 +162,7 @@ def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.n
                device, refit: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, Selection]:
     """Codes in memory: the fold models by full-batch L-BFGS, C by C, stopping like svm/logreg; then the
     full-data model at the chosen C, started from the mean of its fold models."""
-    from .lbfgs import lbfgs_path
+    from .lbfgs import lbfgs_path, prepare
     from .torch_solver import SMOOTH_HINGE_TAU
 
     clf = config.clf
@@ -178,10 +171,11 @@ def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.n
               "hinge": f"the Crammer-Singer hinge smoothed, tau={SMOOTH_HINGE_TAU:g}"}[loss]
     sel.notes.append(f"{clf}: full-batch L-BFGS on the train codes in memory ({solver}), warm-started along C")
     K, fits = len(data.classes), {}
+    prepared = prepare(data.features, data.y, device)  # the row space and preconditioner, for the path and the refit
 
     def path():
         for C, (w, b, _) in zip(grid, lbfgs_path(data.features, data.y, K, fold, np.arange(n_folds), grid, loss,
-                                                 device=device, notes=sel.notes)):  # a C short of tol: noted
+                                                 notes=sel.notes, prepared=prepared)):  # a C short of tol: noted
             fits[C] = (w.mean(0, keepdims=True), b.mean(0, keepdims=True))
             yield {f: (w[f][None], b[f][None]) for f in range(n_folds)}
 
@@ -189,8 +183,8 @@ def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.n
         _walk(path(), data, fold, grid, sel, config.tta, config.patience)
     if not refit:
         return None, None, sel
-    (w, b, _), = lbfgs_path(data.features, data.y, K, fold, np.array([-1]), [sel.C], loss, device=device,
-                            init=fits.get(sel.C), notes=sel.notes)
+    (w, b, _), = lbfgs_path(data.features, data.y, K, fold, np.array([-1]), [sel.C], loss,
+                            init=fits.get(sel.C), notes=sel.notes, prepared=prepared)
     return w[0].astype(np.float64), b[0].astype(np.float64), sel
 
 
