@@ -122,7 +122,7 @@ def fit_head(cache_path: str | Path, clf: str | None = None, C: float | str | No
     from ..config import with_overrides
     from ..runtime import resolve_device
     from ..store import Cache
-    from .codes import check_memory, load_train
+    from .codes import load_train_for
     from .config import HeadConfig
     from .format import LinearHead, head_meta
     from .report import evaluate_split, unseen_classes
@@ -136,9 +136,7 @@ def fit_head(cache_path: str | Path, clf: str | None = None, C: float | str | No
 
     start = time.perf_counter()
     with Cache(cache_path) as cache:
-        if clf not in TORCH_CLFS and "train" in cache.splits:
-            check_memory(clf, cache.features("train").shape, cache.path, log)
-        data = load_train(cache, in_memory=True if clf not in TORCH_CLFS else None)
+        data = load_train_for(cache, [clf], log)
         heldout = [s for s in cache.splits if s != "train"]
         unseen = {s: unseen_classes(cache, s, data.classes, config.allow_unseen_classes) for s in heldout}
         w, b, sel = fit_linear(data, config, dev)

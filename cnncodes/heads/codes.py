@@ -8,7 +8,7 @@ cache -> `load_train` -> `TrainSet` (codes standardised in memory, or the h5 dat
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from ..errors import CnnCodesError
-from .names import solved_by_sklearn
+from .names import TORCH_CLFS, solved_by_sklearn
 
 PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
 BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
@@ -152,6 +152,16 @@ def load_train(cache, in_memory: bool | None = None) -> TrainSet:
         x /= scale.astype(np.float32)
         feats = x
     return TrainSet(feats, y.astype(np.int64), groups, cache.views("train"), mean, scale, classes)
+
+
+def load_train_for(cache, clfs: Sequence[str], log: Callable[[str], None], in_memory: bool = False) -> TrainSet:
+    """The train split as the heads `clfs` need it: in memory when `in_memory` or any of them is svm/logreg (each
+    refused in one line by `check_memory` when it cannot fit), else loaded only if small (`load_train`)."""
+    in_ram = [clf for clf in clfs if clf not in TORCH_CLFS]
+    if "train" in cache.splits:  # else load_train says what is missing
+        for clf in in_ram:
+            check_memory(clf, cache.features("train").shape, cache.path, log)
+    return load_train(cache, in_memory=True if in_memory or in_ram else None)
 
 
 def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:

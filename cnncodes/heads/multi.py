@@ -322,17 +322,9 @@ def fit_head_multi(cache_paths: Sequence[str | Path], clfs: Sequence[str] | None
 
 def _load_trains(caches: Sequence, clfs: Sequence[str], concat: bool, log) -> list[TrainSet]:
     """Each cache's train split; in memory (svm/logreg and the fusion need it; at this size it fits)."""
-    from .codes import check_memory, load_train
-    from .names import TORCH_CLFS
+    from .codes import load_train_for
 
-    in_memory = True if concat or any(c not in TORCH_CLFS for c in clfs) else None
-    trains = []
-    for c in caches:
-        for clf in clfs:
-            if clf not in TORCH_CLFS:
-                check_memory(clf, c.features("train").shape, c.path, log)
-        trains.append(load_train(c, in_memory=in_memory))
-    return trains
+    return [load_train_for(c, clfs, log, in_memory=concat) for c in caches]
 
 
 def _unseen(cache, split: str, train_classes: np.ndarray, config: HeadConfig) -> dict[str, int]:
