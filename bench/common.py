@@ -54,6 +54,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_bf16() -> str:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) or emulates it (~7x slower than fp32):
+    CPUs of one model name differ here, so every figure says which it had."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"native ({', '.join(native)})" if native else "emulated (no avx512_bf16/amx_bf16)"
+
+
 def hardware() -> str:
     """One line: CPU, cores, torch and its threads, GPU."""
     from cnncodes.runtime import available_cores
@@ -81,7 +93,7 @@ def machine() -> dict:
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         mem_gib = None
     return {
-        "cpu": cpu_model(), "cores": available_cores(), "memory_gib": mem_gib,
+        "cpu": cpu_model(), "cpu_bf16": cpu_bf16(), "cores": available_cores(), "memory_gib": mem_gib,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),

@@ -51,7 +51,8 @@ def machine_line(result: dict) -> str:
     busy_before = bool(cores) and bool(load) and load[0] > 0.5 * cores
     busy_after = bool(cores) and bool(after) and after[0] > 1.5 * cores
     commit = (result.get("git_commit") or "unknown")[:12]
-    line = (f"Measured {result.get('date', '?')} on {m.get('cpu', '?')}, {cores} cores, {m.get('memory_gib')} GiB, "
+    bf16 = f" (bf16 {m['cpu_bf16']})" if m.get("cpu_bf16") else ""
+    line = (f"Measured {result.get('date', '?')} on {m.get('cpu', '?')}{bf16}, {cores} cores, {m.get('memory_gib')} GiB, "
             f"{m.get('gpu') or 'no GPU'}; torch {m.get('torch')}, torchvision {m.get('torchvision')}; "
             f"load average (1/5/15 min) {_load(load)} before, {_load(after)} after; "
             f"commit {commit}.")

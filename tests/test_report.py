@@ -110,6 +110,18 @@ def test_loaded_machine_is_said_in_the_table(tmp_path):
     assert "Other jobs loaded the machine" in report.render(result)
 
 
+def test_the_table_says_whether_the_cpu_had_native_bf16():
+    """CPUs of one model name differ in bf16 (native or emulated, ~7x slower): a results file that records it says so;
+    an older file without it renders as before."""
+    import common
+
+    result = compare_result(13.0)
+    assert "bf16 native" not in report.render(result) and "Test CPU," in report.render(result)
+    result["machine"] = {**result["machine"], "cpu_bf16": "native (avx512_bf16)"}
+    assert "on Test CPU (bf16 native (avx512_bf16))," in report.render(result)
+    assert common.cpu_bf16().split()[0] in {"native", "emulated", "unknown"}
+
+
 def test_blocks_are_filled_in_whichever_document_holds_them(tmp_path, capsys):
     readme, results = write(tmp_path)
     readme.write_text("# project\n\nno blocks here, see docs\n")
