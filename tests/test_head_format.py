@@ -207,14 +207,13 @@ def _mixed_codes(n: int, k: int, d: int = 64, rank: int = 8, seed: int = 0) -> t
     return ((x - x.mean(0)) / x.std(0)).astype(np.float32), y
 
 
-@pytest.mark.filterwarnings("ignore:L-BFGS did not converge")  # tol=1e-6 is past float32 here; said, not tested
 @pytest.mark.parametrize("codes", ["correlated", "isotropic"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_lbfgs_softmax_is_logistic_regression(codes, k):
     """The L-BFGS softmax fit is LogisticRegression(C)'s optimum on binary and multiclass problems, on isotropic
     and on correlated low-rank codes: the same coef_/intercept_ (binary: its two rows' difference, scikit-learn's
     one row) and the same probabilities, for a fold model and the full-data model. Within 5e-3 of the largest
-    weight: the objective is float32, where L-BFGS stops (a note says so) before tol=1e-6 on these codes."""
+    weight: the objective is float32."""
     from sklearn.linear_model import LogisticRegression
 
     from cnncodes.heads.format import as_sklearn_rows, softmax
@@ -319,6 +318,45 @@ def test_line_search_accepts_a_decrease_below_float32_resolution():
     step = _line_search(objective, w, f, g, -g)  # the Newton step: lands on the optimum
     assert step is not None and float(step[0].abs().max()) == 0.0
     assert step[1] == f  # no decrease visible in the value
+
+
+@pytest.mark.parametrize("d", [40, 600])  # V spans the space (<= 256 dims + 1), and a complement remains
+def test_preconditioner_inverse_is_symmetric_positive_definite_at_small_mu(d):
+    """h0 = (S + mu I)^-1 of the estimated S must stay symmetric positive definite however small mu gets (large
+    n C): written as c I plus a correction on V, it cancelled in float32 and turned indefinite on 64-dim codes."""
+    import torch
+
+    from cnncodes.heads.lbfgs import _Preconditioner
+
+    x, _ = _mixed_codes(800, 3, d=d)
+    pre = _Preconditioner(torch.as_tensor(x))
+    v, top = pre.vectors.double(), pre.top.double()
+    for mu in (1e-2, 1e-5, 1e-8):
+        h = pre.inverse(mu)(torch.eye(d + 1)).double()  # the operator as a matrix (rows in, rows out)
+        complement = torch.eye(d + 1, dtype=torch.float64) - v @ v.T
+        expected = (v * (1 / (top + mu))) @ v.T + complement / (pre.rest + mu) * (v.shape[1] < d + 1)
+        scale = float(expected.abs().max())
+        assert float((h - h.T).abs().max()) <= 1e-3 * scale
+        assert float(torch.linalg.eigvalsh((h + h.T) / 2).min()) > 0
+        np.testing.assert_allclose(h.numpy(), expected.numpy(), atol=1e-3 * scale)
+
+
+def test_line_search_backs_off_a_step_that_overflows():
+    """A trial step where the objective is not finite (overflow far from the start) is shrunk, not taken."""
+    import torch
+
+    from cnncodes.heads.lbfgs import _line_search
+
+    def objective(w):  # |w - 1|^2 / 2, infinite beyond |w| > 2
+        w64 = w.double()
+        if float(w64.abs().max()) > 2:
+            return float("inf"), torch.full_like(w, float("nan"))
+        return float(0.5 * ((w64 - 1) ** 2).sum()), (w - 1).clone()
+
+    w = torch.zeros(2, 2, 3)
+    f, g = objective(w)
+    step = _line_search(objective, w, f, g, -10 * g)  # the full step lands at 10: infinite
+    assert step is not None and step[1] < f and float(step[0].abs().max()) <= 2
 
 
 def test_lbfgs_short_of_tol_warns_without_notes_and_names_the_iteration_limit():

@@ -266,6 +266,16 @@ def test_in_memory_heads_refuse_codes_larger_than_memory(synthetic, monkeypatch)
     fit_head(synthetic, "linear", 1.0, max_iter=3)  # streams: no such limit
 
 
+def test_memory_check_counts_the_lbfgs_working_memory(monkeypatch):
+    """svm holds more than its codes: L-BFGS's curvature memory over the fold models' unknowns and score-sized
+    tensors, which grow with the classes. 20k x 2048 codes are 164 MB; with 1000 classes the solver needs GBs."""
+    monkeypatch.setattr(codes, "available_memory", lambda: 3 << 30)
+    codes.check_memory("svm", (20_000, 2048), "c.h5", print, n_classes=10)
+    with pytest.raises(CnnCodesError, match=r"--clf svm needs about [4-9]\.\d GiB"):
+        codes.check_memory("svm", (20_000, 2048), "c.h5", print, n_classes=1000)
+    assert codes.lbfgs_bytes(100_000, 2048, 1000, 5) < 5 * codes.lbfgs_bytes(40_000, 2048, 1000, 5)  # held out: 1 model
+
+
 def test_unseen_class_can_be_reported_as_errors(synthetic, tmp_path):
     cache, _ = _bad_caches(tmp_path, synthetic)["unseen val class"]
     head, report = fit_head(cache, "logreg", 1.0, allow_unseen_classes=True)
@@ -413,7 +423,7 @@ def test_stop_rule(scores, patience, stops_after):
 
 def test_row_space_fit_equals_the_plain_fit():
     """Fewer codes than dimensions: fitting in the row space (QR) gives the plain fit's model (LogisticRegression;
-    the L-BFGS path's row space is checked against scikit-learn by the n=30 cases below)."""
+    the L-BFGS path's row space is checked against scikit-learn by the n=20 cases below)."""
     from cnncodes.heads.sklearn_solver import _estimator, _fit_C, fold_codes
 
     rng = np.random.default_rng(0)
@@ -435,12 +445,12 @@ def test_row_space_fit_equals_the_plain_fit():
 # --------------------------------------------------------------------------- in-memory torch solver (L-BFGS)
 
 
-@pytest.mark.parametrize("n", [150, 30])  # more rows than dimensions, and fewer (fitted in the row space)
+@pytest.mark.parametrize("n", [150, 20])  # more rows than dimensions, and fewer (fitted in the row space: n < 0.75 D)
 def test_lbfgs_path_reaches_logreg_optimum(n):
     """The in-memory L-BFGS solution of the softmax head is LogisticRegression(C)'s (multinomial) on the same codes."""
     from sklearn.linear_model import LogisticRegression
 
-    from cnncodes.heads.lbfgs import lbfgs_path
+    from cnncodes.heads.lbfgs import lbfgs_path, prepare
 
     rng = np.random.default_rng(0)
     y = np.arange(n) % 3
@@ -448,6 +458,7 @@ def test_lbfgs_path_reaches_logreg_optimum(n):
     x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
     fold = np.arange(n) % 2
     grid = [0.01, 1.0]
+    assert (prepare(x, y).space.basis is not None) == (n == 20)  # the row space is what n=20 tests
     path = lbfgs_path(x, y, 3, fold, np.array([0, -1]), grid, "softmax", max_iter=5000, tol=1e-6)
     for C, (w, b, iters) in zip(grid, path):
         assert 0 < iters < 5000
@@ -505,16 +516,17 @@ def _correlated_codes(n: int, k: int, d: int = 64, seed: int = 0) -> tuple[np.nd
 
 
 @pytest.mark.parametrize("k", [3, 2])
-@pytest.mark.parametrize("n", [150, 30])  # more rows than dimensions, and fewer (fitted in the row space)
+@pytest.mark.parametrize("n", [150, 20])  # more rows than dimensions, and fewer (fitted in the row space: n < 0.75 D)
 def test_lbfgs_squared_hinge_is_linearsvc(n, k):
     """The "squared-hinge" L-BFGS fit is LinearSVC(C)'s optimum (one-vs-rest, intercept penalised), stored as
     LinearSVC's rows are (two classes: [-w/2, w/2])."""
     from sklearn.svm import LinearSVC
 
     from cnncodes.heads.format import as_class_rows
-    from cnncodes.heads.lbfgs import lbfgs_path
+    from cnncodes.heads.lbfgs import lbfgs_path, prepare
 
     x, y = _correlated_codes(n, k, d=40)
+    assert (prepare(x, y).space.basis is not None) == (n == 20)  # the row space is what n=20 tests
     fold = (np.arange(n) // k) % 2  # every class on both sides
     grid = [0.01, 1.0]
     for C, (w, b, iters) in zip(grid, lbfgs_path(x, y, k, fold, np.array([0, -1]), grid, "squared-hinge", max_iter=5000,

@@ -136,7 +136,7 @@ def fit_head(cache_path: str | Path, clf: str | None = None, C: float | str | No
 
     start = time.perf_counter()
     with Cache(cache_path) as cache:
-        data = load_train_for(cache, [clf], log)
+        data = load_train_for(cache, [clf], log, folds=config.folds)
         heldout = [s for s in cache.splits if s != "train"]
         unseen = {s: unseen_classes(cache, s, data.classes, config.allow_unseen_classes) for s in heldout}
         w, b, sel = fit_linear(data, config, dev)

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from ..errors import CnnCodesError
-from .names import TORCH_CLFS, solved_by_sklearn
+from .names import HOLDOUT_ABOVE, LBFGS_MEMORY, TORCH_CLFS, solved_by_sklearn
 
 PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
 BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
@@ -154,13 +154,14 @@ def load_train(cache, in_memory: bool | None = None) -> TrainSet:
     return TrainSet(feats, y.astype(np.int64), groups, cache.views("train"), mean, scale, classes)
 
 
-def load_train_for(cache, clfs: Sequence[str], log: Callable[[str], None], in_memory: bool = False) -> TrainSet:
+def load_train_for(cache, clfs: Sequence[str], log: Callable[[str], None], in_memory: bool = False,
+                   folds: int = 5) -> TrainSet:
     """The train split as the heads `clfs` need it: in memory when `in_memory` or any of them is svm/logreg (each
     refused in one line by `check_memory` when it cannot fit), else loaded only if small (`load_train`)."""
     in_ram = [clf for clf in clfs if clf not in TORCH_CLFS]
     if "train" in cache.splits:  # else load_train says what is missing
         for clf in in_ram:
-            check_memory(clf, cache.features("train").shape, cache.path, log)
+            check_memory(clf, cache.features("train").shape, cache.path, log, len(cache.classes), folds)
     return load_train(cache, in_memory=True if in_memory or in_ram else None)
 
 
@@ -186,19 +187,33 @@ def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:
 
 
 
-def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], None]) -> None:
+def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], None], n_classes: int = 2,
+                 folds: int = 5) -> None:
     """Refuse an in-memory head that cannot fit in RAM; point to the streaming heads.
 
-    svm, and logreg above LBFGS_ABOVE rows, are solved by torch L-BFGS on the codes alone (no per-job copies)."""
+    logreg up to LBFGS_ABOVE rows holds the codes and a copy per job; svm, and logreg above it, the codes and
+    the L-BFGS path's working memory (`lbfgs_bytes`)."""
     sklearn = solved_by_sklearn(clf, shape[0])
     values = shape[0] * shape[1]
-    need, free = values * (CODE_BYTES + (SKLEARN_JOB_BYTES if sklearn else 0)), available_memory()
+    need = values * (CODE_BYTES + (SKLEARN_JOB_BYTES if sklearn else 0))
+    need += 0 if sklearn else lbfgs_bytes(*shape, n_classes, folds)
+    free = available_memory()
     hint = f"--clf {'linear-svm' if clf == 'svm' else 'linear'} streams the codes from the cache in bounded memory"
     if need > free:
         raise CnnCodesError(f"{path}: --clf {clf} needs about {need / 2**30:.1f} GiB for {values / 1e6:.0f}M code values, "
                             f"{free / 2**30:.1f} GiB are available: {hint}")
     if values > 50_000_000 and sklearn:
         log(f"note: --clf {clf} holds about {need / 2**30:.1f} GiB and solves on one core per fold/C; {hint} (faster at this size)")
+
+
+def lbfgs_bytes(n: int, d: int, n_classes: int, folds: int) -> int:
+    """What the L-BFGS path (`lbfgs`) holds besides the codes, about: the fold models' M x K x (D' + 1) unknowns
+    (D' = n in the codes' row space when n < D) in its 2 x LBFGS_MEMORY curvature vectors and ~8 working copies;
+    ~6 score-sized (M, n, K) float32 tensors per objective evaluation; and, when n < D, the float64 QR of the
+    codes (16 bytes per value). M = the fold models (one above HOLDOUT_ABOVE codes)."""
+    models = 1 if n > HOLDOUT_ABOVE else folds
+    unknowns = models * n_classes * (min(n, d) + 1)
+    return 4 * unknowns * (2 * LBFGS_MEMORY + 8) + 4 * 6 * models * n * n_classes + (16 * n * d if n < d else 0)
 
 
 def available_memory() -> int:

@@ -29,7 +29,7 @@ class HeadConfig:
     """The options of `fit_head`, in the CLI's order; invalid values raise CnnCodesError.
     Change a copy with `dataclasses.replace(config, clf="svm")` (validated again)."""
 
-    clf: str = option("logreg", "svm: LinearSVC; logreg: softmax regression; linear / linear-svm: torch heads "
+    clf: str = option("logreg", "svm: LinearSVC's objective; logreg: softmax regression; linear / linear-svm: torch heads "
                                 "that stream the cache.")
     C: float | str = option("auto", "Inverse regularisation, or 'auto': grouped cross-validation on train only.")
     folds: int = option(5, "CV folds for --C auto (<= 50k codes).")

@@ -50,19 +50,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .names import LBFGS_MEMORY
 from .sklearn_solver import FoldCodes, fold_codes
 from .torch_solver import (SMOOTH_HINGE_TAU, _cpu_threads, _cs_margins, _loss, _ovr_margins, _penalty_factors,
                            _stored_scale)
 
 LBFGS_MAX_ITER = 300  # iterations per C (warm-started from the previous C: tens are typical)
 LBFGS_TOL = 1e-4  # stop when every gradient entry (in W, b) of the summed objective is below this
-LBFGS_MEMORY = 20  # curvature pairs kept (scipy's maxcor)
 PRECONDITION_ROWS = 8192  # rows that estimate the codes' second moment for the preconditioner
 PRECONDITION_RANK = 256  # its leading directions kept; the rest get their mean eigenvalue
 NEAR_OPTIMUM = 10.0  # a stop short of tol with the largest gradient entry within this factor of it: float32 precision
 ARMIJO = 1e-4  # sufficient decrease: f(w + a d) <= f(w) + ARMIJO a g.d
 WOLFE_DELTA, WOLFE_SIGMA, WOLFE_EPS = 0.1, 0.9, 1e-6  # Hager-Zhang's approximate Wolfe conditions (their defaults)
 MAX_BACKTRACKS = 30  # step halvings (or better) before the line search gives up
+CURVATURE_EPS = 1e-8  # a pair (s, y) is kept when s.y > CURVATURE_EPS |s| |y|: float32 rounding, not curvature, below
 
 
 class _Preconditioner:
@@ -75,18 +76,31 @@ class _Preconditioner:
             x = x[torch.as_tensor(np.random.default_rng(seed).choice(n, PRECONDITION_ROWS, replace=False), device=x.device)]
         xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
         q = min(rank, *xa.shape)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # the caller's generators untouched
             torch.manual_seed(seed)
-            _, sv, self.vectors = torch.svd_lowrank(xa, q=q, niter=2)
+            _, sv, vectors = torch.svd_lowrank(xa, q=q, niter=2)
+        # orthonormal to float32 precision (svd_lowrank's are off by ~1e-6): the complement I - V V^T is scaled by
+        # 1 / (rest + mu), up to 1e4-1e8, and that error made (S + mu I)^-1 indefinite at small mu
+        self.vectors = torch.linalg.qr(vectors.double())[0].to(x.dtype)
         self.top = sv.pow(2) / len(xa)
         rest = xa.shape[1] - q
         self.rest = float((xa.pow(2).sum() / len(xa) - self.top.sum()).clamp(min=0)) / rest if rest else 0.0
 
     def inverse(self, mu: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        """rows -> rows (S + mu I)^-1, with S as estimated."""
-        v, c = self.vectors, 1.0 / (self.rest + mu)
-        f = 1.0 / (self.top + mu) - c
-        return lambda rows: c * rows + ((rows @ v) * f) @ v.T
+        """rows -> rows (S + mu I)^-1, with S as estimated: V diag(1 / (top + mu)) V^T on the leading directions,
+        1 / (rest + mu) on their complement. Written as the two parts, not as c I plus a correction on V: with
+        small mu, c = 1 / (rest + mu) is huge and the correction's cancellation in float32 made the operator
+        indefinite (codes of <= 256 dims, where V spans everything and rest = 0)."""
+        v, f = self.vectors, 1.0 / (self.top + mu)
+        if self.vectors.shape[0] == self.vectors.shape[1]:  # V spans the whole space: no complement
+            return lambda rows: ((rows @ v) * f) @ v.T
+        c = 1.0 / (self.rest + mu)
+
+        def apply(rows: torch.Tensor) -> torch.Tensor:
+            proj = rows @ v
+            return (proj * f) @ v.T + c * (rows - proj @ v.T)
+
+        return apply
 
 
 @dataclass
@@ -187,25 +201,26 @@ def _minimise(objective: Callable, w: torch.Tensor, h0: Callable, gamma: float, 
     f, g = objective(w)
     grad = float(g.abs().max())
     pairs: deque = deque(maxlen=LBFGS_MEMORY)  # (s, y, 1 / s.y)
-    nit = 0
-    while grad > tol and nit < max_iter:
+    nit, gamma0 = 0, gamma
+    while not grad <= tol and nit < max_iter:  # a NaN gradient is not convergence
         d = -_two_loop(g, pairs, lambda r: gamma * h0(r.view(-1, r.shape[-1])).view(r.shape))
         step = _line_search(objective, w, f, g, d)
         if step is None:
             if not pairs or grad <= NEAR_OPTIMUM * tol:
                 break  # no decrease along the preconditioned gradient itself, or float32 precision reached
             pairs.clear()  # a stale curvature memory can point badly: once more from the gradient
+            gamma = gamma0
             continue
         w_new, f, g_new = step
         s, y = w_new - w, g_new - g
         sy = float((s * y).sum())
-        if sy > 0:  # always, in exact arithmetic, for these strictly convex objectives
-            hy = h0(y.view(-1, y.shape[-1])).view(y.shape)
+        if sy > CURVATURE_EPS * float(s.norm() * y.norm()):  # always, in exact arithmetic (strictly convex)
+            yhy = float((y * h0(y.view(-1, y.shape[-1])).view(y.shape)).sum())
             pairs.append((s, y, 1.0 / sy))
-            gamma = sy / float((y * hy).sum())
+            gamma = sy / yhy if yhy > 0 else gamma
         w, g, nit = w_new, g_new, nit + 1
         grad = float(g.abs().max())
-    if grad > tol:
+    if not grad <= tol:
         _short_of_tol(grad, tol, nit, max_iter, where, notes)
     return w, nit
 
@@ -226,7 +241,10 @@ def _two_loop(g: torch.Tensor, pairs: deque, h0: Callable) -> torch.Tensor:
 def _line_search(objective: Callable, w: torch.Tensor, f: float, g: torch.Tensor, d: torch.Tensor
                  ) -> tuple[torch.Tensor, float, torch.Tensor] | None:
     """(w + a d, its value, its gradient) for the first step a = 1, 1/2 or less (quadratic interpolation)
-    meeting Armijo's condition or the approximate Wolfe conditions; None if no step does."""
+    meeting Armijo's condition or the approximate Wolfe conditions; None if no step does. The approximate
+    conditions are allowed from the first iteration (Hager and Zhang switch to them only near convergence):
+    they can accept an increase of at most WOLFE_EPS |f|, and only where the slope along d has shrunk as at
+    a line minimum; convergence is judged on the gradient anyway."""
     slope = float((g * d).sum())
     if not slope < 0:
         return None  # not a descent direction (float32 rounding of a vanishing gradient)
@@ -249,7 +267,8 @@ def _line_search(objective: Callable, w: torch.Tensor, f: float, g: torch.Tensor
 def _short_of_tol(grad: float, tol: float, nit: int, max_iter: int, where: str, notes: list[str] | None) -> None:
     """Say why L-BFGS stopped before its rule: accepted near the optimum (not at the iteration limit), else
     not converged."""
-    why = f"iteration limit ({max_iter})" if nit >= max_iter else "line search failed: no step decreased the objective"
+    why = (f"iteration limit ({max_iter})" if nit >= max_iter else
+           "line search failed: no step decreased the objective along the search direction")
     near = grad <= NEAR_OPTIMUM * tol and nit < max_iter
     if near:  # common (float32 precision close to the optimum): one note per fit
         message = (f"L-BFGS: where no step decreased the float32 objective within {NEAR_OPTIMUM:g}x the gradient "

@@ -228,7 +228,6 @@ def score_candidates(names: Sequence[str], trains: Sequence[TrainSet], folds: Se
                      config: HeadConfig, device, concat: bool, log: Callable[[str], None]) -> list[Candidate]:
     """Every (cache, clf), and with `concat` (fusion, clf), cross-validated on the shared folds; no refit."""
     import sklearn.linear_model  # noqa: F401  (imported here, not inside the first candidate's fit time)
-    import sklearn.svm  # noqa: F401
     import torch  # noqa: F401
 
     from .selection import fit_linear
@@ -296,7 +295,7 @@ def fit_head_multi(cache_paths: Sequence[str | Path], clfs: Sequence[str] | None
         if concat:
             check_fusable(caches)
         start = time.perf_counter()
-        trains = _load_trains(caches, clfs, concat, log)
+        trains = _load_trains(caches, clfs, concat, config.folds, log)
         ref = caches[0]
         heldout = [s for s in ref.splits if s != "train"]
         unseen = {s: _unseen(ref, s, trains[0].classes, config) for s in heldout}
@@ -320,11 +319,11 @@ def fit_head_multi(cache_paths: Sequence[str | Path], clfs: Sequence[str] | None
     return head, report
 
 
-def _load_trains(caches: Sequence, clfs: Sequence[str], concat: bool, log) -> list[TrainSet]:
+def _load_trains(caches: Sequence, clfs: Sequence[str], concat: bool, folds: int, log) -> list[TrainSet]:
     """Each cache's train split; in memory (svm/logreg and the fusion need it; at this size it fits)."""
     from .codes import load_train_for
 
-    return [load_train_for(c, clfs, log, in_memory=concat) for c in caches]
+    return [load_train_for(c, clfs, log, in_memory=concat, folds=folds) for c in caches]
 
 
 def _unseen(cache, split: str, train_classes: np.ndarray, config: HeadConfig) -> dict[str, int]:

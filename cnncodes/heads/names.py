@@ -11,6 +11,8 @@ PATIENCE = 2  # C values without a better CV accuracy after which svm/logreg sto
 # (LinearSVC's objective): on every real and synthetic set measured it was 2-4x faster than liblinear, whose dual
 # solver crawls at large C (one C of a 720-image, 12-class set took a minute), with the same C and CV scores.
 LBFGS_ABOVE = 20_000
+HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth (one fold model), not k-fold
+LBFGS_MEMORY = 20  # curvature pairs the L-BFGS path keeps (`lbfgs`; scipy's maxcor was set to this before)
 
 
 def solved_by_sklearn(clf: str, n_codes: int) -> bool:

@@ -15,10 +15,9 @@ import numpy as np
 from ..errors import CnnCodesError
 from .codes import TrainSet
 from .config import HeadConfig
-from .names import TORCH_CLFS, solved_by_sklearn
+from .names import HOLDOUT_ABOVE, TORCH_CLFS, solved_by_sklearn
 from .report import predict_images
 
-HOLDOUT_ABOVE = 50_000  # train codes above which C is chosen on a held-out tenth, not k-fold
 HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
 LBFGS_LOSS = {"logreg": "softmax", "svm": "squared-hinge", **TORCH_CLFS}  # the loss each head minimises
 

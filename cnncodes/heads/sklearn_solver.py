@@ -20,6 +20,7 @@ from . import codes
 from .codes import SKLEARN_JOB_BYTES, TrainSet
 from .format import as_class_rows
 
+
 def _estimator():
     """The LogisticRegression each fold warm-starts along the C path."""
     from sklearn.linear_model import LogisticRegression
@@ -71,8 +72,8 @@ def fold_codes(features: np.ndarray, y: np.ndarray, rotate: bool = True) -> Fold
     Why it is exact: with an L2 penalty on w and a loss that sees the codes only through
     x_i . w, the optimum lies in the span of the rows (w = sum a_i x_i), so fitting on
     z = x Q, where Q (D, n) is an orthonormal basis of that span (QR of x^T, z = R^T), and mapping
-    back w = w_z Q^T gives the same model. L-BFGS depends on the codes only through inner products,
-    so even the iterates match (to rounding); a fit costs n x n instead of n x D per pass.
+    back w = w_z Q^T gives the same model (the optimum; scikit-learn's lbfgs even takes the same iterates,
+    depending on the codes only through inner products); a fit costs n x n instead of n x D per pass.
     """
     n, d = features.shape
     if not rotate or n >= ROTATE_BELOW * d:
