@@ -102,34 +102,12 @@ def _fit_C(est, codes_: FoldCodes, n_classes: int, C: float, notes: list[str]) -
     return codes_.to_codes(w), b
 
 
-class _Folds:
-    """Fold codes on demand. Rotated folds (small) are made once and shared by that fold's jobs;
-    unrotated ones are copied inside each job, so at most `workers` copies exist at once."""
-
-    def __init__(self, data: TrainSet, fold: np.ndarray, rotate: bool):
-        self.data, self.fold, self.rotate = data, fold, rotate
-        self._made: dict[int, FoldCodes] = {}
-        self._locks: dict[int, threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    def get(self, f: int) -> FoldCodes:
-        keep = self.fold != f
-        n, d = int(keep.sum()), self.data.features.shape[1]
-        if not self.rotate or n >= ROTATE_BELOW * d:
-            return fold_codes(self.data.features[keep], self.data.y[keep], rotate=False)
-        with self._lock:
-            lock = self._locks.setdefault(f, threading.Lock())
-        with lock:
-            if f not in self._made:
-                self._made[f] = fold_codes(self.data.features[keep], self.data.y[keep])
-            return self._made[f]
-
-
 def fold_path(data: TrainSet, fold: np.ndarray, n_folds: int, grid: Sequence[float], notes: list[str],
               rotate: bool = True) -> Iterator[dict[int, tuple[np.ndarray, np.ndarray]]]:
     """The fold models C by C, ascending: yields {fold: (W (1, K, D), b (1, K))} for grid[0], grid[1], ...
 
-    Jobs run ahead in threads (scikit-learn's lbfgs releases the GIL): one warm-started C path per fold.
+    Jobs run ahead in threads (scikit-learn's lbfgs releases the GIL): one warm-started C path per fold,
+    each making its own fold codes (`fold_codes`), so at most `workers` copies exist at once.
     Closing the generator stops the path: queued jobs never start, running ones finish their C.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -139,29 +117,28 @@ def fold_path(data: TrainSet, fold: np.ndarray, n_folds: int, grid: Sequence[flo
     K = len(data.classes)
     results = {(f, i): Future() for f in range(n_folds) for i in range(len(grid))}
     stopped = threading.Event()
-    folds = _Folds(data, fold, rotate)
-    jobs = [(f, list(range(len(grid)))) for f in range(n_folds)]
 
-    def run(f: int, idx: list[int]) -> None:
+    def run(f: int) -> None:
         try:
-            fc = folds.get(f)
+            keep = fold != f
+            fc = fold_codes(data.features[keep], data.y[keep], rotate)
             est = _estimator()
-            for i in idx:
+            for i, C in enumerate(grid):
                 if stopped.is_set():
                     return
-                w, b = _fit_C(est, fc, K, grid[i], notes)
+                w, b = _fit_C(est, fc, K, C, notes)
                 results[(f, i)].set_result((w[None], b[None]))
         except BaseException as e:  # handed to the consumer, which raises it
-            for i in idx:
+            for i in range(len(grid)):
                 if not results[(f, i)].done():
                     results[(f, i)].set_exception(e)
 
     room = max(1, codes.available_memory() // max(SKLEARN_JOB_BYTES * data.features.size, 1))
-    pool = ThreadPoolExecutor(max(1, min(len(jobs), available_cores(), room)))
+    pool = ThreadPoolExecutor(max(1, min(n_folds, available_cores(), room)))
     with one_blas_thread(), _quiet_convergence():
         try:
-            for f, idx in jobs:
-                pool.submit(run, f, idx)
+            for f in range(n_folds):
+                pool.submit(run, f)
             for i in range(len(grid)):
                 yield {f: results[(f, i)].result() for f in range(n_folds)}
         finally:
