@@ -87,7 +87,7 @@ class _Preconditioner:
         self.rest = float((xa.pow(2).sum() / len(xa) - self.top.sum()).clamp(min=0)) / rest if rest else 0.0
 
     def inverse(self, mu: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        """rows -> rows (S + mu I)^-1, with S as estimated: V diag(1 / (top + mu)) V^T on the leading directions,
+        """r -> r (S + mu I)^-1 on r's last dimension (any leading ones), with S as estimated: V diag(1 / (top + mu)) V^T on the leading directions,
         1 / (rest + mu) on their complement. Written as the two parts, not as c I plus a correction on V: with
         small mu, c = 1 / (rest + mu) is huge and the correction's cancellation in float32 made the operator
         indefinite (codes of <= 256 dims, where V spans everything and rest = 0)."""
@@ -197,13 +197,13 @@ def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, h
 def _minimise(objective: Callable, w: torch.Tensor, h0: Callable, gamma: float, tol: float, max_iter: int, where: str,
               notes: list[str] | None) -> tuple[torch.Tensor, int]:
     """L-BFGS from w (M, K, D + 1) until the largest gradient entry is <= tol; (w, iterations). H0 = gamma h0
-    (`h0` acts on rows); see the module docstring for the line search and for stops short of tol."""
+    (`h0` acts on the last dimension); see the module docstring for the line search and for stops short of tol."""
     f, g = objective(w)
     grad = float(g.abs().max())
     pairs: deque = deque(maxlen=LBFGS_MEMORY)  # (s, y, 1 / s.y)
     nit, gamma0 = 0, gamma
     while not grad <= tol and nit < max_iter:  # a NaN gradient is not convergence
-        d = -_two_loop(g, pairs, lambda r: gamma * h0(r.view(-1, r.shape[-1])).view(r.shape))
+        d = -_two_loop(g, pairs, lambda r: gamma * h0(r))
         step = _line_search(objective, w, f, g, d)
         if step is None:
             if not pairs or grad <= NEAR_OPTIMUM * tol:
@@ -215,7 +215,7 @@ def _minimise(objective: Callable, w: torch.Tensor, h0: Callable, gamma: float, 
         s, y = w_new - w, g_new - g
         sy = float((s * y).sum())
         if sy > CURVATURE_EPS * float(s.norm() * y.norm()):  # always, in exact arithmetic (strictly convex)
-            yhy = float((y * h0(y.view(-1, y.shape[-1])).view(y.shape)).sum())
+            yhy = float((y * h0(y)).sum())
             pairs.append((s, y, 1.0 / sy))
             gamma = sy / yhy if yhy > 0 else gamma
         w, g, nit = w_new, g_new, nit + 1
