@@ -270,9 +270,9 @@ def test_memory_check_counts_the_lbfgs_working_memory(monkeypatch):
     """svm holds more than its codes: L-BFGS's curvature memory over the fold models' unknowns and score-sized
     tensors, which grow with the classes. 20k x 2048 codes are 164 MB; with 1000 classes the solver needs GBs."""
     monkeypatch.setattr(codes, "available_memory", lambda: 3 << 30)
-    codes.check_memory("svm", (20_000, 2048), "c.h5", print, n_classes=10)
+    codes.check_memory("svm", (20_000, 2048), "c.h5", print, n_classes=10, folds=5)
     with pytest.raises(CnnCodesError, match=r"--clf svm needs about [4-9]\.\d GiB"):
-        codes.check_memory("svm", (20_000, 2048), "c.h5", print, n_classes=1000)
+        codes.check_memory("svm", (20_000, 2048), "c.h5", print, n_classes=1000, folds=5)
     assert codes.lbfgs_bytes(100_000, 2048, 1000, 5) < 5 * codes.lbfgs_bytes(40_000, 2048, 1000, 5)  # held out: 1 model
 
 

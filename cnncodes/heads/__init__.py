@@ -11,8 +11,8 @@ Where things live (input -> output):
 - `sklearn_solver`: svm / logreg fold models (scikit-learn, in memory, threads).
 - `torch_solver`: linear / linear-svm fold models (minibatch Adam, streamed) and
   `TorchLinearClassifier`, the same solver as a scikit-learn estimator.
-- `lbfgs`: full-batch, preconditioned L-BFGS on codes in memory, C by C (the torch heads in
-  memory, and svm / logreg on their own objectives above `names.LBFGS_ABOVE` codes).
+- `lbfgs`: full-batch, preconditioned L-BFGS on codes in memory, C by C (svm, the torch heads in
+  memory, and logreg on its own objective above `names.LBFGS_ABOVE` codes).
 - `report`: scoring per image and the per-split report (accuracy, per class, confusion).
 - `multi`: choosing among caches (and heads, and their fusion) by the same grouped CV folds on
   train, then refitting and evaluating only the chosen candidate (`fit_head_multi`).

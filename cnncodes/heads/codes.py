@@ -154,14 +154,15 @@ def load_train(cache, in_memory: bool | None = None) -> TrainSet:
     return TrainSet(feats, y.astype(np.int64), groups, cache.views("train"), mean, scale, classes)
 
 
-def load_train_for(cache, clfs: Sequence[str], log: Callable[[str], None], in_memory: bool = False,
-                   folds: int = 5) -> TrainSet:
+def load_train_for(cache, clfs: Sequence[str], log: Callable[[str], None], *, folds: int,
+                   in_memory: bool = False) -> TrainSet:
     """The train split as the heads `clfs` need it: in memory when `in_memory` or any of them is svm/logreg (each
     refused in one line by `check_memory` when it cannot fit), else loaded only if small (`load_train`)."""
     in_ram = [clf for clf in clfs if clf not in TORCH_CLFS]
     if "train" in cache.splits:  # else load_train says what is missing
         for clf in in_ram:
-            check_memory(clf, cache.features("train").shape, cache.path, log, len(cache.classes), folds)
+            check_memory(clf, cache.features("train").shape, cache.path, log, n_classes=len(cache.classes),
+                         folds=folds)
     return load_train(cache, in_memory=True if in_memory or in_ram else None)
 
 
@@ -187,8 +188,8 @@ def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:
 
 
 
-def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], None], n_classes: int = 2,
-                 folds: int = 5) -> None:
+def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], None], *, n_classes: int,
+                 folds: int) -> None:
     """Refuse an in-memory head that cannot fit in RAM; point to the streaming heads.
 
     logreg up to LBFGS_ABOVE rows holds the codes and a copy per job; svm, and logreg above it, the codes and
