@@ -44,25 +44,28 @@ def default_data() -> Path:
 # --------------------------------------------------------------------------- the machine
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_bf16() -> str:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) or emulates it (~7x slower than fp32):
     CPUs of one model name differ here, so every figure says which it had."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
+    flags = _cpuinfo("flags")
+    if flags is None:
         return "unknown"
-    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
     return f"native ({', '.join(native)})" if native else "emulated (no avx512_bf16/amx_bf16)"
 
 

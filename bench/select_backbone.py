@@ -105,16 +105,15 @@ def main() -> None:
         lines.append(f"# {b['name']}: preprocessing resize {pre.get('resize')} crop {pre.get('crop')} "
                      f"{pre.get('interpolation', '')}; extraction {b['extract_seconds']:.1f} s"
                      + (" (cache reused)" if b["up_to_date"] else ""))
-    lines.append(f"# whole selection {wall:.1f} s wall = extractions {extraction:.1f} s + choosing (CV of every "
-                 f"candidate, refit, val) {wall - extraction:.1f} s; {report['selection']['strategy']}")
+    whole = (f"whole selection {wall:.1f} s wall = extractions {extraction:.1f} s + choosing (CV of every candidate, "
+             f"refit, val) {wall - extraction:.1f} s")
+    lines.append(f"# {whole}; {report['selection']['strategy']}")
     lines.append(f"# load average before {result['load_before'][0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print("\n".join(lines))
     val = report["splits"].get("val", {})
     result["notes"] = ["val accuracy of a candidate not chosen is OPTIMISTIC: shown, never used to choose; the chosen "
                        "candidate was picked by grouped 5-fold CV on train alone"
-                       + (f" (its val: {val['correct']}/{val['images']} images)" if val.get("images") else ""),
-                       f"whole selection {wall:.1f} s wall = extractions {extraction:.1f} s + choosing (CV of every "
-                       f"candidate, refit, val) {wall - extraction:.1f} s"]
+                       + (f" (its val: {val['correct']}/{val['images']} images)" if val.get("images") else ""), whole]
     write_results(result, args.out, lines)
     print(f"# wrote {args.out} and {args.out.with_suffix('.txt')}")
 
