@@ -9,8 +9,10 @@ concurrency are shown with fake decoders injected into `DeviceLoader`.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import threading
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -207,13 +209,17 @@ def eight(tmp_path):
 
 @pytest.mark.parametrize("error, fix", [
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "--batch-size"),
-    (RuntimeError("Failed to decode batch: 5"), "--batch-size"),  # NVJPEG_STATUS_ALLOCATOR_FAILURE
     (RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support"), "--decode cpu"),
     (NotImplementedError("Could not run 'image::decode_jpegs_cuda' with arguments from the 'CUDA' backend"), "--decode cpu"),
     (RuntimeError("CUDA error: an illegal memory access was encountered"), "--decode cpu"),
-    (RuntimeError("Failed to initialize nvjpeg with hardware backend: 8"), "--decode cpu"),
+    (RuntimeError("cudaEventRecord failed: an illegal memory access was encountered"), "--decode cpu"),
 ])
 def test_device_and_memory_errors_stop_the_run_instead_of_falling_back(eight, error, fix):
+    _assert_stops(eight, error, fix)
+
+
+def _assert_stops(eight, error: Exception, fix: str) -> str:
+    """Decode `eight` with a decoder that raises `error`: the run stops at the first call, in one line."""
     root, names = eight
     calls = []
 
@@ -228,6 +234,100 @@ def test_device_and_memory_errors_stop_the_run_instead_of_falling_back(eight, er
         list(loader)
     assert fix in str(caught.value) and "\n" not in str(caught.value)
     assert calls == [8] and loader.stats.fallbacks == 0  # stopped at the first call, nothing fell back
+    return str(caught.value)
+
+
+# Every "Failed to <step>: <status>" torchvision 0.29's CUDA decoder raises (decode_jpegs_cuda.cpp), each with
+# the status it would plausibly carry. Setup steps fail for the decoder whatever the status (an image-like one
+# included); the steps handed an image's bytes fail for the device when the status says the device failed.
+DEVICE_FAILURES = [
+    ("Failed to initialize nvjpeg with hardware backend: 8", "NVJPEG_STATUS_INTERNAL_ERROR"),
+    ("Failed to initialize nvjpeg with default backend: 7", "NVJPEG_STATUS_ARCH_MISMATCH"),
+    ("Failed to create nvjpeg state: 1", "NVJPEG_STATUS_NOT_INITIALIZED"),
+    ("Failed to create nvjpeg decoder: 9", "NVJPEG_STATUS_IMPLEMENTATION_NOT_SUPPORTED"),
+    ("Failed to create nvjpeg decoder state: 2", "NVJPEG_STATUS_INVALID_PARAMETER"),
+    ("Failed to create pinned buffer: 8", "NVJPEG_STATUS_INTERNAL_ERROR"),
+    ("Failed to create device buffer: 8", "NVJPEG_STATUS_INTERNAL_ERROR"),
+    ("Failed to create jpeg stream: 2", "NVJPEG_STATUS_INVALID_PARAMETER"),
+    ("Failed to create decode params: 8", "NVJPEG_STATUS_INTERNAL_ERROR"),
+    ("Failed to initialize batch decoding: 8", "NVJPEG_STATUS_INTERNAL_ERROR"),
+    ("Failed to attach device buffer: 2", "NVJPEG_STATUS_INVALID_PARAMETER"),
+    ("Failed to set output format: 2", "NVJPEG_STATUS_INVALID_PARAMETER"),
+    ("Failed to attach pinned buffer: 2", "NVJPEG_STATUS_INVALID_PARAMETER"),
+    ("Failed to synchronize CUDA stream: 700", "cudaError_t 700"),  # cudaErrorIllegalAddress
+    ("Failed to get image info: 1", "NVJPEG_STATUS_NOT_INITIALIZED"),
+    ("Failed to parse jpeg stream: 8", "NVJPEG_STATUS_INTERNAL_ERROR"),
+    ("Failed to decode batch: 6", "NVJPEG_STATUS_EXECUTION_FAILED"),
+    ("Failed to decode jpeg stream: 6", "NVJPEG_STATUS_EXECUTION_FAILED"),
+    ("Failed to transfer jpeg to device: 6", "NVJPEG_STATUS_EXECUTION_FAILED"),
+    ("Error while decoding JPEG images: Failed to decode batch: 7", "NVJPEG_STATUS_ARCH_MISMATCH"),  # 0.29's wrapping
+    ("Failed to decode batch: 42", "a status nvjpeg.h does not define"),  # never guessed to be the image's
+]
+MEMORY_FAILURES = [("Failed to decode batch: 5", "NVJPEG_STATUS_ALLOCATOR_FAILURE"),
+                   ("Failed to create device buffer: 5", "NVJPEG_STATUS_ALLOCATOR_FAILURE")]
+IMAGE_FAILURES = [
+    ("Failed to get image info: 3", "NVJPEG_STATUS_BAD_JPEG"),
+    ("Failed to parse jpeg stream: 10", "NVJPEG_STATUS_INCOMPLETE_BITSTREAM"),
+    ("Failed to decode batch: 2", "NVJPEG_STATUS_INVALID_PARAMETER"),
+    ("Failed to decode jpeg stream: 4", "NVJPEG_STATUS_JPEG_NOT_SUPPORTED"),
+    ("Failed to transfer jpeg to device: 9", "NVJPEG_STATUS_IMPLEMENTATION_NOT_SUPPORTED"),
+    ("Error while decoding JPEG images: Failed to decode batch: 3", "NVJPEG_STATUS_BAD_JPEG"),
+    ("Unknown chroma subsampling", None),  # the image's header, no status
+]
+# Steps only torchvision's CUDA *encoder* words this way (encode_jpegs_cuda.cpp): never raised while decoding.
+ENCODER_STEPS = {"create nvjpeg handle", "create nvjpeg encoder state", "create nvjpeg encoder params",
+                 "set nvjpeg encoder params quality", "set nvjpeg encoder params sampling factors",
+                 "retrieve encoded image stream state", "retrieve encoded image"}
+
+
+@pytest.mark.parametrize("message, status", DEVICE_FAILURES, ids=[m for m, _ in DEVICE_FAILURES])
+def test_a_device_side_nvjpeg_failure_stops_the_run_in_one_line(eight, message, status):
+    line = _assert_stops(eight, RuntimeError(message), "--decode cpu")
+    assert "a driver or device error, not a bad image" in line and f"{message} = {status}" in line
+
+
+@pytest.mark.parametrize("message, status", MEMORY_FAILURES, ids=[m for m, _ in MEMORY_FAILURES])
+def test_an_nvjpeg_allocator_failure_is_out_of_memory(eight, message, status):
+    line = _assert_stops(eight, RuntimeError(message), "--batch-size")
+    assert line.startswith("out of memory decoding 8 JPEGs") and f"{message} = {status}" in line
+
+
+@pytest.mark.parametrize("message, status", IMAGE_FAILURES, ids=[m for m, _ in IMAGE_FAILURES])
+def test_an_image_nvjpeg_failure_falls_back_to_the_cpu_for_that_image(eight, message, status):
+    root, names = eight
+    bad = (root / names[2]).read_bytes()
+
+    def refuses_one(datas):
+        if bad in datas:
+            raise RuntimeError(message)
+        return _real_decode(datas)
+
+    pre = Preprocessing.for_image_size(32)
+    loader = DeviceLoader(root, names, pre.load, ViewMaker(pre, names, 0, 0), batch_size=8,
+                          device=torch.device("cpu"), threads=2, decode_many=refuses_one)
+    assert sum(len(b.indices) for b in loader) == 8
+    assert loader.stats.device == 7 and loader.stats.cpu == 1
+    named = f"{message} = {status}" if status else message
+    assert loader.stats.reasons == {f"the device decoder refused it ({named})": 1}  # reported, with the status named
+
+
+def _steps(messages: list[tuple[str, str | None]]) -> set[str]:
+    return {m.group(1) for m in (re.search(r"Failed to ([^:]+):", msg) for msg, _ in messages) if m}
+
+
+def test_the_failure_tables_cover_every_step_the_installed_torchvision_reports():
+    """The steps above are read from torchvision's source; this torchvision's image library must word no other
+    "Failed to <step>: " (a new one would stop the run as a device error until classified here)."""
+    import torchvision
+
+    from cnncodes.gpu_decode.decoder import IMAGE_STEPS
+
+    libraries = sorted(Path(torchvision.__file__).parent.glob("image*.so"))
+    found = {m.decode() for lib in libraries for m in re.findall(rb"Failed to ([A-Za-z ]+): \x00", lib.read_bytes())}
+    if not found:
+        pytest.skip(f"this torchvision ({torchvision.__version__}) has no CUDA JPEG decoder to read")
+    assert found - ENCODER_STEPS == _steps(DEVICE_FAILURES + MEMORY_FAILURES + IMAGE_FAILURES)
+    assert IMAGE_STEPS == _steps(IMAGE_FAILURES)  # each step handed an image is shown falling back
 
 
 def test_an_oom_from_the_cli_is_one_line_naming_the_fixes(tmp_path, monkeypatch, cli):
@@ -261,7 +361,8 @@ def test_one_corrupt_file_costs_one_fallback_not_its_batch(eight):
                           decode_many=refuses_one)
     batches = list(loader)
     assert loader.stats.fallbacks == 1 and loader.stats.device == 7 and loader.stats.cpu == 1
-    assert list(loader.stats.reasons) == ["the device decoder refused it (Failed to decode batch: 3)"]
+    assert list(loader.stats.reasons) == ["the device decoder refused it (Failed to decode batch: 3 = "
+                                          "NVJPEG_STATUS_BAD_JPEG)"]
     assert len(calls) <= 1 + 2 * 3 and sum(calls) < 8 * 4  # a bisection, not 8 single decodes after the batch
     got = torch.cat([b.images for b in batches])
     want = torch.stack([ImageFiles(root, names, pre.load, views)[i][1] for i in range(8)])
