@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,13 +25,21 @@ def fit_head_options(f):
                                                "help": f"{HeadConfig.__dataclass_fields__['clf'].metadata['help']} "
                                                        f"Several (comma-separated) compete by CV."},
                                        "max_iter": {"decls": ["--epochs"], "type": int}},
-                          skip=("grid", "patience"))(f)
+                          skip=("grid", "patience", "exclude"))(f)
+
+
+def exclude_option(f):
+    """fit-head's --exclude (HeadConfig.exclude): one cache and one head only, so not among the shared options."""
+    return config_options(HeadConfig, {"exclude": {"multiple": True, "type": click.Path(dir_okay=False),
+                                                   "metavar": "CSV", "show_default": False}},
+                          skip=tuple(f.name for f in dataclasses.fields(HeadConfig) if f.name != "exclude"))(f)
 
 
 @click.command("fit-head")
 @click.argument("caches", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Head file to write (.h5).")
 @fit_head_options
+@exclude_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--confusion", type=click.Path(dir_okay=False), default=None, help="Draw confusion matrices (PNG; .pdf/.svg by suffix).")
 def fit_head_command(caches, out, json_out, confusion, concat, show_all_val, **options):
@@ -93,6 +102,8 @@ def fit_heads(caches, clfs: list[str], config: HeadConfig, concat: bool, show_al
 
     if concat and len(caches) < 2:
         raise CnnCodesError("--concat joins the codes of two or more caches; pass several CACHES")
+    if config.exclude and (len(caches) > 1 or len(clfs) > 1):
+        raise CnnCodesError("--exclude applies to one cache and one --clf; fit the chosen candidate again with it")
     if len(caches) == 1 and len(clfs) == 1:
         from ..heads import fit_head
 
@@ -144,6 +155,10 @@ def print_report(report: dict) -> None:
             continue
         how = f", scores averaged over {r['views_per_image']:g} views" if r["views_per_image"] > 1 else ""
         click.echo(f"{split}: accuracy {r['accuracy']:.4f} ({r['correct']}/{r['images']} images{how})")
+        apart = report.get("excluded", {}).get("splits", {}).get(split)
+        if apart and apart["images"]:
+            click.echo(f"{split} without the {apart['left_out']} image(s) --exclude lists: accuracy "
+                       f"{apart['accuracy']:.4f} ({apart['correct']}/{apart['images']} images)")
         for name, m in r["per_class"].items():
             click.echo(f"  {name:>20}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  ({m['support']} images)")
         labels, matrix = r["confusion"]["labels"], r["confusion"]["matrix"]

@@ -122,7 +122,7 @@ def fit_head(cache_path: str | Path, clf: str | None = None, C: float | str | No
     from ..config import with_overrides
     from ..runtime import resolve_device
     from ..store import Cache
-    from .codes import load_train_for
+    from .codes import load_train_for, read_exclusions
     from .config import HeadConfig
     from .format import LinearHead, head_meta
     from .report import evaluate_split, unseen_classes
@@ -135,8 +135,9 @@ def fit_head(cache_path: str | Path, clf: str | None = None, C: float | str | No
     dev = resolve_device(config.device)
 
     start = time.perf_counter()
+    exclude = read_exclusions(config.exclude)
     with Cache(cache_path) as cache:
-        data = load_train_for(cache, [clf], log, folds=config.folds)
+        data = load_train_for(cache, [clf], log, folds=config.folds, exclude=exclude)
         heldout = [s for s in cache.splits if s != "train"]
         unseen = {s: unseen_classes(cache, s, data.classes, config.allow_unseen_classes) for s in heldout}
         w, b, sel = fit_linear(data, config, dev)
@@ -150,7 +151,38 @@ def fit_head(cache_path: str | Path, clf: str | None = None, C: float | str | No
             "train": {"images": len(np.unique(data.groups)), "codes": len(data.y)},
             "splits": {s: evaluate_split(head, cache, s, tta, unseen[s]) for s in heldout},
         }
+        if exclude is not None:
+            report["excluded"] = _excluded_report(head, cache, exclude, heldout, tta, log)
     if not heldout:
         report["note"] = "no held-out split in the cache (only train): the CV accuracy is the only estimate"
     return head, report
 
+
+def _excluded_report(head: LinearHead, cache, exclude, heldout: list[str], tta: bool,
+                     log: Callable[[str], None]) -> dict:
+    """What --exclude left out: train images (not fitted on) and, per held-out split, the accuracy without its
+    listed images beside the plain figure (audit's leaks: val images that are near copies of train ones)."""
+    from .codes import image_groups
+    from .report import predict_images
+
+    def images(split: str, rows: np.ndarray) -> int:
+        return len(np.unique(image_groups(cache, split)[rows]))
+
+    train = images("train", exclude.rows(cache, "train"))
+    out = {"files": list(exclude.files), "train_images": train, "splits": {}}
+    log(f"left out {train} train image(s) listed in {', '.join(exclude.files)}")
+    lookup = {c: i for i, c in enumerate(cache.classes)}
+    to_cache = np.array([lookup[c] for c in head.classes])
+    for split in heldout:
+        drop = exclude.rows(cache, split)
+        if not drop.any():
+            continue
+        (rows, pred), = predict_images(cache.features(split), image_groups(cache, split), cache.views(split),
+                                       drop.astype(np.int64), {0: (head.coef[None], head.intercept[None])}, tta, split,
+                                       head.mean, head.scale).values()  # rows keyed 1 (listed) are not scored
+        correct = int((to_cache[pred[:, 0]] == cache.labels(split)[rows]).sum())
+        out["splits"][split] = {"left_out": images(split, drop), "images": len(rows), "correct": correct,
+                                "accuracy": correct / len(rows) if len(rows) else None}
+    if not train and not out["splits"] and any(exclude.paths.values()):
+        log(f"note: none of the paths in {', '.join(exclude.files)} are images of {cache.path}")
+    return out

@@ -124,11 +124,14 @@ class TrainSet:
         return {} if self.in_memory else {"mean": self.mean, "scale": self.scale}
 
 
-def load_train(cache, in_memory: bool | None = None) -> TrainSet:
+def load_train(cache, in_memory: bool | None = None, exclude: Exclusions | None = None) -> TrainSet:
     """Validate the train split, compute the standardiser (streaming) and load it if it fits.
 
-    in_memory: True/False forces; None loads when smaller than IN_MEMORY_BYTES.
+    in_memory: True/False forces; None loads when smaller than IN_MEMORY_BYTES. exclude: images left out (all
+    their views), the standardiser computed without them; the kept rows are then held in memory.
     """
+    if exclude is not None and "train" in cache.splits:
+        return _load_train_without(cache, exclude)
     if "train" not in cache.splits:
         have = ", ".join(cache.splits) or "none"
         raise CnnCodesError(f"{cache.path}: no 'train' split (splits: {have}); a head is fitted on train: "
@@ -154,8 +157,71 @@ def load_train(cache, in_memory: bool | None = None) -> TrainSet:
     return TrainSet(feats, y.astype(np.int64), groups, cache.views("train"), mean, scale, classes)
 
 
+def _load_train_without(cache, exclude: Exclusions) -> TrainSet:
+    """`load_train` without the train images `exclude` lists: the kept rows in memory, standardised by their
+    own statistics (the head is the one fitted had those images never been there)."""
+    drop = exclude.rows(cache, "train")
+    if drop.all():
+        raise CnnCodesError(f"{cache.path}: --exclude {', '.join(exclude.files)} lists every train image; nothing is left to fit")
+    full = load_train(cache, in_memory=True)
+    keep = ~drop
+    x = full.features[keep] * full.scale.astype(np.float32) + full.mean.astype(np.float32)  # back to the codes
+    classes, y = np.unique(full.classes[full.y[keep]], return_inverse=True)
+    if len(classes) < 2:
+        raise CnnCodesError(f"{cache.path}: --exclude {', '.join(exclude.files)} leaves train images of one class only "
+                            f"('{cache.classes[classes[0]]}'); a classifier needs 2")
+    mean, scale = code_stats(x, "train")
+    x -= mean.astype(np.float32)
+    x /= scale.astype(np.float32)
+    return TrainSet(x, y.astype(np.int64), full.groups[keep], full.views[keep], mean, scale, classes)
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Images to leave out, read from CSV files with a `path` column (as the cache records paths) and an optional
+    `split` column (audit's label_issues.csv and leaks.csv): split name ('' = any split) -> paths."""
+
+    files: tuple[str, ...]
+    paths: dict[str, frozenset[str]]
+
+    def for_split(self, split: str) -> frozenset[str]:
+        return self.paths.get(split, frozenset()) | self.paths.get("", frozenset())
+
+    def rows(self, cache, split: str) -> np.ndarray:
+        """Which rows of `split` belong to a listed image (all its views: they share the path)."""
+        listed = self.for_split(split)
+        if not listed:
+            return np.zeros(len(cache.views(split)), bool)
+        return np.isin(cache.paths(split), np.array(sorted(listed), dtype=object))
+
+
+EXCLUDE_COLUMNS = ("path", "split")  # the columns --exclude reads; others (given, score, ...) are ignored
+
+
+def read_exclusions(files: Sequence[str]) -> Exclusions | None:
+    """The images CSV `files` list (None when there are no files); a missing file or `path` column is one line."""
+    import csv
+
+    if not files:
+        return None
+    paths: dict[str, set[str]] = {}
+    for name in files:
+        try:
+            with open(name, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if EXCLUDE_COLUMNS[0] not in (reader.fieldnames or []):
+                    raise CnnCodesError(f"{name}: no '{EXCLUDE_COLUMNS[0]}' column; --exclude reads a CSV with a path "
+                                        f"column (and optionally split), like audit's label_issues.csv or leaks.csv")
+                for row in reader:
+                    paths.setdefault((row.get(EXCLUDE_COLUMNS[1]) or "").strip(), set()).add(row[EXCLUDE_COLUMNS[0]])
+        except (OSError, UnicodeDecodeError) as e:
+            raise CnnCodesError(f"{name}: cannot read it as a CSV ({getattr(e, 'strerror', None) or e}); pass the "
+                                f"label_issues.csv or leaks.csv an audit wrote") from None
+    return Exclusions(tuple(map(str, files)), {k: frozenset(v) for k, v in paths.items()})
+
+
 def load_train_for(cache, clfs: Sequence[str], log: Callable[[str], None], *, folds: int,
-                   in_memory: bool = False) -> TrainSet:
+                   in_memory: bool = False, exclude: Exclusions | None = None) -> TrainSet:
     """The train split as the heads `clfs` need it: in memory when `in_memory` or any of them is svm/logreg (each
     refused in one line by `check_memory` when it cannot fit), else loaded only if small (`load_train`)."""
     in_ram = [clf for clf in clfs if clf not in TORCH_CLFS]
@@ -163,7 +229,7 @@ def load_train_for(cache, clfs: Sequence[str], log: Callable[[str], None], *, fo
         for clf in in_ram:
             check_memory(clf, cache.features("train").shape, cache.path, log, n_classes=len(cache.classes),
                          folds=folds)
-    return load_train(cache, in_memory=True if in_memory or in_ram else None)
+    return load_train(cache, in_memory=True if in_memory or in_ram else None, exclude=exclude)
 
 
 def image_groups(cache, split: str, chunk: int = 16384) -> np.ndarray:

@@ -38,6 +38,9 @@ class HeadConfig:
     max_iter: int | None = option(None, "Epochs of the torch heads [default: ~1000 steps, >= 3].")
     device: str = option("auto", "Torch heads: auto, cpu, cuda or cuda:N.")
     seed: int = option(0, "Seed of the folds and of the torch heads.")
+    exclude: tuple[str, ...] = option((), "CSV with a path column (e.g. audit's label_issues.csv, leaks.csv): its "
+                                          "train images are left out of the fit, its val/test images are scored "
+                                          "apart (accuracy with and without them). Repeatable.")
     # API only: the C values --C auto searches, and how many larger C without a better CV accuracy
     # stop the svm/logreg C path (None: the whole grid)
     grid: tuple[float, ...] = C_GRID
@@ -58,6 +61,8 @@ class HeadConfig:
             if not ok:
                 raise CnnCodesError(message)
         object.__setattr__(self, "grid", tuple(sorted(float(c) for c in self.grid)))  # frozen: normalised once
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        object.__setattr__(self, "exclude", tuple(str(e) for e in exclude))
 
     @property
     def fixed_C(self) -> float | None:
