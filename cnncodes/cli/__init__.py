@@ -28,6 +28,7 @@ COMMANDS = {
     "demo": ("demo_cmd", "demo_command"),
     "archs": ("archs_cmd", "archs_command"),
     "pack": ("pack_cmd", "pack_command"),
+    "audit": ("audit_cmd", "audit_command"),
 }
 
 
