@@ -2,7 +2,7 @@
 
     python bench/device_check.py [--photos .devdata/hymenoptera_data] [--images 8000] [--out PATH]
 
-Under 8 minutes on one GPU (each part has a size option). In order:
+Under 8 minutes on one GPU (each part has a size option; `SIZES`). In order:
   tests     the test suite with CUDA visible (tests that take a device run on 'cuda' too)
   views     device-decoded vs CPU-decoded (PIL) eval views, on the photos and on generated JPEGs
             (EXIF orientations 1-8, grayscale, CMYK, progressive, 4:2:0, 4:4:4, a large photo):
@@ -14,8 +14,10 @@ Under 8 minutes on one GPU (each part has a size option). In order:
   head      `cnncodes fit-head --clf linear` on the GPU, on the cache the gpu command wrote
 Writes bench/results/device_check.json (--out elsewhere); the commit that records a passing
 check on a real GPU may set extract.config.GPU_DECODE_MEASURED (the default --decode auto).
-Without CUDA it runs the CPU parts (the device path on the CPU through the same torchvision
-call, no nvJPEG) and prints exactly what it skipped; never commit such a run as device_check.json.
+Without CUDA it is a smoke run (on one core; 30-40 s on the 2-core dev VM): the CPU parts at small sizes
+(the device path on the CPU through the same torchvision call, no nvJPEG), printing exactly what it
+skipped; it writes to a temporary file (or --out), never to device_check.json, the record of a GPU.
+Without the photos (or with --photos none) the views and rates use the generated JPEGs only.
 Targets (one H100): extraction loop >= 0.85 x min(ceiling, device decode rate); fixed cost <= 3 s;
 the suite green; device vs CPU views within 1 grey level on average.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 import re
 import statistics
@@ -40,7 +43,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the device machine runs the working tree, not an installed cnncodes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import forward_ceiling, hardware, results_header, timed, write_results  # noqa: E402
+from common import HYMENOPTERA, RESULTS, forward_ceiling, hardware, results_header, timed, write_results  # noqa: E402
 
 from cnncodes.backbones import create_extractor, resolve_preprocessing, resolve_weights  # noqa: E402
 from cnncodes.data import ImageFiles, Normalize, discover, make_loader  # noqa: E402
@@ -49,7 +52,17 @@ from cnncodes.gpu_decode import DeviceLoader  # noqa: E402
 from cnncodes.runtime import autocast, available_cores  # noqa: E402
 
 ARCH, PRECISION = "resnet50", "bf16"
-PHOTOS = (ROOT / ".devdata" / "hymenoptera_data", ROOT.parent / "shared" / "data" / "hymenoptera_data")
+PHOTOS = (ROOT / ".devdata" / "hymenoptera_data", HYMENOPTERA)
+RECORD = RESULTS / "device_check.json"  # a real GPU's run only
+# Each part's size: (the full run, the default on CUDA; the smoke run without CUDA, <= 2 min on 2 cores; what).
+SIZES = {
+    "images": (8000, 64, "images of the rate measurements (photos replicated)"),
+    "compare_photos": (400, 16, "photos whose views are compared"),
+    "batch_size": (256, 16, "batch size of the rates"),
+    "command_runs": (3, 1, "runs of each extract command (median)"),
+    "finetune_steps": (20, 2, "fine-tuning steps"),
+    "finetune_batch": (128, 8, "fine-tuning batch size"),
+}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -79,16 +92,25 @@ def generated_jpegs(root: Path) -> list[str]:
     return sorted(kinds)
 
 
-def replicated(photos: Path, images: int, into: Path) -> Path:
-    """`images` files: the photos (every split) linked again and again under into/train/<class>/."""
+def sources(photos: Path | None, generated: Path, kinds: list[str]) -> list[tuple[Path, str]]:
+    """(file, class) of the images the rates replicate: the photos (every split), else the generated JPEGs
+    in two classes (a head needs two)."""
+    if photos is None:
+        return [(generated / name, f"kind{k % 2}") for k, name in enumerate(kinds)]
     layout = discover(photos)
-    files = [f for split in layout.splits.values() for f in split]
+    return [((layout.root / f.path).resolve(), Path(f.path).parent.name) for split in layout.splits.values()
+            for f in split]
+
+
+def replicated(files: list[tuple[Path, str]], images: int, into: Path) -> Path:
+    """`images` files: `files` linked again and again under into/train/<class>/."""
+    files = list(files)
     random.Random(0).shuffle(files)  # every class in any prefix: a small --images still has them all
     for n in range(images):
-        f = files[n % len(files)]
-        link = into / "train" / Path(f.path).parent.name / f"r{n // len(files)}_{Path(f.path).name}"
+        path, label = files[n % len(files)]
+        link = into / "train" / label / f"r{n // len(files)}_{path.name}"
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to((layout.root / f.path).resolve())
+        link.symlink_to(path)
     return into
 
 
@@ -200,91 +222,157 @@ def fit_head(cache: Path, device: str) -> dict:
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def fail(message: str) -> None:
+    """Bad input: one line, exit 2."""
+    print(f"device_check: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_args(cuda: bool) -> argparse.Namespace:
+    """The options; a size left out is the full run's on CUDA and the smoke run's without (`SIZES`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--photos", type=Path, default=next((d for d in PHOTOS if d.is_dir()), None),
-                   help="the ants/bees folder [default: .devdata/hymenoptera_data, else ../shared/data/...]")
-    p.add_argument("--images", type=int, default=8000, help="images of the rate measurements (photos replicated)")
-    p.add_argument("--compare-photos", type=int, default=400, help="photos whose views are compared")
+    p.add_argument("--photos", default=None, help="the ants/bees folder, or 'none' for the generated JPEGs only "
+                                                  "[default: .devdata/hymenoptera_data, else ../shared/data/...]")
+    for key, (full, small, text) in SIZES.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                       help=f"{text} [default: {full} on CUDA, {small} without]")
     p.add_argument("--weights", default="none", help="resnet50 weights for the codes' difference (a .pth file)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--command-runs", type=int, default=3)
-    p.add_argument("--finetune-steps", type=int, default=20)
-    p.add_argument("--finetune-batch", type=int, default=128)
     p.add_argument("--tests", action=argparse.BooleanOptionalAction, default=None,
                    help="run the test suite [default: on CUDA only]")
     p.add_argument("--test-timeout", type=int, default=240)
-    p.add_argument("--out", type=Path, default=None, help="results file [default: bench/results/device_check.json "
-                                                          "on CUDA; without CUDA nothing is written unless given]")
+    p.add_argument("--out", type=Path, default=None, help=f"results file [default: {RECORD.relative_to(ROOT)} on "
+                                                          f"CUDA; without CUDA a temporary file]")
     args = p.parse_args()
-    if args.photos is None:
-        p.error("no photos: pass --photos DIR (the hymenoptera_data folder)")
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    device = dev.type
-    threads = max(1, available_cores() - 1)
-    result = results_header("device_check" if cuda else "device_check-cpu-mode")
-    result["sizes"] = {k: v for k, v in vars(args).items() if k not in ("out", "photos")}
-    skipped: list[str] = []
-    say = print
-    say(f"{hardware()}; device {dev}; photos {args.photos}")
-    if args.tests if args.tests is not None else cuda:
-        t = time.perf_counter()
-        result["tests"] = run_tests(args.test_timeout)
-        say(f"tests: {result['tests']['summary']} ({time.perf_counter() - t:.0f} s)")
+    for key, (full, small, _) in SIZES.items():
+        if getattr(args, key) is None:
+            setattr(args, key, full if cuda else small)
+    if args.photos == "none":
+        args.photos = None
+    elif args.photos is not None:
+        args.photos = Path(args.photos)
+        if not args.photos.is_dir():
+            fail(f"--photos {args.photos}: no such folder (pass the hymenoptera_data folder, or none)")
     else:
-        skipped.append("the test suite (default on CUDA only; --tests runs it)")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        gen = generated_jpegs(tmp / "generated")
-        result["views_generated"] = compare_views(tmp / "generated", gen, dev, args.weights, threads)
+        args.photos = next((d for d in PHOTOS if d.is_dir()), None)
+    if args.tests is None:
+        args.tests = cuda
+    if not cuda and args.out is not None and args.out.resolve() == RECORD.resolve():
+        fail(f"{RECORD.relative_to(ROOT)} records a run on a GPU; without CUDA pass another --out")
+    return args
+
+
+def one_core() -> str:
+    """Pin this process, and so the commands it runs (cnncodes sizes its threads by the affinity), to one core.
+
+    A smoke run: on a shared machine a second torch thread stalls at every parallel region while another
+    process holds its core (2-4x the CPU time, 3-10x the wall time measured on the 2-core dev VM)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "all cores (this OS cannot pin)"
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    return f"core {core} only, one thread"
+
+
+def check_views(result: dict, args: argparse.Namespace, tmp: Path, dev: torch.device, threads: int) -> list[str]:
+    """Device vs CPU views on the generated JPEGs and the photos; returns the generated names."""
+    kinds = generated_jpegs(tmp / "generated")
+    result["views_generated"] = compare_views(tmp / "generated", kinds, dev, args.weights, threads)
+    if args.photos is not None:
         layout = discover(args.photos)
         photos = [f.path for split in layout.splits.values() for f in split][:args.compare_photos]
         result["views_photos"] = compare_views(layout.root, photos, dev, args.weights, threads)
-        for key in ("views_generated", "views_photos"):
+    for key in ("views_generated", "views_photos"):
+        if key in result:
             v = result[key]
-            say(f"{key}: {v['images']} images, grey levels max {v['max_grey']:.0f} mean {v['mean_grey']:.3f}; codes "
-                f"rel. diff median {v['codes_rel_diff_median']:.2e} max {v['codes_rel_diff_max']:.2e}; "
-                f"fallbacks {v['fallbacks']}")
-        if not cuda:
-            skipped.append("nvJPEG: the views above come from the device path run on the CPU (libjpeg-turbo "
-                           "through the same torchvision call, EXIF applied by cnncodes), not from a GPU")
-        folder = replicated(args.photos, args.images, tmp / "replicated")
-        model, _, _ = create_extractor(ARCH, "none")
-        model = model.to(dev, memory_format=torch.channels_last)
-        crop = resolve_preprocessing(ARCH, resolve_weights(ARCH, "none")).crop
-        batch = args.batch_size
-        rates = {"ceiling_img_s": statistics.median(forward_ceiling(model, batch, crop, PRECISION, True, dev, args.images)
-                                                     for _ in range(3))}
-        del model
-        rates["cpu_decode_img_s"] = decode_rate(folder, batch, dev, False, threads)
-        rates["device_decode_img_s"] = decode_rate(folder, batch, dev, True, threads)
-        if not cuda:
-            skipped.append("the device decode rate on a GPU (the figure above is the device path on the CPU)")
-        rates["command_cpu_decode"] = run_command(folder, tmp / "cpu.h5", "cpu", device, args.command_runs)
-        if cuda:
-            rates["command_gpu_decode"] = run_command(folder, tmp / "gpu.h5", "gpu", device, args.command_runs)
-        else:
-            skipped.append("`cnncodes extract --decode gpu` (needs CUDA)")
-        result["rates"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rates.items()}
-        for k, v in result["rates"].items():
-            say(f"{k}: {v}")
-        result["finetune"] = finetune(folder, device, args.finetune_steps, args.finetune_batch)
-        say(f"finetune: {result['finetune']}")
+            print(f"{key}: {v['images']} images, grey levels max {v['max_grey']:.0f} mean {v['mean_grey']:.3f}; codes "
+                  f"rel. diff median {v['codes_rel_diff_median']:.2e} max {v['codes_rel_diff_max']:.2e}; "
+                  f"fallbacks {v['fallbacks']}")
+    return kinds
+
+
+def check_rates(result: dict, args: argparse.Namespace, folder: Path, dev: torch.device, threads: int) -> None:
+    """Model ceiling, CPU and device decode rates, and the whole extract command (--decode gpu on CUDA)."""
+    model, _, _ = create_extractor(ARCH, "none")
+    model = model.to(dev, memory_format=torch.channels_last)
+    crop = resolve_preprocessing(ARCH, resolve_weights(ARCH, "none")).crop
+    batch = args.batch_size
+    rates = {"ceiling_img_s": statistics.median(forward_ceiling(model, batch, crop, PRECISION, True, dev, args.images)
+                                                 for _ in range(3))}
+    del model
+    rates["cpu_decode_img_s"] = decode_rate(folder, batch, dev, False, threads)
+    rates["device_decode_img_s"] = decode_rate(folder, batch, dev, True, threads)
+    tmp = folder.parent
+    rates["command_cpu_decode"] = run_command(folder, tmp / "cpu.h5", "cpu", dev.type, args.command_runs)
+    if dev.type == "cuda":
+        rates["command_gpu_decode"] = run_command(folder, tmp / "gpu.h5", "gpu", dev.type, args.command_runs)
+    result["rates"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rates.items()}
+    for k, v in result["rates"].items():
+        print(f"{k}: {v}")
+
+
+def skips(args: argparse.Namespace, cuda: bool, cores: str) -> list[str]:
+    """What this run leaves out, and why."""
+    out = [] if args.tests else ["the test suite (default on CUDA only; --tests runs it)"]
+    if args.photos is None:
+        out.append(f"the photos (--photos none, or none at {' or '.join(str(d) for d in PHOTOS)}): the views and "
+                   f"rates use the generated JPEGs only")
+    if not cuda:
+        out += ["nvJPEG: the views come from the device path run on the CPU (libjpeg-turbo through the same "
+                "torchvision call, EXIF applied by cnncodes), not from a GPU",
+                "the device decode rate on a GPU (the figure is the device path on the CPU)",
+                "`cnncodes extract --decode gpu` (needs CUDA)",
+                "fine-tuning and the head fit on a GPU (run on the CPU)",
+                "the full sizes (no CUDA: a smoke run at " + ", ".join(
+                    f"{k.replace('_', '-')} {getattr(args, k)}" for k in SIZES) + f", on {cores})"]
+    return out
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    args = parse_args(cuda)
+    dev = torch.device("cuda" if cuda else "cpu")
+    cores = "all cores" if cuda else one_core()
+    threads = max(1, available_cores() - 1)
+    result = results_header("device_check" if cuda else "device_check-cpu-mode")
+    result["sizes"] = {k: getattr(args, k) for k in SIZES}
+    result["photos"] = str(args.photos) if args.photos else None
+    seconds = result["seconds"] = {}
+    started = time.perf_counter()
+    print(f"{hardware()}; device {dev}; runs on {cores}; photos {args.photos or 'none: the generated JPEGs only'}")
+
+    def lap(part: str) -> None:
+        nonlocal started
+        seconds[part] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+
+    if args.tests:
+        result["tests"] = run_tests(args.test_timeout)
+        print(f"tests: {result['tests']['summary']}")
+        lap("tests")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        kinds = check_views(result, args, tmp, dev, threads)
+        lap("views")
+        folder = replicated(sources(args.photos, tmp / "generated", kinds), args.images, tmp / "replicated")
+        check_rates(result, args, folder, dev, threads)
+        lap("rates")
+        result["finetune"] = finetune(folder, dev.type, args.finetune_steps, args.finetune_batch)
+        print(f"finetune: {result['finetune']}")
+        lap("finetune")
         cache = tmp / ("gpu.h5" if cuda else "cpu.h5")
-        result["head"] = fit_head(cache, device) if cache.exists() else {"ok": False, "last_line": "no cache"}
-        say(f"head on {device}: {result['head']}")
-        if not cuda:
-            skipped.append("fine-tuning and the head fit on a GPU (run on the CPU above)")
+        result["head"] = fit_head(cache, dev.type) if cache.exists() else {"ok": False, "last_line": "no cache"}
+        print(f"head on {dev.type}: {result['head']}")
+        lap("head")
     result["targets"] = targets(result, cuda)
-    result["skipped"] = skipped
+    result["skipped"] = skips(args, cuda, cores)
     for name, ok in result["targets"].items():
-        say(f"target {name}: {ok}")
-    say("skipped:" + "".join(f"\n  - {s}" for s in skipped) if skipped else "skipped: nothing")
-    out = args.out or (ROOT / "bench" / "results" / "device_check.json" if cuda else None)
-    if out:
-        write_results(result, out)
-        say(f"wrote {out}")
+        print(f"target {name}: {ok}")
+    print(f"seconds: {seconds}")
+    print("skipped:" + "".join(f"\n  - {s}" for s in result["skipped"]) if result["skipped"] else "skipped: nothing")
+    out = args.out or (RECORD if cuda else Path(tempfile.gettempdir()) / "device_check-cpu-mode.json")
+    write_results(result, out)
+    print(f"wrote {out}")
 
 
 def targets(r: dict, cuda: bool) -> dict:
@@ -294,7 +382,8 @@ def targets(r: dict, cuda: bool) -> dict:
     bound = min(rates["ceiling_img_s"], rates["device_decode_img_s"])
     return {
         "suite green": r["tests"]["passed"] if "tests" in r else None,
-        "views within 1 grey level on average": r["views_photos"]["mean_grey"] <= 1 and r["views_generated"]["mean_grey"] <= 1,
+        "views within 1 grey level on average": all(r[k]["mean_grey"] <= 1 for k in ("views_generated", "views_photos")
+                                                    if k in r),
         "loop >= 0.85 x min(ceiling, device decode)": (gpu["loop_img_s"] >= 0.85 * bound) if "loop_img_s" in gpu else None,
         "fixed cost <= 3 s (GPU)": (gpu["fixed_s"] <= 3) if "fixed_s" in gpu else None,
         "head fitted": r["head"].get("ok"),
