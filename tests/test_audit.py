@@ -18,7 +18,8 @@ from PIL import Image
 from cnncodes.audit import audit, neighbours
 from cnncodes.audit.config import AuditConfig
 from cnncodes.audit.images import Images, load_images
-from cnncodes.audit.labels import out_of_fold_probabilities
+from cnncodes.audit.labels import out_of_fold_scores, temperature_scale
+from cnncodes.heads.format import softmax
 from cnncodes.audit.neighbours import exact_neighbours, faiss_neighbours, find_neighbours
 from cnncodes.errors import CnnCodesError
 from cnncodes.extract import extract
@@ -96,22 +97,38 @@ def test_out_of_fold_probabilities_come_from_models_without_the_image(flipped):
     with Cache(flipped) as c:
         data = load_train(c, in_memory=True)
     config = HeadConfig(C=0.1, folds=4, seed=2)
-    probs, first, k = out_of_fold_probabilities(data, config, "cpu")
+    scores, first, k = out_of_fold_scores(data, config, "cpu")
+    probs = softmax(scores)
     assert k == 4 and probs.shape == (60, 2) and np.allclose(probs.sum(1), 1)
     fold = grouped_folds(data.y, data.groups, 4, 2)
     assert all(len(set(fold[data.groups == g])) == 1 for g in np.unique(data.groups))  # views of an image: one fold
-    for f in range(4):
+    for f in range(4):  # to the solver's tolerance (the heads' L-BFGS stops near, not at, scikit-learn's optimum)
         held = first[fold[first] == f]
         model = LogisticRegression(C=0.1, max_iter=5000, tol=1e-10).fit(data.features[fold != f], data.y[fold != f])
-        assert np.allclose(probs[np.isin(first, held)], model.predict_proba(data.features[held]), atol=2e-3)
+        assert np.allclose(probs[np.isin(first, held)], model.predict_proba(data.features[held]), atol=0.02)
+    in_sample = LogisticRegression(C=0.1, max_iter=5000).fit(data.features, data.y).predict_proba(data.features[first])
+    assert np.abs(probs - in_sample).max() > 0.1  # the flipped images: a model that saw them is far more forgiving
 
 
 def test_tta_averages_the_views(flipped):
     with Cache(flipped) as c:
         data = load_train(c, in_memory=True)
-    plain, _, _ = out_of_fold_probabilities(data, HeadConfig(C=0.1), "cpu")
-    tta, _, _ = out_of_fold_probabilities(data, HeadConfig(C=0.1, tta=True), "cpu")
-    assert not np.allclose(plain, tta) and np.allclose(tta.sum(1), 1)
+    plain, _, _ = out_of_fold_scores(data, HeadConfig(C=0.1), "cpu")
+    tta, first, _ = out_of_fold_scores(data, HeadConfig(C=0.1, tta=True), "cpu")
+    assert not np.allclose(plain, tta) and plain.shape == tta.shape == (60, 2)
+
+
+def test_temperature_undoes_the_scale_of_squashed_scores():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(3, size=200)
+    logits = 3.0 * np.eye(3)[labels] + rng.normal(size=(200, 3))
+    beta = temperature_scale(logits / 1000, labels)  # a strongly regularised head's scores: near-uniform
+    assert np.isclose(beta, 1000 * temperature_scale(logits, labels), rtol=1e-3)  # the scale is undone
+    assert -np.log(softmax(beta * logits / 1000)[np.arange(200), labels]).mean() < 0.9 * np.log(3)
+    assert np.array_equal(softmax(beta * logits / 1000).argmax(1), logits.argmax(1))  # predictions unchanged
+    two = logits[:, :2] / 1000
+    p = softmax(temperature_scale(two, labels % 2) * two)[np.arange(200), labels % 2]
+    assert np.array_equal(np.argsort(p), np.argsort(softmax(two)[np.arange(200), labels % 2]))  # 2 classes: the order too
 
 
 # --------------------------------------------------------------------------- duplicates, leaks, outliers

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ..lazy import lazy_exports
 
 _LAZY = {"audit": "api", "AuditConfig": "config", "NEAR": "config", "EXACT_UP_TO": "config",
-         "find_label_issues": "labels", "out_of_fold_probabilities": "labels", "find_neighbours": "neighbours",
+         "find_label_issues": "labels", "out_of_fold_scores": "labels", "temperature_scale": "labels", "find_neighbours": "neighbours",
          "exact_neighbours": "neighbours", "faiss_neighbours": "neighbours"}
 __all__ = list(_LAZY)
 

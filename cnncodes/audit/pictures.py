@@ -42,7 +42,7 @@ def draw_tiles(tiles: list[Tile], out: Path, title: str) -> Path:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(tile.title, fontsize=8, color="red" if tile.red else "black")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # the tiles' titles below the suptitle
     return save_figure(fig, out, dpi=80)
 
 
