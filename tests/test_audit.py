@@ -215,10 +215,13 @@ def test_faiss_finds_the_planted_pairs():
     first = rng.choice(1500, 40, replace=False)
     images.codes[1500 + first] = images.codes[first] + 0.1 * rng.normal(size=(40, 256)).astype(np.float32) / 16
     images.codes /= np.linalg.norm(images.codes, axis=1, keepdims=True)
-    idx, sim = faiss_neighbours(lambda r: images.codes[r], 3000, 5)
-    assert all(b in idx[a] for a, b in zip(first, 1500 + first))
-    exact = np.einsum("nd,nkd->nk", images.codes, images.codes[np.maximum(idx, 0)])
-    assert np.allclose(sim, exact, atol=1e-5)  # rescored on the full codes
+    raw = images.raw_unit(slice(None))
+    for space, z in (("centred", images.codes), ("raw", raw)):
+        idx, sim = faiss_neighbours(images, 5, raw=space == "raw")
+        assert all(b in idx[a] for a, b in zip(first, 1500 + first)), space
+        exact = np.einsum("nd,nkd->nk", z, z[np.maximum(idx, 0)])
+        assert np.allclose(sim, exact, atol=1e-4), space  # rescored on the full codes
+        assert (idx != np.arange(3000)[:, None]).all() and (np.diff(sim, axis=1) <= 1e-6).all()
     assert find_neighbours(images, 5, "faiss", "cpu")[0].method.startswith("faiss")
 
 
