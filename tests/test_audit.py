@@ -400,3 +400,31 @@ def test_without_cleanlab_is_one_line(cli, synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_cleanlab)
     assert_one_line(cli("audit", synthetic, "-o", tmp_path / "o", check=False), "pip install 'cnncodes[audit]'")
     assert not (tmp_path / "o").exists()
+
+
+def test_sharded_store_is_audited_from_its_codes(image_audit, tmp_path):
+    """A WebDataset store's index reads like any cache; its images live in tars, so codes only."""
+    import io
+    import tarfile
+
+    from cnncodes.webdata import ShardSource
+
+    data = image_audit["data"]
+    for split in ("train", "val"):
+        files = sorted((data / split).rglob("*.jpg"))
+        classes = sorted(p.name for p in (data / split).iterdir())
+        with tarfile.open(tmp_path / f"{split}-000000.tar", "w") as t:
+            for f in files:
+                key = f.relative_to(data).with_suffix("").as_posix()
+                for name, blob in ((f"{key}.jpg", f.read_bytes()), (f"{key}.cls", str(classes.index(f.parent.name)).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    t.addfile(info, io.BytesIO(blob))
+    source = ShardSource({s: (str(tmp_path / f"{s}-000000.tar"),) for s in ("train", "val")})
+    extract(source, tmp_path / "wds.h5", **FAST)
+    summary = audit(tmp_path / "wds.h5", tmp_path / "a", device="cpu")
+    assert summary["images"] == {"train": 18, "val": 6} and summary["files"] is None and summary["pictures"] == []
+    leaks = read_csv(tmp_path / "a" / "leaks.csv")
+    assert [(r["path"].split("/", 1)[1], r["train_path"].split("/", 1)[1]) for r in leaks] == [
+        ("val/cat/001", "train/cat/leak")]  # identical bytes, identical code: found, as 'near' without the files
+    assert leaks[0]["kind"] == "near" and float(leaks[0]["similarity"]) > 0.9999

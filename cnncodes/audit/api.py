@@ -16,7 +16,7 @@ from .labels import RANKED_BY, LabelIssues, find_label_issues
 from .neighbours import Neighbours, find_neighbours
 from .outliers import Outliers, find_outliers
 from .output import DUPLICATES, LABEL_ISSUES, LEAKS, OUTLIERS, check_new_folder, new_folder, write_csv, write_summary
-from .pictures import Tile, draw_tiles, short
+from .pictures import draw_pictures
 
 
 def audit(cache_path: str | Path, out: str | Path, config: AuditConfig | None = None, head: HeadConfig | None = None,
@@ -79,35 +79,6 @@ def label_rows(images: Images, issues: LabelIssues) -> list[tuple]:
 def outlier_rows(images: Images, outliers: Outliers) -> list[tuple]:
     return [(images.paths[i], images.splits[i], images.classes[images.labels[i]], images.classes[c],
              float(outliers.score[i]), float(outliers.z[i])) for i, c in zip(outliers.flagged, outliers.nearest_class)]
-
-
-def draw_pictures(folder: Path, images: Images, issues: LabelIssues, dups: Duplicates, outliers: Outliers,
-                  n: int) -> list[str]:
-    """label_issues.png, duplicates.png (pairs side by side, leaks first), outliers.png: the first `n` tiles
-    of each non-empty finding; none when the image files are not known."""
-    if images.root is None or n == 0:
-        return []
-    name = [images.classes[c] for c in issues.classes]
-    suggested = issues.suggested()
-    drawn = []
-    tiles = [Tile(images.file(i), f"{short(images.paths[i])}\ngiven: {name[issues.labels[i]]}\n"
-                                  f"suggested: {name[suggested[i]]} ({issues.probs[i, suggested[i]]:.2f})", True)
-             for i in issues.flagged[:n]]
-    pairs = [p for p in dups.pairs][: max(1, n // 2)]
-    twins = [Tile(images.file(i), f"{images.splits[i]}: {short(images.paths[i])}\n{images.classes[images.labels[i]]}"
-                                  + (f"\n{p.kind}, cosine {p.similarity:.3f}" + (" LEAK" if p.leak else "") if i == p.b
-                                     else "\n"), p.leak)
-             for p in pairs for i in (p.a, p.b)]
-    far = [Tile(images.file(i), f"{images.splits[i]}: {short(images.paths[i])}\ngiven: {images.classes[images.labels[i]]}"
-                                f"\nnearest class: {images.classes[c]}, z {outliers.z[i]:.1f}", True)
-           for i, c in zip(outliers.flagged[:n], outliers.nearest_class[:n])]
-    for file, tiles_, title in (("label_issues.png", tiles, "label issues: given -> suggested (most suspicious first)"),
-                                ("duplicates.png", twins, "duplicates: pairs side by side (leaks first)"),
-                                ("outliers.png", far, "outliers: farthest from their nearest neighbours")):
-        if tiles_:
-            draw_tiles(tiles_, folder / file, title)
-            drawn.append(file)
-    return drawn
 
 
 def make_summary(cache: str, config: AuditConfig, images: Images, issues: LabelIssues, nbrs: Neighbours,

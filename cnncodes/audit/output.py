@@ -23,6 +23,11 @@ COLUMNS = {
     LEAKS: ("path", "split", "train_path", "similarity", "kind"),
     OUTLIERS: ("path", "split", "given", "nearest_class", "score", "z"),
 }
+PICTURES = {  # finding -> (file, title)
+    "label_issues": ("label_issues.png", "label issues: given -> suggested (most suspicious first)"),
+    "duplicates": ("duplicates.png", "duplicates: pairs side by side (leaks first)"),
+    "outliers": ("outliers.png", "outliers: farthest from their nearest neighbours"),
+}
 AUDIT_FORMAT, AUDIT_VERSION = "cnncodes-audit", 1
 
 

@@ -6,6 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .duplicates import Duplicates, Pair
+from .images import Images
+from .labels import LabelIssues
+from .outliers import Outliers
+from .output import PICTURES
+
 COLUMNS = 4
 
 
@@ -49,3 +55,45 @@ def draw_tiles(tiles: list[Tile], out: Path, title: str) -> Path:
 def short(path: str, width: int = 34) -> str:
     """A path cut to its last `width` characters, for a tile's title."""
     return path if len(path) <= width else "..." + path[-(width - 3):]
+
+
+def draw_pictures(folder: Path, images: Images, issues: LabelIssues, dups: Duplicates, outliers: Outliers,
+                  n: int) -> list[str]:
+    """The pictures of PICTURES with something to draw (the first `n` tiles each; duplicates as pairs, leaks
+    first); none when the image files are not known. Returns the file names written."""
+    if images.root is None or n == 0:
+        return []
+    tiles = {"label_issues": label_tiles(images, issues, n), "duplicates": pair_tiles(images, dups.pairs[:max(1, n // 2)]),
+             "outliers": outlier_tiles(images, outliers, n)}
+    drawn = []
+    for kind, (file, title) in PICTURES.items():
+        if tiles[kind]:
+            draw_tiles(tiles[kind], folder / file, title)
+            drawn.append(file)
+    return drawn
+
+
+def label_tiles(images: Images, issues: LabelIssues, n: int) -> list[Tile]:
+    """Each flagged image with its given and suggested class (and the suggestion's probability)."""
+    name = [images.classes[c] for c in issues.classes]
+    suggested = issues.suggested()
+    return [Tile(images.file(i), f"{short(images.paths[i])}\ngiven: {name[issues.labels[i]]}\n"
+                                 f"suggested: {name[suggested[i]]} ({issues.probs[i, suggested[i]]:.2f})", True)
+            for i in issues.flagged[:n]]
+
+
+def pair_tiles(images: Images, pairs: list[Pair]) -> list[Tile]:
+    """Each pair as two adjacent tiles, split, path and class above each; kind and cosine above the twin."""
+    def tile(p: Pair, i: int) -> Tile:
+        what = f"{p.kind}, cosine {p.similarity:.3f}" + (" LEAK" if p.leak else "") if i == p.b else ""
+        return Tile(images.file(i), f"{images.splits[i]}: {short(images.paths[i])}\n"
+                                    f"{images.classes[images.labels[i]]}\n{what}", p.leak)
+
+    return [tile(p, i) for p in pairs for i in (p.a, p.b)]
+
+
+def outlier_tiles(images: Images, outliers: Outliers, n: int) -> list[Tile]:
+    return [Tile(images.file(i), f"{images.splits[i]}: {short(images.paths[i])}\n"
+                                 f"given: {images.classes[images.labels[i]]}\nnearest class: {images.classes[c]}, "
+                                 f"z {outliers.z[i]:.1f}", True)
+            for i, c in zip(outliers.flagged[:n], outliers.nearest_class[:n])]
