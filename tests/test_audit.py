@@ -243,11 +243,17 @@ def bad_caches(root: Path, good: Path) -> dict[str, tuple[Path, str]]:
         x[3, 0] = np.nan
         f["val/features"][...] = x
 
+    def nan_train(f):
+        x = f["train/features"][()]
+        x[7, 2] = np.inf
+        f["train/features"][...] = x
+
     return {
         "no train": (write_synthetic_cache(root / "notrain.h5", {"val": 5}, dim=4, n_classes=2), "no 'train' split"),
         "one class": (write_synthetic_cache(root / "one.h5", {"train": 5, "val": 3}, dim=4, n_classes=1),
                       "only one class"),
-        "NaN codes": (edit(good, root / "nan.h5", nan_val), "val: 1 of 20 codes hold NaN/inf"),
+        "NaN codes": (edit(good, root / "nan.h5", nan_val), "nan.h5: val: 1 of 20 codes hold NaN/inf"),
+        "NaN train codes": (edit(good, root / "nant.h5", nan_train), "nant.h5: train: 1 of 120 codes hold NaN/inf"),
         "one image of a class": (write_synthetic_cache(root / "few.h5", {"train": 3}, dim=4, n_classes=2),
                                  "fewer than 2 train images"),
     }

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import CnnCodesError
 from ..heads.config import HeadConfig
 from .config import AuditConfig
 from .duplicates import Duplicates, find_duplicates
@@ -38,7 +39,10 @@ def audit(cache_path: str | Path, out: str | Path, config: AuditConfig | None = 
     log = log or (lambda m: None)
     start, timings = time.perf_counter(), {}
     with Cache(cache_path) as cache:
-        issues = find_label_issues(cache, head, log)  # first: it says in one line what is wrong with train
+        try:
+            issues = find_label_issues(cache, head, log)  # first: it says in one line what is wrong with train
+        except CnnCodesError as e:  # name the file where the heads' message does not (NaN codes)
+            raise (e if str(e).startswith(str(cache.path)) else CnnCodesError(f"{cache.path}: {e}")) from None
         timings["label_issues"] = issues.seconds
         t = time.perf_counter()
         images = load_images(cache, config.data)

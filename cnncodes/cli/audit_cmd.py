@@ -17,9 +17,9 @@ from .options import config_options
                    "pictures, summary.json.")
 @config_options(AuditConfig, {"data": {"type": click.Path(), "metavar": "DATA"},
                               "search": {"type": click.Choice(SEARCHES)}})
-@config_options(HeadConfig, {"clf": {"type": click.Choice(CLFS)}, "max_iter": {"decls": ["--epochs"], "type": int},
+@config_options(HeadConfig, {"clf": {"type": click.Choice(CLFS)},
                              "device": {"help": "Torch heads and the neighbour search: auto, cpu, cuda or cuda:N."}},
-                skip=("grid", "patience", "allow_unseen_classes", "exclude"))
+                skip=("grid", "patience", "allow_unseen_classes", "exclude", "max_iter"))  # out-of-fold fits: L-BFGS
 def audit_command(cache, out, data, near, neighbours, search, outlier_z, pictures, **head_options):
     """What is wrong with the dataset of CACHE: label issues (out-of-fold probabilities from fit-head's
     grouped CV, ranked by cleanlab), exact and near duplicates within and across splits (a val/test image
