@@ -94,12 +94,17 @@ class RawCosine:
     def __call__(self, c, i, j):
         """c[q, m]: centred cosines of the images i[q] and j[q, m] (j 1-d: the same for every row) -> raw cosines."""
         j2 = j if j.ndim == 2 else j[None, :]
-        return ((self.length[i][:, None] * self.length[j2]) * c + self.la[i][:, None] + self.la[j2] + self.mm) / (
-            self.norm[i][:, None] * self.norm[j2])
+        raw = self.length[i][:, None] * self.length[j2]  # in place from here: one (rows, m) temporary at a time
+        raw *= c
+        raw += self.la[i][:, None]
+        raw += self.la[j2]
+        raw += self.mm
+        raw /= self.norm[i][:, None] * self.norm[j2]
+        return raw
 
 
 def exact_neighbours(images: Images, k: int, device) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Every pair's centred cosine, a block of queries at a time (memory: the codes + SCORE_BYTES), and from it
+    """Every pair's centred cosine, a block of queries at a time (memory: the codes + ~2 x SCORE_BYTES), and from it
     the raw cosine (`RawCosine`); the top k of each."""
     import torch
 
