@@ -442,12 +442,12 @@ def command_table(command: dict) -> dict:
             continue
         st = c["stages"]
         rows.append([label, c["codes"], f"{c['wall']:.2f}", ", ".join(f"{w:.2f}" for w in c["walls"]),
-                     f"{st['label_issues']:.2f}", f"{st['neighbours']:.2f}", f"{st['duplicates']:.2f}",
-                     f"{st['pictures']:.2f}", f"{st['total']:.2f}"])
+                     f"{st['imports']:.2f}", f"{st['label_issues']:.2f}", f"{st['neighbours']:.2f}",
+                     f"{st['duplicates']:.2f}", f"{st['pictures']:.2f}", f"{st['total']:.2f}"])
     notes.append("wall: the whole `cnncodes audit CACHE -o DIR --data DATA` command as a user runs it (start-up, "
                  "imports, C search, out-of-fold fits, neighbour search, hashing every file, pictures), median; the "
                  "stages (seconds, from summary.json) are the last run's, inside the command; target <= 10 s on 1k codes")
-    return {"table": {"columns": ["set", "codes", "wall s (median)", "runs", "label issues", "neighbours",
+    return {"table": {"columns": ["set", "codes", "wall s (median)", "runs", "imports", "label issues", "neighbours",
                                   "duplicates (hashing)", "pictures", "in-command total"], "rows": rows},
             "notes": notes}
 
@@ -472,7 +472,16 @@ def header(bench: str) -> dict:
 
     status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
                             text=True).stdout.splitlines()
-    return results_header(bench) | {"uncommitted": [line.strip() for line in status]}
+    changed = [line.strip() for line in status if not line[3:].startswith("bench/results/")]  # results: our output
+    return results_header(bench) | {"uncommitted": changed}
+
+
+def save(result: dict, name: str) -> None:
+    """Write a results file; files that differed from the commit when it ran are said in its notes too."""
+    if result.get("uncommitted"):
+        result.setdefault("notes", []).append("measured with uncommitted changes (git status): "
+                                              + "; ".join(result["uncommitted"]))
+    write_results(result, RESULTS / name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,12 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = part_labels(args.seeds, work)
         result |= label_table(runs) | {"runs": {s: {k: v for k, v in r.items() if k != "summary"}
                                                 for s, r in runs.items()}}
-        write_results(result, RESULTS / "audit.json")
+        save(result, "audit.json")
     if "command" in parts:
         result = header("audit_command")
         command = part_command(work, args.repeats)
         result |= command_table(command) | {"runs": command}
-        write_results(result, RESULTS / "audit_command.json")
+        save(result, "audit_command.json")
     if "threshold" in parts:
         result = header("audit_threshold")
         t, o = part_threshold(work), part_outlier_space(work)
@@ -523,12 +532,12 @@ def main(argv: list[str] | None = None) -> int:
                              "rows": [[k, f"{v['distinct_max']:.3f}", *(
                                  f"{c['min']:.3f} ({c['median']:.3f}; {c['found_at_0.90']}/{c['n']})"
                                  for c in v["copies"].values())] for k, v in t.items()]}}
-        write_results(result, RESULTS / "audit_threshold.json")
+        save(result, "audit_threshold.json")
     if "search" in parts:
         result = header("audit_search")
         search = part_search([int(s) for s in args.sizes.split(",")], args.repeats, args.neighbours)
         result |= search_table(search) | {"runs": search}
-        write_results(result, RESULTS / "audit_search.json")
+        save(result, "audit_search.json")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

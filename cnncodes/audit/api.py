@@ -13,7 +13,7 @@ from ..heads.config import HeadConfig
 from .config import AuditConfig
 from .duplicates import Duplicates, find_duplicates
 from .images import Images, load_images
-from .labels import RANKED_BY, LabelIssues, find_label_issues
+from .labels import RANKED_BY, LabelIssues, cleanlab_functions, find_label_issues
 from .neighbours import Neighbours, find_neighbours
 from .outliers import Outliers, find_outliers
 from .output import DUPLICATES, LABEL_ISSUES, LEAKS, OUTLIERS, check_new_folder, new_folder, write_csv, write_summary
@@ -38,6 +38,10 @@ def audit(cache_path: str | Path, out: str | Path, config: AuditConfig | None = 
     out = check_new_folder(out)
     log = log or (lambda m: None)
     start, timings = time.perf_counter(), {}
+    import torch  # noqa: F401  (imported here to be timed apart: torch, then scikit-learn with cleanlab)
+
+    cleanlab_functions()
+    timings["imports"] = time.perf_counter() - start
     with Cache(cache_path) as cache:
         try:
             issues = find_label_issues(cache, head, log)  # first: it says in one line what is wrong with train

@@ -46,7 +46,7 @@ def find_label_issues(cache, config: HeadConfig, log=lambda m: None) -> LabelIss
     """Choose the head's C as `fit-head` would, compute out-of-fold probabilities at that C, let cleanlab flag."""
     from ..runtime import resolve_device
 
-    cleanlab_find, get_label_quality_scores = _cleanlab()
+    cleanlab_find, get_label_quality_scores = cleanlab_functions()
 
     start = time.perf_counter()
     dev = resolve_device(config.device)
@@ -71,7 +71,7 @@ def find_label_issues(cache, config: HeadConfig, log=lambda m: None) -> LabelIss
                        head, time.perf_counter() - start)
 
 
-def _cleanlab():
+def cleanlab_functions():
     """cleanlab's find_label_issues and get_label_quality_scores, or one line saying how to install it."""
     try:
         from cleanlab.filter import find_label_issues as cleanlab_find
