@@ -16,13 +16,12 @@ import h5py
 import numpy as np
 
 from ..errors import CnnCodesError
-from .names import HOLDOUT_ABOVE, LBFGS_MEMORY, TORCH_CLFS, solved_by_sklearn
+from .names import HOLDOUT_ABOVE, LBFGS_MEMORY, TORCH_CLFS
 
 PIECE_ROWS = 64  # rows per read; pieces are the unit of shuffling across the cache
 BLOCK_BYTES = 8 << 20  # codes held in memory at once while streaming (peak ~3 blocks)
 IN_MEMORY_BYTES = 512 << 20  # torch heads load a train split smaller than this
-# Bytes per code value that svm/logreg hold: the float32 codes, plus per LogisticRegression job a float32 fold copy.
-CODE_BYTES, SKLEARN_JOB_BYTES = 4, 4
+CODE_BYTES = 4  # bytes per code value that the in-memory heads hold (float32)
 
 
 def iter_blocks(features, rng: np.random.Generator | None = None, mean: np.ndarray | None = None,
@@ -258,29 +257,27 @@ def check_memory(clf: str, shape: tuple[int, int], path, log: Callable[[str], No
                  folds: int) -> None:
     """Refuse an in-memory head that cannot fit in RAM; point to the streaming heads.
 
-    logreg up to LBFGS_ABOVE rows holds the codes and a copy per job; svm, and logreg above it, the codes and
-    the L-BFGS path's working memory (`lbfgs_bytes`)."""
-    sklearn = solved_by_sklearn(clf, shape[0])
+    Every in-memory head holds the codes and the L-BFGS path's working memory (`lbfgs_bytes`)."""
     values = shape[0] * shape[1]
-    need = values * (CODE_BYTES + (SKLEARN_JOB_BYTES if sklearn else 0))
-    need += 0 if sklearn else lbfgs_bytes(*shape, n_classes, folds)
+    need = values * CODE_BYTES + lbfgs_bytes(*shape, n_classes, folds)
     free = available_memory()
     hint = f"--clf {'linear-svm' if clf == 'svm' else 'linear'} streams the codes from the cache in bounded memory"
     if need > free:
         raise CnnCodesError(f"{path}: --clf {clf} needs about {need / 2**30:.1f} GiB for {values / 1e6:.0f}M code values, "
                             f"{free / 2**30:.1f} GiB are available: {hint}")
-    if values > 50_000_000 and sklearn:
-        log(f"note: --clf {clf} holds about {need / 2**30:.1f} GiB and solves on one core per fold/C; {hint} (faster at this size)")
 
 
 def lbfgs_bytes(n: int, d: int, n_classes: int, folds: int) -> int:
     """What the L-BFGS path (`lbfgs`) holds besides the codes, about: the fold models' M x K x (D' + 1) unknowns
-    (D' = n in the codes' row space when n < D) in its 2 x LBFGS_MEMORY curvature vectors and ~8 working copies;
-    ~6 score-sized (M, n, K) float32 tensors per objective evaluation; and, when n < D, the float64 QR of the
-    codes (16 bytes per value). M = the fold models (one above HOLDOUT_ABOVE codes)."""
+    (D' = n in the codes' row space when n < D) in its 2 x LBFGS_MEMORY curvature vectors, ~8 working copies and
+    the Newton check's ~6 conjugate-gradient vectors, in float64 once a fit is polished so (8 bytes); ~10
+    score-sized (M, n, K) tensors per objective or Hessian product; the float64 copy of the codes a polish uses;
+    and, when n < D, the float64 QR of the codes (16 bytes per value). M = the fold models (one above
+    HOLDOUT_ABOVE codes)."""
     models = 1 if n > HOLDOUT_ABOVE else folds
     unknowns = models * n_classes * (min(n, d) + 1)
-    return 4 * unknowns * (2 * LBFGS_MEMORY + 8) + 4 * 6 * models * n * n_classes + (16 * n * d if n < d else 0)
+    return (8 * unknowns * (2 * LBFGS_MEMORY + 14) + 8 * 10 * models * n * n_classes + 8 * n * min(n, d)
+            + (16 * n * d if n < d else 0))
 
 
 def available_memory() -> int:

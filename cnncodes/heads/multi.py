@@ -227,7 +227,6 @@ class FusedCache:
 def score_candidates(names: Sequence[str], trains: Sequence[TrainSet], folds: Sequence[Folds], clfs: Sequence[str],
                      config: HeadConfig, device, concat: bool, log: Callable[[str], None]) -> list[Candidate]:
     """Every (cache, clf), and with `concat` (fusion, clf), cross-validated on the shared folds; no refit."""
-    import sklearn.linear_model  # noqa: F401  (imported here, not inside the first candidate's fit time)
     import torch  # noqa: F401
 
     from .selection import fit_linear

@@ -6,7 +6,6 @@ picking the best mean accuracy (ties to the smallest C), and refitting on all of
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,7 +14,7 @@ import numpy as np
 from ..errors import CnnCodesError
 from .codes import TrainSet
 from .config import HeadConfig
-from .names import HOLDOUT_ABOVE, TORCH_CLFS, solved_by_sklearn
+from .names import HOLDOUT_ABOVE, TORCH_CLFS
 from .report import predict_images
 
 HOLDOUT_FOLDS = 10  # held-out fraction = 1 / HOLDOUT_FOLDS
@@ -106,11 +105,10 @@ def fit_linear(data: TrainSet, config: HeadConfig, device="cpu", folds: Folds | 
     """Fit `config.clf` on `data`; C 'auto' chooses C by grouped CV over `config.grid`. Returns
     W (K, D), b (K,) and the selection.
 
-    svm/logreg, and the torch heads on codes in memory (full-batch L-BFGS), walk the grid upwards
-    and stop after `patience` values without a better CV accuracy (None: the whole grid); the
-    streamed torch heads (or a fixed `max_iter`, Adam epochs) train every C in one batched pass.
-    svm is always solved by L-BFGS (LinearSVC's objective, torch), logreg above LBFGS_ABOVE train codes
-    (`names.solved_by_sklearn`).
+    Codes in memory (every head; the torch heads unless `max_iter` fixes Adam epochs): full-batch L-BFGS
+    (`lbfgs`), walking the grid upwards and stopping after `patience` values without a better CV accuracy (None:
+    the whole grid) or at a C whose fold fits did not converge. The streamed torch heads (or a fixed `max_iter`)
+    train every C in one batched Adam pass.
 
     `folds`: the CV folds to score on (default `cv_folds` of `data`): choosing among caches
     (`heads.multi`) scores every candidate on the same folds. `refit=False`: only choose C, W and b
@@ -125,41 +123,41 @@ def fit_linear(data: TrainSet, config: HeadConfig, device="cpu", folds: Folds | 
     sel = Selection(C=C if C is not None else float("nan"), auto=C is None, grid=list(grid), strategy=strategy)
     if clf in TORCH_CLFS and not (data.in_memory and config.max_iter is None):
         return _fit_torch(data, config, grid, fold, n_folds, sel, device)
-    if not solved_by_sklearn(clf, len(data.y)):
-        from .sklearn_solver import one_blas_thread
+    from .rowspace import one_blas_thread
 
-        # numpy's BLAS on one thread: the QR of the codes gains nothing from threads, and on busy cores the
-        # threads' hand-offs cost 10-20x (real ResNet-50 digits codes: 14.5 s -> 0.8 s with other jobs running).
-        # torch's own threads are set apart (`torch_solver._cpu_threads`).
-        with one_blas_thread():
-            return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device, refit)
-    from .sklearn_solver import fold_path, sklearn_refit
-
-    if n_folds:
-        with contextlib.closing(fold_path(data, fold, n_folds, grid, sel.notes)) as path:
-            _walk(path, data, fold, grid, sel, config.tta, config.patience)
-    if not refit:
-        return None, None, sel
-    w, b = sklearn_refit(data, sel.C, sel.notes)
-    return w.astype(np.float64), b.astype(np.float64), sel
+    # numpy's BLAS on one thread: the QR of the codes gains nothing from threads, and on busy cores the
+    # threads' hand-offs cost 10-20x (real ResNet-50 digits codes: 14.5 s -> 0.8 s with other jobs running).
+    # torch's own threads are set apart (`torch_solver._cpu_threads`).
+    with one_blas_thread():
+        return _fit_lbfgs(data, config, grid, fold, n_folds, sel, device, refit)
 
 
 def _walk(path, data: TrainSet, fold: np.ndarray, grid: list[float], sel: Selection, tta: bool,
           patience: int | None) -> None:
-    """Score the fold models C by C (ascending) until the path ends or `_stop_reason` stops it; sets sel's pick."""
+    """Score the fold models C by C (ascending) until the path ends, `_stop_reason` stops it, or a C's fold fits
+    did not converge (that C is not ranked: its CV score would be of models short of their optimum, and larger C
+    are harder still); sets sel's pick."""
     columns = []
-    for models in path:
+    for models, converged in path:
+        if not converged:
+            sel.stopped = (f"stopped at C={grid[len(columns)]:g}: its fold fits did not converge, so it is not ranked; "
+                           + (f"C={', '.join(f'{c:g}' for c in grid[len(columns) + 1:])} not fitted"
+                              if len(columns) + 1 < len(grid) else "it was the last C"))
+            break
         columns.append(_fold_scores(data, fold, models, tta)[:, 0])
         sel.stopped = _stop_reason(grid, np.mean(columns, axis=1), patience)
         if sel.stopped:
             break
+    if not columns:
+        raise CnnCodesError(f"no C could be ranked: the fold fits did not converge even at C={grid[0]:g} "
+                            f"({'; '.join(sel.notes[-1:])}); pass a fixed --C or check the codes")
     best, mean = _pick(grid[:len(columns)], np.stack(columns, axis=1))
     sel.C, sel.scores, sel.score = grid[best], [float(s) for s in mean], float(mean[best])
 
 
 def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection,
                device, refit: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, Selection]:
-    """Codes in memory: the fold models by full-batch L-BFGS, C by C, stopping like svm/logreg; then the
+    """Codes in memory: the fold models by full-batch L-BFGS, C by C, stopping the path as `_walk` says; then the
     full-data model at the chosen C, started from the mean of its fold models."""
     from .lbfgs import lbfgs_path, prepare
     from .torch_solver import SMOOTH_HINGE_TAU
@@ -173,18 +171,18 @@ def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.n
     prepared = prepare(data.features, data.y, device)  # the row space and preconditioner, for the path and the refit
 
     def path():
-        for C, (w, b, _) in zip(grid, lbfgs_path(data.features, data.y, K, fold, np.arange(n_folds), grid, loss,
-                                                 notes=sel.notes, prepared=prepared)):  # a C short of tol: noted
-            fits[C] = (w.mean(0, keepdims=True), b.mean(0, keepdims=True))
-            yield {f: (w[f][None], b[f][None]) for f in range(n_folds)}
+        for C, fit in zip(grid, lbfgs_path(data.features, data.y, K, fold, np.arange(n_folds), grid, loss,
+                                           notes=sel.notes, prepared=prepared)):  # a C short of rtol: noted
+            fits[C] = (fit.w.mean(0, keepdims=True), fit.b.mean(0, keepdims=True))
+            yield {f: (fit.w[f][None], fit.b[f][None]) for f in range(n_folds)}, fit.converged
 
     if n_folds:
         _walk(path(), data, fold, grid, sel, config.tta, config.patience)
     if not refit:
         return None, None, sel
-    (w, b, _), = lbfgs_path(data.features, data.y, K, fold, np.array([-1]), [sel.C], loss,
-                            init=fits.get(sel.C), notes=sel.notes, prepared=prepared)
-    return w[0].astype(np.float64), b[0].astype(np.float64), sel
+    final, = lbfgs_path(data.features, data.y, K, fold, np.array([-1]), [sel.C], loss, init=fits.get(sel.C),
+                        notes=sel.notes, prepared=prepared)
+    return final.w[0].astype(np.float64), final.b[0].astype(np.float64), sel
 
 
 def _fit_torch(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.ndarray, n_folds: int, sel: Selection,
