@@ -133,18 +133,23 @@ def digits_real(cache_dir: Path) -> Path | None:
     return out
 
 
-def command_wall(cache: Path, clf: str, repeats: int) -> float:
-    """Median wall seconds of the whole `cnncodes fit-head` command (a fresh process: start-up included)."""
+def command_times(cache: Path, clf: str, repeats: int, tree: Path = ROOT) -> tuple[float, float]:
+    """Median wall and CPU seconds (the child's user + system, all threads) of the whole `cnncodes fit-head` command
+    in a fresh process (start-up included), run from the checkout `tree` (another commit's, for before/after)."""
     import subprocess
 
-    walls = []
+    walls, cpus = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             w = time.perf_counter()
             subprocess.run([sys.executable, "-m", "cnncodes", "fit-head", str(cache), "-o", f"{tmp}/head.h5",
-                            "--clf", clf, "--device", "cpu"], check=True, capture_output=True)
+                            "--clf", clf, "--device", "cpu"], check=True, capture_output=True, cwd=tree,
+                           env={**os.environ, "PYTHONPATH": str(tree)})
             walls.append(time.perf_counter() - w)
-    return round(statistics.median(walls), 2)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return round(statistics.median(walls), 2), round(statistics.median(cpus), 2)
 
 
 def synthetic(cache_dir: Path, n: int) -> Path:
@@ -166,6 +171,8 @@ def main() -> None:
     ap.add_argument("--no-digits", action="store_true", help="skip the real-code digits set (minutes to extract once)")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heads_speed.json")
+    ap.add_argument("--before", type=Path, help="a checkout of an earlier commit (git worktree): its whole fit-head "
+                                                "command is timed beside this one's, in the same run")
     args = ap.parse_args()
     from cnncodes.runtime import available_cores
 
@@ -173,6 +180,11 @@ def main() -> None:
     # write) loads the machine itself and must not be read as other jobs' load.
     result = {**results_header("heads_speed"), "available_cores": available_cores(), "repeats": args.repeats,
               "rows": []}
+    if args.before:
+        import subprocess
+
+        result["before_commit"] = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short=12", "HEAD"],
+                                                 capture_output=True, text=True).stdout.strip()
     sets, real_sets = {}, set()
     real = ants_bees(args.cache_dir)
     if real:
@@ -184,8 +196,8 @@ def main() -> None:
     sets["synthetic 1000x2048x12"] = synthetic(args.cache_dir, 1000)
     if args.large:
         sets["synthetic 100000x2048x12"] = synthetic(args.cache_dir, 100_000)
-    lines = [f"{'codes':<26} {'head':<28} {'wall s':>7} {'cpu s':>7} {'cmd s':>7} {'C':>7} {'CV acc':>7} {'val acc':>7}"
-             f"  C tried"]
+    lines = [f"{'codes':<26} {'head':<28} {'wall s':>7} {'cpu s':>7} {'cmd s':>7} {'cmd cpu':>7} {'C':>7} {'CV acc':>7} "
+             f"{'val acc':>7}  C tried"]
     print(lines[0], flush=True)
     for label, cache in sets.items():
         runs = [(clf, lambda c=clf: ours(cache, c)) for clf in args.clfs.split(",")]
@@ -194,9 +206,14 @@ def main() -> None:
         for head, fn in runs:
             r = {"codes": label, "head": head, "loadavg": os.getloadavg()[0], **measure(fn, args.repeats)}
             if label in real_sets and head in CLFS:
-                r["command_wall_s"] = command_wall(cache, head, args.repeats)
+                r["command_wall_s"], r["command_cpu_s"] = command_times(cache, head, args.repeats)
+                if args.before:  # the same command from the earlier checkout, in the same run: like for like
+                    r["before_command_wall_s"], r["before_command_cpu_s"] = command_times(cache, head, args.repeats,
+                                                                                        args.before)
             result["rows"].append(r)
-            cmd = f"{r['command_wall_s']:>7.1f}" if "command_wall_s" in r else f"{'':>7}"
+            cmd = (f"{r['command_wall_s']:>7.1f} {r['command_cpu_s']:>7.1f}" if "command_wall_s" in r else f"{'':>15}")
+            if "before_command_wall_s" in r:
+                cmd += f" (before {r['before_command_wall_s']:.1f} / {r['before_command_cpu_s']:.1f})"
             line = (f"{label:<26} {head:<28} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} {cmd} {r['C']:>7.0e} {r['cv']:>7.4f} "
                     f"{r['val']:>7.4f}  {r['Cs_tried']}" + (" (stopped early)" if r.get("stopped_early") else ""))
             lines.append(line)
@@ -206,10 +223,15 @@ def main() -> None:
               f"{result['load_before'][0]:.1f}, after {os.getloadavg()[0]:.1f}; median of {args.repeats}")
     lines.append(footer)
     print(footer)
-    result["table"] = {"columns": ["codes", "head", "CPU s", "wall s", "command wall s", "C", "CV acc", "val acc",
-                                   "C values tried"],
+    before = [f"command wall / CPU s at {result['before_commit']}"] if args.before else []
+    result["table"] = {"columns": ["codes", "head", "CPU s", "wall s", "command wall s", "command CPU s", *before, "C",
+                                   "CV acc", "val acc", "C values tried"],
                        "rows": [[r["codes"], r["head"], f"{r['cpu_s']:.1f}", f"{r['wall_s']:.1f}",
-                                 f"{r['command_wall_s']:.1f}" if "command_wall_s" in r else "", f"{r['C']:.0e}",
+                                 f"{r['command_wall_s']:.1f}" if "command_wall_s" in r else "",
+                                 f"{r['command_cpu_s']:.1f}" if "command_cpu_s" in r else "",
+                                 *([f"{r['before_command_wall_s']:.1f} / {r['before_command_cpu_s']:.1f}"
+                                    if "before_command_wall_s" in r else ""] if args.before else []),
+                                 f"{r['C']:.0e}",
                                  f"{r['cv']:.4f}", f"{r['val']:.4f}",
                                  f"{r['Cs_tried']}" + (" (stopped early)" if r.get("stopped_early") else "")]
                                 for r in result["rows"]]}
