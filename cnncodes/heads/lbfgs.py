@@ -74,7 +74,7 @@ from .torch_solver import (SMOOTH_HINGE_TAU, _cpu_threads, _cs_margins, _loss, _
                            _stored_scale)
 
 LBFGS_MAX_ITER = 1000  # iterations per C (warm-started from the previous C: tens are typical; the squared hinge at C = 100 with rows on its kink took up to 600)
-LBFGS_RTOL = 3e-5  # stop when every model's estimated gap is below this fraction of its objective (see above)
+LBFGS_RTOL = 3e-5  # stop when every model's estimated gap is below this fraction of its `_scale` (see above)
 PRECONDITION_ROWS = 8192  # rows that estimate the codes' second moment for the preconditioner
 PRECONDITION_RANK = 256  # its leading directions kept; the rest get their mean eigenvalue
 EXACT_COLUMNS = 1025  # up to this many code dimensions (+1) S is eigendecomposed whole (a 1025^2 eigh: ~0.2 s)
@@ -208,7 +208,7 @@ def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, h
                device: str | torch.device = "cpu", max_iter: int | None = None, rtol: float | None = None,
                init: tuple[np.ndarray, np.ndarray] | None = None, precondition: bool = True,
                notes: list[str] | None = None, prepared: Prepared | None = None) -> Iterator[PathFit]:
-    """Yield a `PathFit` (W (M, K, D), b (M, K), iterations, gap bounds) at each C of `grid` (ascending), for the M
+    """Yield a `PathFit` (W (M, K, D), b (M, K), iterations, estimated relative gaps) at each C of `grid` (ascending), for the M
     models (model m skips rows with fold == heldout[m]). `init`: W, b to start the first C from (else zeros).
     A C whose fit stops short of `rtol` is said in `notes` (else warned; see the module docstring).
     `prepared`: `prepare(x, y, device, precondition)` made once for several calls on the same codes.
@@ -292,7 +292,7 @@ def _squared_hinge_hessian(x: torch.Tensor, y: torch.Tensor, wb: torch.Tensor, w
 
 def _minimise(objective: Callable, hessian: Callable, w: torch.Tensor, h0: Callable, gamma: float, rtol: float,
               max_iter: int, at_zero: torch.Tensor) -> tuple[torch.Tensor, int, np.ndarray]:
-    """L-BFGS from w (M, K, D + 1) until every model's Newton decrement g H^-1 g / 2 is <= rtol times its objective;
+    """L-BFGS from w (M, K, D + 1) until every model's Newton decrement g H^-1 g / 2 is <= rtol times its `_scale`;
     (w, iterations, the relative decrements). H0 = gamma h0 (`h0` acts on the last dimension). The decrement is
     computed (`_newton`) once L-BFGS's own estimate -g.d / 2 is below the rule; where it is not, its Newton step is
     the next step. Where float32 finds no further decrease short of the rule, the iterate is promoted to float64 and
