@@ -111,7 +111,8 @@ def in_memory_seconds(shards: list[Path], batch_size: int | None) -> float:
     from cnncodes.extract.runner import Runner
     from cnncodes.extract.shard_worker import ShardExtractor, ShardJob, _Rows
     from cnncodes.runtime import inference_batch_size
-    from cnncodes.webdata import InputShard, ShardSource, read_samples
+    from cnncodes.sources import InputShard, Item
+    from cnncodes.sources.webdataset import WebDatasetSource, read_samples
 
     dev = torch.device("cpu")
     options = ExtractConfig(arch="resnet18", weights="none", image_size=64,
@@ -120,12 +121,12 @@ def in_memory_seconds(shards: list[Path], batch_size: int | None) -> float:
     pre = resolve_preprocessing("resnet18", info, 64)
     cache = _Config()
     runner = Runner(options, cache, info, pre, dev)
-    step = ShardExtractor(runner, options, cache, ShardSource({"train": ("-",)}))
+    step = ShardExtractor(runner, options, cache, WebDatasetSource({"train": ("-",)}))
     batches = []
     for path in shards:
-        samples = [(f"{path.name}/{s.key}", s.files["jpg"], int(s.files["cls"]), "jpg") for s in read_samples(str(path))]
+        samples = [Item(f"{path.name}/{s.key}", s.files["jpg"], int(s.files["cls"]), "jpg") for s in read_samples(str(path))]
         batches += [samples[i:i + options.batch_size] for i in range(0, len(samples), options.batch_size)]
-    job = ShardJob("train", InputShard("-", 0, 0), Path("-"), "new")
+    job = ShardJob("train", InputShard("-", 0, 0, "-"), Path("-"), "new")
     start = time.perf_counter()
     for batch in batches:
         step.run_batch(job, batch, _Rows(1))  # rows dropped: nothing stored
@@ -270,7 +271,7 @@ def balance_figures(shards: int = 10_000, ranks: int = 64, seed: int = 0) -> dic
     work queue, largest first (a free rank takes the next shard: what cnncodes does). Cases: equal shards,
     sizes lognormal (sigma 0.5), a rerun with a random half already done, and ranks 10% apart in speed."""
     from cnncodes.extract.shard_worker import ShardJob
-    from cnncodes.webdata import InputShard
+    from cnncodes.sources import InputShard
 
     rng = np.random.default_rng(seed)
     cases = {"equal shards": np.full(shards, 1000.0), "sizes lognormal 0.5": rng.lognormal(0, 0.5, shards) * 1000}
@@ -286,7 +287,7 @@ def balance_figures(shards: int = 10_000, ranks: int = 64, seed: int = 0) -> dic
             modn = np.zeros(ranks)
             for k, i in enumerate(todo):  # i mod N over the full list: the done ones leave holes
                 modn[i % ranks] += sizes[i] / speed[i % ranks]
-            jobs = [ShardJob("train", InputShard(str(i), int(sizes[i]), 0), Path(str(i)), "new") for i in todo]
+            jobs = [ShardJob("train", InputShard(str(i), int(sizes[i]), 0, str(i)), Path(str(i)), "new") for i in todo]
             lpt = np.array([sum(j.shard.size for j in deal(jobs, ranks, r)) / speed[r] for r in range(ranks)])
             free = np.zeros(ranks)
             for i in sorted(todo, key=lambda i: -sizes[i]):  # the queue, largest first: the rank free first takes the next

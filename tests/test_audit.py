@@ -413,7 +413,7 @@ def test_sharded_store_is_audited_from_its_codes(image_audit, tmp_path):
     import io
     import tarfile
 
-    from cnncodes.webdata import ShardSource
+    from cnncodes.sources.webdataset import WebDatasetSource as ShardSource
 
     data = image_audit["data"]
     for split in ("train", "val"):

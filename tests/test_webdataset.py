@@ -24,7 +24,7 @@ from conftest import write_folder
 from cnncodes.errors import CnnCodesError
 from cnncodes.extract import extract
 from cnncodes.store import Cache
-from cnncodes.webdata import ShardSource, read_samples
+from cnncodes.sources.webdataset import WebDatasetSource as ShardSource, read_samples
 
 FAST = dict(arch="resnet18", weights="none", image_size=64, batch_size=3, progress=False, log=lambda m: None)
 ARGS = ["--weights", "none", "--image-size", "64", "--batch-size", "3", "-q"]

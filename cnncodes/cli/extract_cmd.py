@@ -59,7 +59,7 @@ def extract_command(data, out, overwrite, path_col, label_col, val_fraction, val
     JSON spec {"train": PATTERN, "val": PATTERN}; then -o is an index over one output shard
     per input shard (see docs/scale.md).
     """
-    from ..webdata import source_from_cli
+    from ..sources import FolderSource, source_from_cli
 
     config = ExtractConfig(**options)
     shards = source_from_cli(data, val_shards, test_shards, label_key, classes_file)
@@ -68,30 +68,26 @@ def extract_command(data, out, overwrite, path_col, label_col, val_fraction, val
     if not shards and (label_key != "cls" or classes_file):
         raise click.UsageError("--label-key and --classes apply to WebDataset shards; a folder's classes are its "
                                "subfolders, a CSV's its label column (--label-col)")
-    manifest = None if shards else manifest_from(path_col, label_col, val_fraction, config.seed)
-    if not overwrite and _report_if_up_to_date(shards or data, out, config, manifest):
+    if not shards:
+        from ..folders import discover
+
+        manifest = manifest_from(path_col, label_col, val_fraction, config.seed)
+        shards = FolderSource(discover(data, manifest), config.shard_size)
+    if not overwrite and _report_if_up_to_date(shards, out, config):
         return
     from ..extract import extract
 
-    r = extract(shards or data, out, config, overwrite=overwrite, progress=not quiet,
-                log=lambda m: click.echo(m, err=True), manifest=manifest)
+    r = extract(shards, out, config, overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for all
     _echo_skipped(r.skipped, out)
-    counts = _counts(r.split_counts)
-    if r.shards is not None:
-        _report_shards(r, out, counts)
-    elif r.up_to_date:
-        click.echo(f"{out} is up to date ({counts} codes); nothing to extract")
-    else:
-        click.echo(f"extracted {r.extracted} images ({r.codes} codes) in {r.seconds:.1f} s "
-                   f"({r.images_per_s:.1f} img/s); skipped {len(r.skipped)} files; {out}: {counts} codes")
-        if r.decode == "gpu":
-            click.echo(_decoders_line(r.decoders, r.fallbacks), err=True)
+    _report(r, out, _counts(r.split_counts))
+    if r.decode == "gpu":
+        click.echo(_decoders_line(r.decoders, r.fallbacks), err=True)
 
 
-def _report_shards(r, out, counts: str) -> None:
-    """The sharded run's summary: shards done before, extracted, redone and why, failed (exit 2)."""
+def _report(r, out, counts: str) -> None:
+    """The run's summary: shards done before, extracted, redone and why, failed (exit 2)."""
     s = r.shards
     redone = ", ".join(f"{n} {why}" for why, n in s["redone"].items())
     click.echo(f"extracted {r.extracted} images ({r.codes} codes) from {s['extracted']} input shards in {r.seconds:.1f} s "
@@ -106,22 +102,18 @@ def _report_shards(r, out, counts: str) -> None:
         raise click.exceptions.Exit(2)  # the index holds the others; a rerun retries these
 
 
-def _report_if_up_to_date(data, out, config: ExtractConfig, manifest) -> bool:
-    """The rerun on an unchanged folder or shards, answered without importing torch (see `uptodate`)."""
-    from ..uptodate import request_key, shards_up_to_date, up_to_date, weights_sha256
-    from ..webdata import ShardSource
+def _report_if_up_to_date(source, out, config: ExtractConfig) -> bool:
+    """The rerun on an unchanged input, answered without importing torch (see `uptodate`)."""
+    from ..uptodate import request_key, up_to_date, weights_sha256
 
     request = config.request()
-    if isinstance(data, ShardSource):
+    if not hasattr(source, "layout"):  # shards carry their images: decoded on the CPU
         try:
             request["decode"] = shard_decode(config.decode)
         except CnnCodesError:
             return False  # refused by the full path, with the reason
     key = request_key(weights_sha256=weights_sha256(config.weights), **request)
-    if isinstance(data, ShardSource):
-        done = shards_up_to_date(data, out, key, config.strict)
-    else:
-        done = up_to_date(data, out, key, config.strict, manifest)
+    done = up_to_date(source, out, key, config.strict)
     if done is None:
         return False
     if int(os.environ.get("RANK", "0")) == 0:

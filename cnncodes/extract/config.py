@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..config import IMAGE_SIZE_RULE, MIN_IMAGE_SIZE, option
 from ..errors import CnnCodesError
 from ..precision import PRECISIONS
+from ..sources.folder import SHARD_SIZE
 
 DECODES = ("auto", "cpu", "gpu")
 # Nothing unmeasured is the default: `--decode auto` decodes on the GPU only once a device check
@@ -67,7 +68,8 @@ class ExtractConfig:
     decode: str = option("auto", "Where JPEGs are decoded: cpu = PIL (worker processes beside a GPU); gpu = nvJPEG "
                                  "batches on the CUDA device (opt-in: not yet measured on a GPU); auto = cpu for now.")
     strict: bool = option(False, "Stop at the first unreadable file instead of skipping it.")
-    checkpoint_every: float = option(30.0, "Seconds between resumable shard writes.")
+    shard_size: int = option(SHARD_SIZE, "Folder/CSV input: images per shard, on average (the unit of work a "
+                                         "rerun keeps or redoes; cut by file-name hash so edits stay local).")
 
     def __post_init__(self) -> None:
         checks = [
@@ -75,7 +77,7 @@ class ExtractConfig:
             (self.image_size is None or self.image_size >= MIN_IMAGE_SIZE, IMAGE_SIZE_RULE),
             (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
-            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 seconds"),
+            (self.shard_size >= 1, "--shard-size must be >= 1"),
             (self.precision in PRECISIONS, f"unknown --precision '{self.precision}'; use one of {', '.join(PRECISIONS)}"),
             (self.decode in DECODES, f"unknown --decode '{self.decode}'; use one of {', '.join(DECODES)}"),
         ]

@@ -1,6 +1,6 @@
-"""One rank's side of the sharded `extract`: whole input shards taken from the shared queue, each
-read sequentially, decoded by the folder path's decoder and views, run through the network and
-written as one atomic output shard (see `extract.sharded` for the plan and the index)."""
+"""One rank's side of `extract`: whole input shards taken from the shared queue, each read in
+order (`ShardSource.items`), decoded (a CPU thread pool, or nvJPEG batches for files), run through
+the network and written as one atomic output shard (see `extract.sharded` for the plan and index)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from .. import distributed
 from ..data import BadImage, quiet_pil
 from ..errors import CnnCodesError, Interrupted
 from ..folders import JPEG_SUFFIXES
+from ..gpu_decode import DecodeStats
 from ..runtime import prefetch, process_cores
 from ..store import SplitRows
 from ..store.sharded import ShardEntry, write_output_shard
-from ..webdata import InputShard, LabelNames, ShardDamaged, ShardSource, read_samples, sample_image, sample_label
+from ..sources import InputShard, Item, ShardDamaged, ShardSource
 from .runner import ViewMaker
 
 @dataclass
@@ -50,6 +51,7 @@ class ShardReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (shard/key, reason) of bad samples
     not_jpeg: int = 0
     entries: list[ShardEntry] = field(default_factory=list)  # the output shards written, for the index
+    decode_stats: DecodeStats = field(default_factory=DecodeStats)  # who decoded the images, why any fell back
 
     @staticmethod
     def merge(reports: list[ShardReport]) -> ShardReport:
@@ -61,6 +63,7 @@ class ShardReport:
             out.failed += r.failed
             out.skipped += r.skipped
             out.entries += r.entries
+            out.decode_stats.add(r.decode_stats)
         return out
 
 
@@ -68,12 +71,9 @@ class ShardExtractor:
     """Runs the network over whole input shards, writing one output shard each."""
 
     def __init__(self, runner, options, cache, source: ShardSource, log=None):
-        self.runner, self.options, self.cache, self.log = runner, options, cache, log
-        self.label_key = source.label_key
-        names = source.classes()
-        self.classes = None if names is None else {c: i for i, c in enumerate(names)}
+        self.runner, self.options, self.cache, self.source, self.log = runner, options, cache, source, log
         self.identity = json.dumps(source.identity(), sort_keys=True)
-        self.pool = ThreadPoolExecutor(max(1, process_cores()), thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(max(1, options.workers or process_cores()), thread_name_prefix="decode")
         # On a GPU, reading and decoding the next batches overlaps the network; on a CPU they would
         # fight over the same cores (see data.default_workers), so they take turns.
         self.prefetch = runner.dev.type == "cuda"
@@ -102,18 +102,20 @@ class ShardExtractor:
             bar.close()
             self.pool.shutdown()
         report.seconds = time.perf_counter() - start
+        report.decode_stats = self.runner.decode_stats
         return report
 
     def one(self, job: ShardJob, report: ShardReport) -> None:
         """Extract one input shard into its output shard (written only when the shard could be read)."""
         rows = _Rows(self.cache.views_for(job.split) + 1)
         read = {"samples": 0, "damaged": 0, "not_jpeg": 0}
-        batches = self._decoded(job, rows, read)
+        on_device = self.options.decode == "gpu"
+        batches = self._device_decoded(job, rows, read) if on_device else self._decoded(job, rows, read)
         try:
             # PIL's warning filter is process-wide and only the main thread may set it: here, around
             # the reader thread's decoding (inline, `_decode` sets it around each batch itself).
-            with quiet_pil() if self.prefetch else contextlib.nullcontext():
-                for items, images in prefetch(batches, 2) if self.prefetch else batches:
+            with quiet_pil() if self.prefetch and not on_device else contextlib.nullcontext():
+                for items, images in prefetch(batches, 2) if self.prefetch and not on_device else batches:
                     rows.add(items, self.runner.codes(images))
         except OSError as e:
             reason = f"cannot read this shard ({e.strerror or e})"
@@ -123,9 +125,8 @@ class ShardExtractor:
             if self.log:
                 self.log(f"warning: {job.shard.path}: {reason}; the other shards go on, rerun to retry it")
             return
-        origin = {"source": job.shard.path, "source_size": job.shard.size, "source_mtime_ns": job.shard.mtime_ns,
-                  "samples": read["samples"], "damaged": read["damaged"], "config": self.cache.to_json(),
-                  "input": self.identity, "split": job.split, "max_label": rows.max_label}
+        origin = {**job.shard.signature(), "samples": read["samples"], "damaged": read["damaged"],
+                  "config": self.cache.to_json(), "input": self.identity, "split": job.split, "max_label": rows.max_label}
         write_output_shard(job.out, rows.as_split_rows(self.runner.dim), origin)
         report.entries.append(ShardEntry(job.out, rows.images * rows.per_image, self.runner.dim, rows.max_label,
                                          {k: v for k, v in origin.items() if k != "config"}, rows.skipped))
@@ -136,17 +137,18 @@ class ShardExtractor:
         if job.why != "new":
             report.redone[job.why] += 1
 
-    def _decoded(self, job: ShardJob, rows: _Rows, read: dict) -> Iterator[tuple[list, torch.Tensor]]:
-        """The shard's usable samples, decoded, in batches of batch_size (counted from the shard's
-        start: the same batches whichever rank runs it). A damaged tar ends the shard, recorded."""
-        batch: list[tuple[str, bytes, int, str]] = []
+    def _decoded(self, job: ShardJob, rows: _Rows, read: dict) -> Iterator[tuple[list[Item], torch.Tensor]]:
+        """The shard's usable items, decoded, in batches of batch_size (counted from the shard's
+        start: the same batches whichever rank runs it). A damaged shard ends there, recorded."""
+        batch: list[Item] = []
         try:
-            for sample in read_samples(job.shard.path):
+            for item in self.source.items(job.shard):
                 read["samples"] += 1
-                item = self._item(job, sample, rows)
-                if item is not None:
-                    batch.append(item)
-                    read["not_jpeg"] += f".{item[3]}" not in JPEG_SUFFIXES
+                if item.problem:
+                    self._bad(job, item.key, item.problem, rows, item.path)
+                    continue
+                batch.append(item)
+                read["not_jpeg"] += f".{item.ext}" not in JPEG_SUFFIXES
                 if len(batch) == self.options.batch_size:
                     yield from self._decode(job, batch, rows)
                     batch = []
@@ -156,33 +158,50 @@ class ShardExtractor:
         if batch:
             yield from self._decode(job, batch, rows)
 
-    def _item(self, job: ShardJob, sample, rows: _Rows):
-        """(row path, image bytes, label, ext) of a usable sample; a bad one is recorded and None."""
-        name = f"{job.shard.name}/{sample.key}"
-        try:
-            if sample.problem:
-                raise ValueError(sample.problem)
-            ext, data = sample_image(sample)
-            return name, data, sample_label(sample, self.label_key, self.classes), ext
-        except LabelNames as e:
-            raise CnnCodesError(f"{job.shard.path}: sample {sample.key}: {e}") from None
-        except ValueError as e:
-            self._bad(job, name, str(e), rows)
-            return None
+    def _device_decoded(self, job: ShardJob, rows: _Rows, read: dict) -> Iterator[tuple[list[Item], torch.Tensor]]:
+        """A folder shard's files read and decoded in nvJPEG batches on the device (`DeviceLoader`),
+        the files it cannot take decoded on the CPU path; the same batches as `_decoded`."""
+        from ..gpu_decode import DeviceLoader  # noqa: PLC0415  (imports torchvision.io's decoder)
 
-    def _bad(self, job: ShardJob, name: str, reason: str, rows: _Rows) -> None:
+        items = []
+        for item in self.source.items(job.shard):
+            read["samples"] += 1
+            if item.path is None:
+                raise CnnCodesError(f"{job.shard.path}: --decode gpu reads image files; this input carries its images "
+                                    f"inside the shard: use --decode cpu")
+            if item.problem:
+                self._bad(job, item.key, item.problem, rows, item.path)
+            else:
+                items.append(item)
+                read["not_jpeg"] += f".{item.ext}" not in JPEG_SUFFIXES
+        views = ViewMaker(self.runner.pre, [it.key for it in items], rows.per_image - 1, self.cache.seed)
+        loader = DeviceLoader("/", [it.path for it in items], self.runner.pre.load, views, self.options.batch_size,
+                              self.runner.dev, self.options.workers or process_cores(),
+                              decode_many=self.runner.decode_many)
+        for batch in loader:
+            for i, reason in batch.failed:
+                self._bad(job, items[i].key, reason, rows, items[i].path)
+            if len(batch.indices):
+                yield [items[i] for i in batch.indices.tolist()], batch.images
+        self.runner.decode_stats.add(loader.stats)
+
+    def _bad(self, job: ShardJob, name: str, reason: str, rows: _Rows, file: str | None = None) -> None:
+        """Record a skipped sample (`file`: the image file it was read from); with --strict, stop."""
         if self.options.strict:
+            if file is not None:
+                raise CnnCodesError(f"{file}: {reason} (--strict: fix or remove the file, or drop --strict to skip it)")
             raise CnnCodesError(f"{job.shard.path}: {name}: {reason} (--strict: fix the shard, or drop --strict to skip it)")
         rows.skipped.append((name, reason))
 
-    def _decode(self, job: ShardJob, batch: list, rows: _Rows) -> Iterator[tuple[list, torch.Tensor]]:
-        """Decode a batch on the thread pool (the folder path's decoder and views); bad images recorded."""
-        paths = [b[0] for b in batch]
-        views = ViewMaker(self.runner.pre, paths, rows.per_image - 1, self.cache.seed)
+    def _decode(self, job: ShardJob, batch: list[Item], rows: _Rows) -> Iterator[tuple[list[Item], torch.Tensor]]:
+        """Decode a batch on the thread pool (bytes in the shard, or a file read there); bad images recorded."""
+        keys = [it.key for it in batch]
+        views = ViewMaker(self.runner.pre, keys, rows.per_image - 1, self.cache.seed)
 
         def decode(i: int):
+            item = batch[i]
             try:
-                return views(self.runner.pre.load(batch[i][1]), i), None
+                return views(self.runner.pre.load(item.data if item.data is not None else item.path), i), None
             except BadImage as e:
                 return None, str(e)
 
@@ -190,12 +209,13 @@ class ShardExtractor:
             decoded = list(self.pool.map(decode, range(len(batch))))
         for i, (_, reason) in enumerate(decoded):
             if reason is not None:
-                self._bad(job, paths[i], reason, rows)
+                self._bad(job, keys[i], reason, rows, batch[i].path)
         good = [i for i, (t, _) in enumerate(decoded) if t is not None]
+        self.runner.decode_stats.cpu += len(good)
         if good:
             yield [batch[i] for i in good], torch.stack([decoded[i][0] for i in good])
 
-    def run_batch(self, job: ShardJob, batch: list, rows: _Rows) -> None:
+    def run_batch(self, job: ShardJob, batch: list[Item], rows: _Rows) -> None:
         """Decode and run one batch, inline (bench/wds_scale.py times exactly this, in memory)."""
         for items, images in self._decode(job, batch, rows):
             rows.add(items, self.runner.codes(images))
@@ -219,10 +239,10 @@ class _Rows:
     def max_label(self) -> int:
         return max(self.labels, default=-1)
 
-    def add(self, items: list, feats: np.ndarray) -> None:
+    def add(self, items: list[Item], feats: np.ndarray) -> None:
         self.feats.append(feats)
-        self.paths += [it[0] for it in items]
-        self.labels += [it[2] for it in items]
+        self.paths += [it.key for it in items]
+        self.labels += [it.label for it in items]
 
     def as_split_rows(self, dim: int) -> SplitRows:
         v = self.per_image

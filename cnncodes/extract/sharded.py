@@ -1,7 +1,8 @@
-"""`extract` from WebDataset shards: one input shard -> one output shard, then one small index.
+"""`extract`: one input shard -> one output shard, then one small index, whatever the input.
 
-Rank 0 plans (stats every input shard, reads each output shard's attributes; never opens an
-input shard that is done), every rank takes whole input shards from a shared queue (largest
+Rank 0 plans (stats every input shard; takes each output shard's origin from the index where
+the shard is the file the index recorded, else reads its attributes; never opens an input shard
+that is done), every rank takes whole input shards from a shared queue (largest
 first; a rank that is free takes the next) and writes each as one atomic output shard, and
 after one barrier rank 0 writes the index (`store.sharded.write_index`). A killed run loses
 at most the shard each process was on; every output shard depends on its input shard alone,
@@ -23,9 +24,10 @@ import h5py
 from .. import distributed
 from ..errors import CnnCodesError
 from ..runtime import FileLock
+from ..sources import InputShard, ShardSource
 from ..store import FORMAT, CacheConfig, read_computed
-from ..store.sharded import STORE, ShardEntry, output_shard, read_output_shard, shards_folder, write_index
-from ..webdata import InputShard, ShardSource, output_stem
+from ..store.sharded import (STORE, ShardEntry, indexed_entries, output_shard, read_output_shard, shards_folder,
+                             write_index)
 from .runner import library_versions
 from .shard_worker import ShardExtractor, ShardJob, ShardReport
 
@@ -40,16 +42,18 @@ class ShardPlan:
 
 
 def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity: str, overwrite: bool,
-                strict: bool = False) -> ShardPlan:
+                strict: bool = False, indexed: dict[Path, ShardEntry] | None = None) -> ShardPlan:
     """Which input shards to extract: every one without a valid output shard of this configuration
-    (`strict`: a done shard that skipped samples is refused, as its first run would have been)."""
+    (`strict`: a done shard that skipped samples is refused, as its first run would have been).
+    `indexed`: entries of output shards the index vouches for (`store.sharded.indexed_entries`)."""
     plan = ShardPlan([], {})
+    indexed = indexed or {}
     for split, shards in source.shards().items():
         plan.outputs[split] = []
         for shard in shards:
-            out = output_shard(folder, split, output_stem(shard.path))
+            out = output_shard(folder, split, shard.name)
             plan.outputs[split].append((shard, out))
-            entry = read_output_shard(out)
+            entry = indexed.get(out) or read_output_shard(out)
             why = _why_redo(entry, out, shard, config, identity, overwrite)
             if why is None and strict and entry.skipped:
                 name, reason = entry.skipped[0]
@@ -65,20 +69,20 @@ def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity
 def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, config: CacheConfig, identity: str,
               overwrite: bool) -> str | None:
     if entry is None:
-        return "torn" if out.exists() else "new"
+        return "torn" if out.exists() else "new"  # a torn shard (never finished) is redone
     o = entry.origin
     try:
         diffs = config.differences(CacheConfig.from_json(o.get("config", "")))  # a decoder version bump is no change
     except (ValueError, TypeError):
         diffs = ["its configuration is unreadable"]
-    if o.get("input") != identity:
-        diffs.append(f"labels: it has {o.get('input')}, asked for {identity}")
     if diffs:
         if not overwrite:
             raise CnnCodesError(f"{out}: an output shard of another configuration ({diffs[0]}); write to another -o, "
                                 f"or pass --overwrite to replace it")
         return "another configuration"
-    if (o.get("source"), o.get("source_size"), o.get("source_mtime_ns")) != (shard.path, shard.size, shard.mtime_ns):
+    if o.get("input") != identity:
+        return "relabelled"  # e.g. a class added to a folder: the same codes, other labels
+    if {k: o.get(k, "") for k in shard.signature()} != shard.signature():
         return "changed"
     return None
 
@@ -106,7 +110,8 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
                 stack.enter_context(FileLock(out, what=f"cache {out}"))  # one writer per store
                 _refuse_other_cache(out, overwrite)
                 _remove_temporaries(folder)
-                plan = plan_shards(source, folder, cache, identity, overwrite, options.strict)
+                indexed = {} if overwrite else indexed_entries(out, cache)
+                plan = plan_shards(source, folder, cache, identity, overwrite, options.strict, indexed)
             except CnnCodesError as e:
                 error = str(e)
         distributed.share_error(error, dev)
@@ -141,20 +146,17 @@ def _write_index(out: Path, plan: ShardPlan, known: dict[Path, ShardEntry], cach
     failed = {p for p, _ in report.failed}
     known = {**known, **{e.path: e for e in report.entries}}
     entries: dict[str, list[ShardEntry]] = {}
-    skipped: dict[str, list[tuple[str, str]]] = {}
     for split, pairs in plan.outputs.items():
-        entries[split], skipped[split] = [], []
-        for shard, path in pairs:
-            entry = None if shard.path in failed else known.get(path) or read_output_shard(path)
-            if entry is not None:
-                entries[split].append(entry)
-                skipped[split] += entry.skipped
+        entries[split] = [e for shard, path in pairs
+                          if shard.path not in failed and (e := known.get(path) or read_output_shard(path)) is not None]
     every = [e for es in entries.values() for e in es]
     dim = max((e.feature_dim for e in every), default=0)
     names = source.classes() or [str(i) for i in range(max((e.max_label for e in every), default=-1) + 1)]
-    write_index(out, cache, names, dim, entries, skipped, library_versions(), request, source.identity(), computed)
-    return {"split_counts": {s: sum(e.rows for e in es) for s, es in entries.items()},
-            "skipped": [s for ss in skipped.values() for s in ss],
+    ignored = source.ignored() if hasattr(source, "ignored") else {}  # e.g. a folder's non-image files
+    write_index(out, cache, names, dim, entries, ignored, library_versions(), request, source.identity(), computed,
+                getattr(source, "manifest", None))
+    skipped = [s for split, es in entries.items() for s in [x for e in es for x in e.skipped] + ignored.get(split, [])]
+    return {"split_counts": {s: sum(e.rows for e in es) for s, es in entries.items()}, "skipped": skipped,
             "up_to_date": not plan.jobs}
 
 
@@ -170,8 +172,11 @@ def _refuse_other_cache(out: Path, overwrite: bool) -> None:
         fmt = store = None
     if fmt == FORMAT and store == STORE:
         return
-    what = "a cache extracted from a folder or CSV" if fmt == FORMAT else "not a cnncodes index"
-    raise CnnCodesError(f"{out} is {what}; write the shards' codes to another -o, or pass --overwrite to replace it")
+    if fmt == FORMAT:  # written by `cnncodes pack`, or by a cnncodes before every input was sharded
+        raise CnnCodesError(f"{out} is a one-file cache (packed, or from an earlier cnncodes); it reads as it is, "
+                            f"but is not extended in place: pass --overwrite to extract it again as a sharded store, "
+                            f"or write to another -o")
+    raise CnnCodesError(f"{out} is not a cnncodes index; write the codes to another -o, or pass --overwrite to replace it")
 
 
 def _remove_temporaries(folder: Path) -> None:

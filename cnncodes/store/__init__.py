@@ -1,4 +1,5 @@
-"""The HDF5 feature store ("cache") of CNN codes, and the crash-safe shards it is built from.
+"""The HDF5 feature store of CNN codes: output shards and the index over them (`sharded`), or one
+ordinary file (`cnncodes pack`, and caches written before every input was sharded).
 
 Layout (any HDF5 tool can read it; see docs/formats.md):
 
@@ -29,23 +30,12 @@ from .format import (
     CacheConfig,
     SplitRows,
     image_runs,
+    read_computed,
     read_table,
 )
-from .merge import RowSource, SplitPlan, read_computed, write_cache
-from .shards import (
-    ShardUnreadable,
-    last_shard_seq,
-    parts_folder,
-    pending_shards,
-    read_shard,
-    shard_path,
-    shard_split,
-    shard_written,
-    write_shard,
-)
+from .shards import ShardUnreadable, read_shard, write_shard
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "ROW_CHUNK", "STR", "Cache", "CacheConfig", "RowSource",
-    "ShardUnreadable", "SplitPlan", "SplitRows", "image_runs", "last_shard_seq", "parts_folder", "pending_shards", "read_shard",
-    "read_computed", "read_table", "shard_path", "shard_split", "shard_written", "write_cache", "write_shard",
+    "FORMAT", "FORMAT_VERSION", "HDF5_SIGNATURE", "ROW_CHUNK", "STR", "Cache", "CacheConfig", "ShardUnreadable",
+    "SplitRows", "image_runs", "read_computed", "read_shard", "read_table", "write_shard",
 ]

@@ -10,8 +10,7 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from .format import FORMAT, FORMAT_VERSION, CacheConfig, read_table
-from .sharded import check_sources, is_index
-from .shards import pending_shards
+from .sharded import check_sources, is_index, shards_folder
 
 
 class Cache:
@@ -144,7 +143,6 @@ class Cache:
             "preprocessing": self.config.preprocessing,
             "seed": self.config.seed,
             "splits": splits,
-            "pending": pending_shards(self.path),
             "store": a.get("store", "file"),  # "sharded": an index over one output shard per input shard
             "shards": {s: len(self.file[s]["shards/paths"]) for s in self.splits if "shards" in self.file[s]},
             "manifest": self.manifest,
@@ -154,10 +152,10 @@ class Cache:
 
 def _open_h5(path: Path) -> h5py.File:
     if not path.exists():
-        waiting = pending_shards(path)
+        waiting = sorted(shards_folder(path).glob("*/*.h5"))
         if waiting:
-            raise CnnCodesError(f"{path}: no cache file yet, but {waiting['shards']} shards ({waiting['images']} images) of an "
-                                f"interrupted extract wait in {waiting['folder']}; rerun the same `cnncodes extract` command to finish it")
+            raise CnnCodesError(f"{path}: no index yet, but {len(waiting)} output shards of an interrupted extract wait in "
+                                f"{shards_folder(path)}; rerun the same `cnncodes extract` command to finish it")
         raise CnnCodesError(f"{path}: no such cache file; create it with `cnncodes extract DATA -o {path}`")
     try:
         return h5py.File(path, "r")

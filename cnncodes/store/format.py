@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -122,3 +123,37 @@ def read_table(parent: h5py.Group, name: str) -> list[tuple]:
     if name == "files":
         return [(p, int(s), int(m)) for p, s, m in zip(table["paths"], table["size"], table["mtime_ns"])]
     return list(zip(table["paths"], table["reasons"]))
+
+
+def write_root_attrs(f: h5py.File, config: CacheConfig, classes: list[str], feature_dim: int,
+                     versions: dict[str, str], request: str = "", manifest: dict | None = None,
+                     computed: dict | None = None) -> None:
+    """The root attributes every cache has (a merged cache and a sharded store's index alike),
+    and the class names as the dataset /classes. `computed`: how the codes were computed beyond
+    the config (BatchNorm folding, memory layout), recorded as the JSON attribute `computed_with`."""
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["config"] = config.to_json()
+    for key in ("arch", "weights", "weights_name", "precision", "views", "eval_views", "seed"):
+        f.attrs[key] = getattr(config, key)
+    f.attrs["preprocessing"] = json.dumps(config.preprocessing)
+    f.attrs["classes"] = json.dumps(classes)
+    write_classes(f, classes)
+    f.attrs["feature_dim"] = feature_dim
+    f.attrs["request"] = request
+    if manifest is not None:
+        f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
+    for name, version in versions.items():
+        f.attrs[f"{name}_version"] = str(version)
+    if computed:
+        f.attrs["computed_with"] = json.dumps(computed, sort_keys=True)
+
+
+def read_computed(path: Path) -> dict:
+    """`computed_with` of an existing cache or index ({} when absent or unreadable): carried over
+    by a run that writes the cache without running the network (a merge of finished shards)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs.get("computed_with", "{}"))
+    except (OSError, ValueError):
+        return {}

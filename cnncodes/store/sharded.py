@@ -23,8 +23,7 @@ import numpy as np
 
 from ..errors import CnnCodesError
 from ..runtime import atomic_path
-from .format import STR, CacheConfig, SplitRows, describe_split, read_table, write_table
-from .merge import write_root_attrs
+from .format import STR, CacheConfig, SplitRows, describe_split, read_table, write_root_attrs, write_table
 from .shards import read_shard, write_shard
 
 SHARD_FORMAT = "cnncodes-shard"
@@ -83,13 +82,15 @@ def read_output_shard(path: Path) -> ShardEntry | None:
 
 
 def write_index(out: Path, config: CacheConfig, classes: list[str], feature_dim: int,
-                splits: dict[str, list[ShardEntry]], skipped: dict[str, list[tuple[str, str]]],
-                versions: dict[str, str], request: str, source: dict, computed: dict | None = None) -> None:
+                splits: dict[str, list[ShardEntry]], ignored: dict[str, list[tuple[str, str]]],
+                versions: dict[str, str], request: str, source: dict, computed: dict | None = None,
+                manifest: dict | None = None) -> None:
     """Write the index atomically: the root attributes of a cache and, per split, virtual row
-    datasets over the shards in order, the input shards (`files`), the output shards (`shards`)
-    and the skipped samples."""
+    datasets over the shards in order, the input shards (`files`), the output shards (`shards`,
+    with each one's origin and skipped count: what a rerun's plan needs, without opening them) and
+    the skipped samples (each shard's in order, then `ignored`: inputs no shard read)."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        write_root_attrs(f, config, classes, feature_dim, versions, request, computed=computed)
+        write_root_attrs(f, config, classes, feature_dim, versions, request, manifest, computed)
         f.attrs["store"] = STORE
         f.attrs["source"] = json.dumps(source, sort_keys=True)
         for split, entries in splits.items():
@@ -98,11 +99,59 @@ def write_index(out: Path, config: CacheConfig, classes: list[str], feature_dim:
             describe_split(g)
             write_table(g, "files", [(e.origin["source"], e.origin["source_size"], e.origin["source_mtime_ns"])
                                      for e in entries], ("paths", "size", "mtime_ns"))
-            write_table(g, "skipped", skipped.get(split, []), ("paths", "reasons"))
+            write_table(g, "skipped", [s for e in entries for s in e.skipped] + list(ignored.get(split, [])),
+                        ("paths", "reasons"))
             stats = [e.path.stat() for e in entries]
             write_table(g, "shards", [(os.path.relpath(e.path, out.parent), s.st_size, s.st_mtime_ns)
                                       for e, s in zip(entries, stats)], ("paths", "size", "mtime_ns"))
             g["shards"].create_dataset("rows", data=np.array([e.rows for e in entries], np.int64))
+            g["shards"].create_dataset("skipped", data=np.array([len(e.skipped) for e in entries], np.int64))
+            g["shards"].create_dataset("origin", data=np.array([_origin_json(e.origin) for e in entries],
+                                                               dtype=object), dtype=STR)
+
+
+def _origin_json(origin: dict) -> str:
+    """A shard's origin as the index keeps it: the configuration is the index's own (stored once)."""
+    return json.dumps({k: v for k, v in origin.items() if k not in ("config", "format", "written_ns")}, sort_keys=True)
+
+
+def indexed_entries(out: Path, config: CacheConfig) -> dict[Path, ShardEntry]:
+    """The output shards an existing index of this configuration names, as entries, for those whose
+    file still has the size and mtime the index recorded (the others are read again): a rerun's
+    plan over 10^4 shards is then one stat each, not one open each. {} without a usable index."""
+    try:
+        with h5py.File(out, "r") as f:
+            if not is_index(f) or config.differences(CacheConfig.from_json(f.attrs["config"])):
+                return {}
+            dim, own = int(f.attrs["feature_dim"]), str(f.attrs["config"])
+            found = {}
+            for split in f:
+                g = f[split]
+                if isinstance(g, h5py.Group) and "shards/origin" in g:
+                    found.update(_split_entries(out.parent, g, dim, own))
+            return found
+    except (OSError, KeyError, ValueError, TypeError):
+        return {}
+
+
+def _split_entries(folder: Path, g: h5py.Group, dim: int, config: str) -> dict[Path, ShardEntry]:
+    s = g["shards"]
+    skipped = read_table(g, "skipped")
+    counts = s["skipped"][()].tolist()
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    found = {}
+    for i, ((rel, size, mtime), rows, origin) in enumerate(zip(index_shards(g), s["rows"][()].tolist(),
+                                                                s["origin"].asstr()[()])):
+        path = folder / rel
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (size, mtime):
+            o = {**json.loads(origin), "config": config}
+            found[path] = ShardEntry(path, int(rows), dim, int(o.get("max_label", -1)), o,
+                                     [tuple(x) for x in skipped[starts[i]:starts[i + 1]]])
+    return found
 
 
 def _virtual_rows(g: h5py.Group, folder: Path, entries: list[ShardEntry], dim: int) -> None:

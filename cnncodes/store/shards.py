@@ -1,5 +1,5 @@
-"""Shards: the small, atomically written HDF5 files an unfinished extract keeps its finished
-batches in (`<cache>.parts/`), told apart as torn (redone) or unreadable (kept, the run stops)."""
+"""Shards: small, atomically written HDF5 files of rows (the sharded store's output shards), told
+apart on reading as torn (redone) or unreadable (kept, the run stops)."""
 
 from __future__ import annotations
 
@@ -14,28 +14,6 @@ from ..errors import CnnCodesError
 from ..runtime import atomic_path
 from .format import HDF5_SIGNATURE, STR, SplitRows, describe_split, write_table
 
-
-def parts_folder(cache: str | Path) -> Path:
-    """Where the shards of an unfinished extract into `cache` live."""
-    cache = Path(cache)
-    return cache.with_name(cache.name + ".parts")
-
-
-def shard_path(parts: Path, split: str, rank: int, seq: int) -> Path:
-    """A shard's file: its split, the writing process's rank and its sequence number (train-r000-000001.h5)."""
-    return parts / f"{split}-r{rank:03d}-{seq:06d}.h5"
-
-
-def shard_split(path: Path) -> str:
-    """The split a shard file holds rows of (see `shard_path`)."""
-    return path.name.rsplit("-r", 1)[0]
-
-
-def last_shard_seq(parts: Path, split: str, rank: int) -> int:
-    """The highest sequence number of this split's and rank's shards in `parts` (0: none yet)."""
-    return max((int(p.stem.rsplit("-", 1)[1]) for p in parts.glob(f"{split}-r{rank:03d}-*.h5")), default=0)
-
-
 WRITTEN_NS = "written_ns"  # a shard's root attribute: when it was written (ns since the epoch)
 
 
@@ -48,13 +26,6 @@ def write_shard(path: Path, rows: SplitRows, attrs: dict | None = None) -> None:
         f.attrs.update(attrs or {})
 
 
-def shard_written(path: Path, shard: h5py.File) -> int:
-    """When a shard was written: its `WRITTEN_NS` stamp, else (an older cnncodes) the file's mtime.
-
-    Shards of a resumed run supersede those of an earlier one in this order, not in name order
-    (`train-r001-*` sorts after `train-r000-*` whichever rank wrote last)."""
-    stamp = shard.attrs.get(WRITTEN_NS)
-    return int(stamp) if stamp is not None else path.stat().st_mtime_ns
 
 
 def read_shard(path: Path) -> h5py.File | None:
@@ -106,21 +77,6 @@ class ShardUnreadable(CnnCodesError):
         super().__init__(f"{path}: cannot read this shard of finished work ({reason}); every shard is kept: {fix}")
 
 
-def pending_shards(cache: str | Path) -> dict | None:
-    """The unfinished work waiting beside `cache` (shards, images, torn shards), or None."""
-    folder = parts_folder(cache)
-    shards = sorted(folder.glob("*.h5")) if folder.is_dir() else []
-    if not shards:
-        return None
-    images = torn = 0
-    for path in shards:  # one open at a time
-        shard = read_shard(path)
-        if shard is None:
-            torn += 1
-            continue
-        with shard:
-            images += shard["files/paths"].shape[0] if "files/paths" in shard else 0
-    return {"folder": str(folder), "shards": len(shards), "images": images, "torn": torn}
 
 
 def _write_rows(f: h5py.Group, rows: SplitRows) -> None:

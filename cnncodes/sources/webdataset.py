@@ -22,8 +22,9 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from .errors import CnnCodesError
-from .folders import IMAGE_EXTENSIONS
+from ..errors import CnnCodesError
+from ..folders import IMAGE_EXTENSIONS
+from .base import InputShard, Item, LabelNames, ShardDamaged, class_index
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_SUFFIXES = (".txt", ".shards")  # a text file with one shard path per line
@@ -34,20 +35,7 @@ _TAR_END = 1024  # two zero blocks end a tar archive
 
 
 @dataclass(frozen=True)
-class InputShard:
-    """One input tar: its absolute path and signature (what makes its output shard valid)."""
-
-    path: str
-    size: int
-    mtime_ns: int
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
-
-
-@dataclass(frozen=True)
-class ShardSource:
+class WebDatasetSource:
     """WebDataset input: a pattern per split, where labels come from and the class names.
 
     `label_key` "cls": the integer in `k.cls`; any other name: that field of `k.json` (an integer
@@ -63,6 +51,23 @@ class ShardSource:
     def identity(self) -> dict:
         """What, beside the images, decides the rows: recorded in every output shard and the index."""
         return {"label_key": self.label_key, "classes": self.classes()}
+
+    def items(self, shard: InputShard) -> Iterator[Item]:
+        """The shard's samples as items, read sequentially (see `read_samples`); row keys are
+        `<shard file name>/<sample key>`."""
+        names = self.classes()
+        classes = None if names is None else {c: i for i, c in enumerate(names)}
+        for sample in read_samples(shard.path):
+            key = f"{Path(shard.path).name}/{sample.key}"
+            try:
+                if sample.problem:
+                    raise ValueError(sample.problem)
+                ext, data = sample_image(sample)
+                yield Item(key, data, sample_label(sample, self.label_key, classes), ext)
+            except LabelNames as e:
+                raise CnnCodesError(f"{shard.path}: sample {sample.key}: {e}") from None
+            except ValueError as e:
+                yield Item(key, problem=str(e))
 
     def classes(self) -> list[str] | None:
         if self.classes_file is None:
@@ -94,7 +99,7 @@ def is_shard_input(data: str | os.PathLike) -> bool:
 
 
 def source_from_cli(data: str, val: str | None, test: str | None, label_key: str,
-                    classes_file: str | None) -> ShardSource | None:
+                    classes_file: str | None) -> WebDatasetSource | None:
     """The CLI's DATA/--val/--test/--label-key/--classes as a ShardSource; None for a folder or CSV."""
     if not is_shard_input(data):
         if val or test:
@@ -110,7 +115,7 @@ def source_from_cli(data: str, val: str | None, test: str | None, label_key: str
     for split, pattern in (("val", val), ("test", test)):
         if pattern:
             patterns[split] = (str(Path(pattern).absolute()) if base != "." else pattern,)
-    return ShardSource(patterns, label_key, classes_file, base)
+    return WebDatasetSource(patterns, label_key, classes_file, base)
 
 
 def read_spec(path: Path) -> dict[str, tuple[str, ...]]:
@@ -169,7 +174,7 @@ def _signed(path: str) -> InputShard:
         st = os.stat(path)
     except OSError as e:
         raise CnnCodesError(f"{path}: cannot read this shard ({e.strerror}); fix it or drop it from the pattern") from None
-    return InputShard(path, st.st_size, st.st_mtime_ns)
+    return InputShard(path, st.st_size, st.st_mtime_ns, output_stem(path))
 
 
 def _refuse_repeats(split: str, paths: list[str]) -> None:
@@ -193,10 +198,6 @@ def output_stem(path: str) -> str:
 
 
 # --------------------------------------------------------------------------- reading one shard
-
-
-class ShardDamaged(Exception):
-    """The tar ends early or is corrupt: the samples before the damage were yielded."""
 
 
 @dataclass
@@ -292,23 +293,4 @@ def sample_label(sample: Sample, label_key: str, classes: dict[str, int] | None)
         if not isinstance(meta, dict) or meta.get(label_key) is None:
             raise ValueError(f"no label (the .json has no '{label_key}' field)")
         value = meta[label_key]
-    return _class_index(value, classes)
-
-
-def _class_index(value, classes: dict[str, int] | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"label {value!r} is neither a class index nor a class name")
-    if isinstance(value, str):
-        if classes is None:
-            raise LabelNames(f"label '{value}' is a class name; pass --classes FILE (one name per line) to map names to indices")
-        if value not in classes:
-            raise ValueError(f"label '{value}' is not in the class list ({len(classes)} classes)")
-        return classes[value]
-    if value < 0 or (classes is not None and value >= len(classes)):
-        limit = f"0..{len(classes) - 1}" if classes is not None else ">= 0"
-        raise ValueError(f"label {value} is outside the class list ({limit})")
-    return value
-
-
-class LabelNames(ValueError):
-    """String labels without a class list: a setup error for the whole run, not one bad sample."""
+    return class_index(value, classes)
