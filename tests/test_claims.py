@@ -271,26 +271,6 @@ def test_layer_pooling_knows_timm_nhwc_models():
     assert channels_last_layers(B.create_backbone("timm:resnet10t", "none"), ["layer1"]) == set()
 
 
-def test_a_resumed_run_supersedes_shards_in_write_order_not_name_order(tmp_path):
-    """Run 1's rank 1 extracted a.jpg; the file changed; the resumed run's rank 0 extracted it again.
-    Name order puts train-r001-* last, so the old code won; write order keeps the new one."""
-    from cnncodes.resume import Done
-    from cnncodes.store import SplitRows, shard_path, write_shard
-
-    def rows(value: float, size: int) -> SplitRows:
-        return SplitRows(np.full((1, 4), value, np.float32), np.zeros(1, np.int64), ["a.jpg"], np.zeros(1, np.int16),
-                         files=[("a.jpg", size, 1)])
-
-    parts = tmp_path / "c.h5.parts"
-    parts.mkdir()
-    old, new = shard_path(parts, "train", 1, 1), shard_path(parts, "train", 0, 2)
-    write_shard(old, rows(1.0, 100))  # first run, rank 1
-    write_shard(new, rows(2.0, 200))  # resumed run, rank 0, after a.jpg changed
-    assert sorted(parts.glob("*.h5")) == [new, old]  # name order: the newer shard first
-    done = Done.collect(None, parts, None)  # the layout is not needed to collect
-    assert done.rows[("train", "a.jpg")].group == new and done.sigs[("train", "a.jpg")] == (200, 1)
-
-
 def test_predict_says_what_it_runs_for_an_fp16_head_on_cpu(tmp_path, cli):
     from cnncodes.heads import LinearHead
     from cnncodes.predict import predict
@@ -316,6 +296,7 @@ def test_predict_says_what_it_runs_for_an_fp16_head_on_cpu(tmp_path, cli):
 def test_a_file_cache_made_under_the_old_preprocessing_rule_is_not_up_to_date(tmp_path):
     import h5py
 
+    from cnncodes.sources import as_source
     from cnncodes.uptodate import request_key, up_to_date, weights_sha256
 
     data = write_folder(tmp_path / "data", {"train": 1, "val": 1})
@@ -323,9 +304,9 @@ def test_a_file_cache_made_under_the_old_preprocessing_rule_is_not_up_to_date(tm
     extract(data, tmp_path / "c.h5", arch="resnet18", weights=path, image_size=32, **QUIET)
     kw = dict(arch="resnet18", weights=path, image_size=32, precision="fp32", views=0, eval_views=0, seed=0)
     request = request_key(weights_sha256=weights_sha256(path), **kw)
-    assert up_to_date(data, tmp_path / "c.h5", request) is not None  # this rule's cache: a no-op rerun
+    assert up_to_date(as_source(data), tmp_path / "c.h5", request) is not None  # this rule's cache: a no-op rerun
     with h5py.File(tmp_path / "c.h5", "r+") as f:  # as recorded before the rule (DEFAULT's transforms then)
         old = json.loads(f.attrs["request"])
         del old["file_preprocessing"]
         f.attrs["request"] = json.dumps(old, sort_keys=True)
-    assert up_to_date(data, tmp_path / "c.h5", request) is None  # the full check runs, and sees the change
+    assert up_to_date(as_source(data), tmp_path / "c.h5", request) is None  # the full check runs, and sees the change

@@ -51,15 +51,20 @@ def test_cache_layout_and_attributes(image_folder, tmp_path):
         pre = json.loads(f.attrs["preprocessing"])
         assert pre["crop"] == 64 and pre["resize"] == 73 and pre["mean"] == [0.485, 0.456, 0.406]
         assert {"cnncodes_version", "torch_version", "torchvision_version"} <= set(f.attrs)
-        feats = f["train/features"]
-        assert feats.shape == (12, 512) and feats.dtype == np.float32 and feats.chunks is not None
+        feats = f["train/features"]  # virtual: rows of the output shards, one per class folder here
+        assert feats.shape == (12, 512) and feats.dtype == np.float32 and feats.is_virtual
         assert list(f["train/labels"][()]) == [0] * 6 + [1] * 6
         assert f["train/paths"].asstr()[0] == "train/cat/000.jpg"
         assert list(f["val/views"][()]) == [0] * 6
         assert np.isfinite(feats[()]).all() and np.abs(feats[()]).sum() > 0
-    with Cache(out) as c:  # every file processed, with the size and mtime an incremental rerun compares
-        stats = {str(q.relative_to(image_folder)): q.stat() for q in sorted((image_folder / "val").rglob("*.jpg"))}
-        assert c.files("val") == {k: (st.st_size, st.st_mtime_ns) for k, st in stats.items()}
+    stats = {str(q.relative_to(image_folder)): q.stat() for q in sorted((image_folder / "val").rglob("*.jpg"))}
+    recorded = {}
+    for shard in sorted((tmp_path / "c.shards" / "val").glob("*.h5")):  # each output shard lists its files, signed
+        with h5py.File(shard, "r") as f:
+            assert f.attrs["source_digest"] and f.attrs["split"] == "val"
+            recorded.update({p: (s, m) for p, s, m in zip(f["files/paths"].asstr()[()], f["files/size"][()].tolist(),
+                                                           f["files/mtime_ns"][()].tolist())})
+    assert recorded == {k: (st.st_size, st.st_mtime_ns) for k, st in stats.items()}
 
 
 def test_bad_files_are_skipped_recorded_and_counted(image_folder, tmp_path):
@@ -140,9 +145,11 @@ def test_incremental_add_change_and_delete_matches_fresh_run(image_folder, tmp_p
     (image_folder / "train" / "dog" / "001.jpg").unlink()
     (image_folder / "train" / "cat" / "002.jpg").write_bytes(b"junk")  # a cached image replaced by a bad file
     r = extract(image_folder, out, **FAST)
-    assert r.extracted == 2 and [p for p, _ in r.skipped] == ["train/cat/002.jpg"]
+    # one shard per class folder here: the three touched ones are redone whole, val/cat is kept
+    assert r.shards["redone"] == {"changed": 3} and r.shards["done"] == 1 and r.extracted == 6 + 5 + 3
+    assert [p for p, _ in r.skipped] == ["train/cat/002.jpg"]
     fresh = extract(image_folder, tmp_path / "fresh.h5", **FAST)
-    _assert_same_cache(out, tmp_path / "fresh.h5", exact=False)
+    _assert_same_cache(out, tmp_path / "fresh.h5", exact=True)  # each shard batched from its start
     with Cache(out) as a, Cache(tmp_path / "fresh.h5") as b:
         assert a.skipped("train") == b.skipped("train") == fresh.skipped  # its old code is gone, not kept
     assert extract(image_folder, out, **FAST).up_to_date
@@ -163,36 +170,35 @@ def test_mismatched_config_is_refused_unless_overwrite(image_folder, tmp_path):
 
 def _extract_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", str(out), "--weights", "none",
-            "--image-size", "64", "--batch-size", "2", "--workers", "0", "--checkpoint-every", "0", "-q", *extra]
+            "--image-size", "64", "--batch-size", "2", "--workers", "0", "--shard-size", "2", "-q", *extra]
 
 
 def test_resume_after_kill_9_gives_identical_cache(tmp_path):
     data = write_folder(tmp_path / "data", {"train": 16, "val": 4})
     out = tmp_path / "c.h5"
-    parts = tmp_path / "c.h5.parts"
+    shards = tmp_path / "c.shards"
     proc = subprocess.Popen(_extract_cmd(data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("train-*.h5"))) < 3:
+    while time.time() < deadline and len(list(shards.glob("*/*.h5"))) < 3:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(parts.glob("*.h5")))
-    assert done_before >= 3 and not out.exists()  # killed mid-run, no cache yet
+    finished = {p: p.stat().st_mtime_ns for p in shards.glob("*/*.h5")}
+    assert len(finished) >= 3 and not out.exists()  # killed mid-run, no index yet
     rerun = subprocess.run(_extract_cmd(data, out), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    extracted_on_rerun = int(rerun.stdout.split("extracted ")[1].split()[0])
-    assert extracted_on_rerun <= 40 - 2 * done_before  # finished work was not redone
+    assert f"{len(finished)} shards skipped as done" in rerun.stdout  # finished work was not redone...
+    assert all(p.stat().st_mtime_ns == m for p, m in finished.items())  # ...nor rewritten
     uninterrupted = tmp_path / "u.h5"
     subprocess.run(_extract_cmd(data, uninterrupted), check=True, capture_output=True, timeout=300)
     _assert_same_cache(out, uninterrupted, exact=True)
-    assert not parts.exists()
 
 
 def test_cli_extract_and_info(image_folder, tmp_path, cli):
     (image_folder / "train" / "cat" / "zero.jpg").write_bytes(b"")
     out = tmp_path / "c.h5"
     r = cli("extract", image_folder, "-o", out, "--weights", "none", "--image-size", "64", "--views", "1")
-    assert "extracted 18 images (30 codes)" in r.stdout and "skipped 1 files" in r.stdout
+    assert "extracted 18 images (30 codes)" in r.stdout and "skipped 1 samples" in r.stdout
     assert "skipped train/cat/zero.jpg: empty file" in r.stderr
     info = cli("info", out).stdout
     assert "train: 12 images, 24 codes (1 extra views each), 1 skipped" in info and "512-d" in info
@@ -227,13 +233,13 @@ def test_cli_options_and_defaults_are_the_config_fields():
     defaults = {p.name: p.default for p in extract_command.params if p.name in names}
     assert set(defaults) == names and ExtractConfig(**defaults) == ExtractConfig()
     args = ["data", "-o", "c.h5", "--arch", "densenet121", "--layer", "features.denseblock2", "--views", "2",
-            "--decode", "cpu", "--strict", "--no-channels-last", "--checkpoint-every", "5"]
+            "--decode", "cpu", "--strict", "--no-channels-last", "--shard-size", "5"]
     params = extract_command.make_context("extract", args).params
     steering = ("data", "out", "overwrite", "quiet", "path_col", "label_col", "val_fraction",
-                "val_shards", "test_shards", "label_key", "classes_file")  # the input's options, not ExtractConfig's
+                "val_shards", "test_shards", "label_key", "classes_file", "image_col")  # the input's options
     assert ExtractConfig(**{k: v for k, v in params.items() if k not in steering}) == ExtractConfig(
         arch="densenet121", layers="features.denseblock2", views=2, decode="cpu", strict=True, channels_last=False,
-        checkpoint_every=5.0)
+        shard_size=5)
 
 
 def test_a_config_passed_whole_equals_its_keywords_and_bad_options_are_refused(image_folder, tmp_path):
@@ -263,7 +269,6 @@ def test_torchrun_two_processes_give_the_single_process_cache(tmp_path):
                           "-m", "cnncodes", *args, "-o", str(multi)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("extracted 26 images (44 codes)") == 1  # rank 0 reports, once, for both
-    assert not list(tmp_path.glob("*.parts"))
     _assert_same_cache(single, multi, exact=True)
 
 
@@ -302,7 +307,7 @@ def test_bf16_and_jpeg_draft_codes_are_close_to_the_plain_path(tmp_path, monkeyp
     assert 0 < _max_rel_diff(draft, plain) < 3.6e-2
     assert 0 < _max_rel_diff(bf16, plain) < 1.7e-2
     assert np.array_equal(draft[("train", "train/dog/x.png")], plain[("train", "train/dog/x.png")])
-    assert any("JPEG draft decode (reduced DCT scale) does not apply to 1 non-JPEG file(s)" in m
+    assert any("JPEG draft decode (reduced DCT scale) does not apply to 1 non-JPEG file(s) (by extension, e.g. " in m
                and "train/dog/x.png" in m for m in logs), logs
 
 

@@ -33,7 +33,7 @@ BASE = ["--weights", "none", "--image-size", "64", "-q"]
 
 def _extract_argv(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", str(out), *BASE, "--batch-size", "2",
-            "--checkpoint-every", "0", *extra]
+            "--shard-size", "2", *extra]
 
 
 def _codes(path: Path) -> dict:
@@ -324,9 +324,9 @@ def test_second_extract_on_same_output_is_refused(tmp_path):
     data = write_folder(tmp_path / "data", {"train": 20})
     out = tmp_path / "c.h5"
     first = subprocess.Popen(_extract_argv(data, out, "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    parts = tmp_path / "c.h5.parts"
+    shards = tmp_path / "c.shards"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(parts.glob("*.h5")):
+    while time.time() < deadline and not list(shards.glob("*/*.h5")):
         time.sleep(0.02)
     first.send_signal(signal.SIGSTOP)  # freeze it mid-run, lock held, so the overlap is certain
     try:
@@ -352,23 +352,38 @@ def test_disk_full_keeps_the_previous_cache_intact(tmp_path):
     out = tmp_path / "c.h5"
     subprocess.run(_extract_argv(data, out), check=True, capture_output=True, timeout=300)
     before = hashlib.sha256(out.read_bytes()).hexdigest()
-    write_folder(data, {"train": 12}, classes=("cow", "eel"))  # more images: the new cache is bigger
-    limit = out.stat().st_size + 4096
-    # --workers 0: the limit would also cap DataLoader's shared-memory files, which a full disk does not
-    proc = subprocess.run(_extract_argv(data, out, "--workers", "0"), capture_output=True, text=True,
+    reference = _codes(out)
+    write_folder(data, {"train": 12}, classes=("cow", "eel"))  # more classes: every shard is relabelled
+    limit = max(p.stat().st_size for p in (tmp_path / "c.shards").glob("*/*.h5")) * 2  # < a 12-image shard
+    proc = subprocess.run(_extract_argv(data, out, "--workers", "0", "--shard-size", "1000"), capture_output=True, text=True,
                           timeout=300, preexec_fn=_file_size_limit(limit))
     assert proc.returncode == 2 and "write failed: no space left" in proc.stderr, proc.stderr
-    assert "finished work is kept in" in proc.stderr
     _no_traceback(proc)
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == before  # untouched and readable
-    Cache(out).close()
+    # the index is untouched and every shard it names is still the one it indexed: readable as it was
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+    assert _codes(out).keys() == reference.keys()
+    for split, (feats, paths, labels, views) in _codes(out).items():
+        assert np.array_equal(feats, reference[split][0]) and paths == reference[split][1]
+
+
+def test_disk_full_is_refused_before_a_shard_is_written(tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 20})
+    proc = subprocess.run(_extract_argv(data, tmp_path / "c.h5", "--workers", "0", "--shard-size", "1000"),
+                          capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(30_000))
+    assert proc.returncode == 2 and "write failed: no space left: needs about" in proc.stderr, proc.stderr
+    _no_traceback(proc)
+    assert not (tmp_path / "c.h5").exists()
 
 
 def test_disk_full_mid_write_is_one_clear_line(tmp_path):
-    """No space check can see this coming (the first shard overflows): still one line, exit 2."""
+    """The space check cannot see everything coming (another process fills the disk): a shard that
+    overflows midway is still one line, exit 2 (the check is switched off here to get there)."""
     data = write_folder(tmp_path / "data", {"train": 20})
-    proc = subprocess.run(_extract_argv(data, tmp_path / "c.h5", "--workers", "0", "--batch-size", "40"),
-                          capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(30_000))
+    argv = _extract_argv(data, tmp_path / "c.h5", "--workers", "0", "--shard-size", "1000")
+    run = ("import sys, cnncodes.store.sharded as s; s.check_space = lambda *a, **k: None; "
+           "from cnncodes.cli import main; sys.argv = ['cnncodes', *sys.argv[1:]]; main()")
+    proc = subprocess.run([sys.executable, "-c", run, *argv[3:]], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(30_000))
     assert proc.returncode == 2 and "write failed: no space left (or file size limit)" in proc.stderr, proc.stderr
     assert "Exception ignored" not in proc.stderr
     _no_traceback(proc)
@@ -383,21 +398,20 @@ def test_ctrl_c_stops_cleanly_with_resume_hint(tmp_path):
     out = tmp_path / "c.h5"
     proc = subprocess.Popen(_extract_argv(data, out, *small, "--batch-size", "1", "--workers", "1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    parts = tmp_path / "c.h5.parts"
+    shards = tmp_path / "c.shards"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("*.h5"))) < 2:
+    while time.time() < deadline and len(list(shards.glob("*/*.h5"))) < 2:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "rerun the same command to continue" in err and "Traceback" not in err
-    saved = len(list(parts.glob("*.h5")))
+    saved = len(list(shards.glob("*/*.h5")))
     assert saved >= 2
     rerun = subprocess.run(_extract_argv(data, out, *small, "--batch-size", "16"), capture_output=True, text=True,
                            timeout=300)
-    extracted = int(rerun.stdout.split("extracted ")[1].split()[0])
-    assert rerun.returncode == 0 and extracted <= 2 * per_class - saved
-    assert extracted > 0  # the first run was really cut short
+    assert rerun.returncode == 0 and f"{saved} shards skipped as done" in rerun.stdout, rerun.stdout
+    assert _extracted(rerun.stdout) > 0  # the first run was really cut short
 
 
 def test_malicious_pickle_heads_and_models_are_refused_not_executed(image_folder, tmp_path, cli):
@@ -499,56 +513,51 @@ def _extracted(stdout: str) -> int:
 
 
 def test_resume_under_a_small_open_files_limit_keeps_every_shard(tmp_path):
-    from cnncodes.store import pending_shards
-
     data = write_folder(tmp_path / "data", {"train": 60, "val": 6}, size=32)
-    argv = lambda out, *extra: _extract_argv(data, out, "--batch-size", "1", "--image-size", "32", *extra)  # noqa: E731
+    argv = lambda out, *extra: _extract_argv(data, out, "--batch-size", "1", "--image-size", "32",  # noqa: E731
+                                             "--shard-size", "1", *extra)
     reference = tmp_path / "reference.h5"
     subprocess.run(argv(reference), check=True, capture_output=True, timeout=600)
     out = tmp_path / "c.h5"
-    parts = tmp_path / "c.h5.parts"
+    folder = tmp_path / "c.shards"
     proc = subprocess.Popen(argv(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(parts.glob("*.h5"))) < 100 and proc.poll() is None:
+    while time.time() < deadline and len(list(folder.glob("*/*.h5"))) < 50 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    shards = sorted(parts.glob("*.h5"))
-    assert len(shards) >= 100, "the run finished before 100 shards: make it longer"
-    waiting = pending_shards(out)
-    assert waiting["shards"] == len(shards) and waiting["torn"] == 0 and waiting["images"] >= 100
+    shards = sorted(folder.glob("*/*.h5"))
+    assert len(shards) >= 50 and not out.exists(), "the run finished before 50 shards: make it longer"
     info = run_cli_subprocess("info", out)
-    assert info.returncode == 2 and f"{len(shards)} shards ({waiting['images']} images)" in info.stderr
+    assert info.returncode == 2 and f"{len(shards)} output shards of an interrupted extract wait" in info.stderr
 
     limited = subprocess.run(argv(out), capture_output=True, text=True, timeout=600, preexec_fn=_open_files_limit(40))
     _no_traceback(limited)
-    if limited.returncode == 0:  # merged: shards went into the cache, none was redone
-        assert _extracted(limited.stdout) == 132 - waiting["images"]
+    if limited.returncode == 0:  # indexed: the finished shards kept, none redone
+        assert f"{len(shards)} shards skipped as done" in limited.stdout, limited.stdout
     else:  # stopped: one clear line, every shard still there
         assert limited.returncode == 2 and "every shard is kept" in limited.stderr, limited.stderr
         assert all(s.exists() for s in shards)
         rerun = subprocess.run(argv(out), capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0 and _extracted(rerun.stdout) == 132 - waiting["images"], rerun.stderr
+        assert rerun.returncode == 0 and f"{len(shards)} shards skipped as done" in rerun.stdout, rerun.stderr
     _same(out, reference)
-    assert not parts.exists()
 
 
-SHARDED = {"weights": "none", "image_size": 32, "batch_size": 2, "checkpoint_every": 0, "progress": False}
+SHARDED = {"weights": "none", "image_size": 32, "batch_size": 2, "shard_size": 1, "progress": False}
 
 
-def _shards_left_by_an_interrupted_merge(tmp_path: Path, monkeypatch) -> tuple[Path, Path, list[Path]]:
-    """6 images extracted into 3 shards, then Ctrl-C before the merge: (data, cache, shards)."""
-    from cnncodes import store
+def _shards_left_by_an_interrupted_run(tmp_path: Path, monkeypatch) -> tuple[Path, Path, list[Path]]:
+    """6 images extracted into 6 output shards, then Ctrl-C before the index: (data, index, shards)."""
     from cnncodes.extract import extract
 
     data, out = write_folder(tmp_path / "data", {"train": 3}), tmp_path / "c.h5"
     with monkeypatch.context() as m:
-        m.setattr("cnncodes.extract.api.write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        m.setattr("cnncodes.extract.sharded.write_index", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
             extract(data, out, **SHARDED)
-    assert not out.exists()  # the merge never ran
-    shards = sorted(store.parts_folder(out).glob("*.h5"))
-    assert len(shards) == 3
+    assert not out.exists()  # the index was never written
+    shards = sorted((tmp_path / "c.shards").glob("*/*.h5"))
+    assert len(shards) == 6
     return data, out, shards
 
 
@@ -559,8 +568,7 @@ def test_unreadable_shard_stops_the_run_and_keeps_every_shard(tmp_path, monkeypa
     from cnncodes.errors import CnnCodesError
     from cnncodes.extract import extract
 
-    data, out, shards = _shards_left_by_an_interrupted_merge(tmp_path, monkeypatch)
-    parts = shards[0].parent
+    data, out, shards = _shards_left_by_an_interrupted_run(tmp_path, monkeypatch)
     real_open = open
 
     def refuse(path, *args, **kwargs):
@@ -571,25 +579,18 @@ def test_unreadable_shard_stops_the_run_and_keeps_every_shard(tmp_path, monkeypa
     monkeypatch.setattr("builtins.open", refuse)
     with pytest.raises(CnnCodesError, match=f"{shards[1]}: cannot read .*Permission denied.*every shard is kept: make the file readable"):
         extract(data, out, **SHARDED)
-    assert sorted(parts.glob("*.h5")) == shards
+    assert sorted((tmp_path / "c.shards").glob("*/*.h5")) == shards
 
 
-def test_a_torn_shard_is_removed_redone_and_said(tmp_path, monkeypatch):
+def test_a_torn_shard_is_redone_and_said(tmp_path, monkeypatch):
     from cnncodes.extract import extract
 
-    data, out, shards = _shards_left_by_an_interrupted_merge(tmp_path, monkeypatch)
-    parts = shards[0].parent
-    shards[1].write_bytes(shards[1].read_bytes()[:100])  # a write cut short
-    said = []
-    r = extract(data, out, **SHARDED, log=said.append)
-    assert r.extracted == 2 and not parts.exists()  # that shard's two images, nothing else
-    assert any(f"1 shard(s) torn by an interrupted write (e.g. {shards[1].name}) were removed" in m for m in said), said
-    extract(data, tmp_path / "fresh.h5", weights="none", image_size=32, batch_size=2, progress=False, log=said.append)
-    assert _codes(out).keys() == _codes(tmp_path / "fresh.h5").keys()
-    for split, (feats, paths, labels, views) in _codes(out).items():
-        fresh = _codes(tmp_path / "fresh.h5")[split]
-        assert paths == fresh[1] and np.array_equal(labels, fresh[2])
-        np.testing.assert_allclose(feats, fresh[0], rtol=1e-5, atol=1e-6)
+    data, out, shards = _shards_left_by_an_interrupted_run(tmp_path, monkeypatch)
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # damaged after it was written
+    r = extract(data, out, **SHARDED)
+    assert r.extracted == 1 and r.shards["redone"] == {"torn": 1} and r.shards["done"] == 5  # that shard alone
+    extract(data, tmp_path / "fresh.h5", **SHARDED)
+    _same(out, tmp_path / "fresh.h5")
 
 
 def test_interrupted_overwrite_resumes_when_rerun(tmp_path):
@@ -597,17 +598,18 @@ def test_interrupted_overwrite_resumes_when_rerun(tmp_path):
     out = tmp_path / "c.h5"
     subprocess.run(_extract_argv(data, out), check=True, capture_output=True, timeout=300)
     new = ("--image-size", "32", "--overwrite", "--batch-size", "1")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "c.shards").glob("*/*.h5")}
     proc = subprocess.Popen(_extract_argv(data, out, *new), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "c.h5.parts"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("*.h5"))) < 5 and proc.poll() is None:
+    rewritten = lambda: [p for p in (tmp_path / "c.shards").glob("*/*.h5") if before.get(p) != p.stat().st_mtime_ns]  # noqa: E731
+    while time.time() < deadline and len(rewritten()) < 3 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = len(list(parts.glob("*.h5")))
-    assert saved >= 5
+    saved = len(rewritten())
+    assert saved >= 3
     rerun = subprocess.run(_extract_argv(data, out, *new), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0 and _extracted(rerun.stdout) == 40 - saved, rerun.stderr
+    assert rerun.returncode == 0 and f"{saved} shards skipped as done" in rerun.stdout, rerun.stdout + rerun.stderr
     reference = tmp_path / "reference.h5"
     subprocess.run(_extract_argv(data, reference, "--image-size", "32", "--batch-size", "1"), check=True, capture_output=True, timeout=300)
     _same(out, reference)

@@ -457,7 +457,7 @@ def test_a_cache_without_a_recorded_decoder_reads_as_pil_and_grows(tmp_path):
         assert c.config.decode == "cpu:pil"
     make_image(0, 50, 40).save(folder / "train" / "cat" / "new.jpg")
     r = extract(folder, out, **kw)  # an incremental add with the same (CPU) decoder is no config change
-    assert r.extracted == 1 and r.split_counts == {"train": 5}
+    assert r.extracted == 3 and r.shards["done"] == 1 and r.split_counts == {"train": 5}  # the cat shard alone
 
 
 def test_the_up_to_date_request_names_the_decoder():

@@ -13,6 +13,7 @@ import torch
 from cnncodes.errors import CnnCodesError
 from cnncodes.extract import extract
 from cnncodes.precision import PRECISIONS, autocast, check_precision, tf32
+from cnncodes.sources import as_source
 from cnncodes.uptodate import request_key, up_to_date, weights_sha256
 
 from conftest import make_image, write_folder
@@ -83,22 +84,23 @@ def test_fast_check_agrees_with_the_full_extract(tmp_path):
     (folder / "val" / "dog" / "notes.txt").write_text("x")
     out = tmp_path / "c.h5"
     first, key = _run(folder, out)
-    done = up_to_date(folder, out, key)
+    done = up_to_date(as_source(folder), out, key)
     again, _ = _run(folder, out)
     assert again.up_to_date and done is not None
     assert done.split_counts == again.split_counts == first.split_counts
     assert done.skipped == again.skipped
-    assert up_to_date(folder, out, key, strict=True) is None  # --strict refuses the .txt: the full path says so
-    assert up_to_date(folder, out, request_key(**{**_key_args(), "seed": 1})) is None  # another configuration
+    assert up_to_date(as_source(folder), out, key, strict=True) is None  # --strict refuses the .txt: the full path says so
+    assert up_to_date(as_source(folder), out, request_key(**{**_key_args(), "seed": 1})) is None  # another configuration
     make_image(0, 7, 32).save(folder / "train" / "cat" / "new.jpg")  # a new image: work to do
-    assert up_to_date(folder, out, key) is None
+    assert up_to_date(as_source(folder), out, key) is None
     assert not _run(folder, out)[0].up_to_date
-    assert up_to_date(folder, out, key) is not None
+    assert up_to_date(as_source(folder), out, key) is not None
     (folder / "train" / "dog" / "000.jpg").unlink()  # a deleted image: the cache must be rewritten
-    assert up_to_date(folder, out, key) is None
+    assert up_to_date(as_source(folder), out, key) is None
     _run(folder, out)
-    (out.with_name(out.name + ".parts")).mkdir()  # unfinished work of a run: the full path decides
-    assert up_to_date(folder, out, key) is None
+    assert up_to_date(as_source(folder), out, key) is not None
+    next(tmp_path.glob("c.shards/val/*.h5")).unlink()  # finished work gone: the full path redoes it
+    assert up_to_date(as_source(folder), out, key) is None
 
 
 def _key_args() -> dict:

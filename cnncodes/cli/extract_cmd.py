@@ -24,7 +24,11 @@ _OPTION_EXTRAS = {
 
 
 def shard_options(f):
-    """WebDataset input: the val/test splits' shards, where labels come from, the class names."""
+    """WebDataset input: the val/test splits' shards, where labels come from, the class names;
+    Parquet input: the image column."""
+    f = click.option("--image-col", default=None, metavar="NAME",
+                     help="Parquet: the image column [default: the schema's Image feature, else the one binary "
+                          "or {bytes, path} column].")(f)
     f = click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
                      help="WebDataset: class names, one per line (line i names class index i) "
                           "[default: 0..the largest label].")(f)
@@ -47,7 +51,7 @@ def shard_options(f):
 @shard_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract_command(data, out, overwrite, path_col, label_col, val_fraction, val_shards, test_shards, label_key,
-                    classes_file, quiet, **options):
+                    classes_file, image_col, quiet, **options):
     """Cache CNN codes of every image under DATA to an HDF5 file.
 
     DATA is DATA/<class>/<image>, DATA/{train,val,test}/<class>/<image>, or a CSV manifest
@@ -56,13 +60,23 @@ def extract_command(data, out, overwrite, path_col, label_col, val_fraction, val
 
     DATA may also be WebDataset shards (the train split): a pattern such as
     'train-{000000..000099}.tar' or '*.tar' (quoted), a .txt file listing shard paths, or a
-    JSON spec {"train": PATTERN, "val": PATTERN}; then -o is an index over one output shard
-    per input shard (see docs/scale.md).
+    JSON spec {"train": PATTERN, "val": PATTERN}; or Hugging Face Parquet files (a .parquet
+    file, a folder of them, its data/ folder, or a pattern; docs/parquet.md). Whatever the
+    input, -o is an index over one output shard per input shard (docs/scale.md).
     """
     from ..sources import FolderSource, source_from_cli
+    from ..sources.parquet import is_parquet_input, parquet_source
 
     config = ExtractConfig(**options)
-    shards = source_from_cli(data, val_shards, test_shards, label_key, classes_file)
+    if image_col and not is_parquet_input(data):
+        raise click.UsageError("--image-col applies to Parquet input (a .parquet file, a folder of them or a pattern)")
+    if is_parquet_input(data):
+        if val_shards or test_shards or val_fraction is not None:
+            raise click.UsageError("Parquet splits come from the file names (train-*, validation-*, test-*); "
+                                   "drop --val/--test/--val-fraction")
+        shards = parquet_source(data, image_col, None if label_col == "label" else label_col)
+    else:
+        shards = source_from_cli(data, val_shards, test_shards, label_key, classes_file)
     if shards and val_fraction is not None:
         raise click.UsageError("--val-fraction applies to CSV manifests; give WebDataset val shards with --val PATTERN")
     if not shards and (label_key != "cls" or classes_file):
@@ -148,9 +162,11 @@ def _counts(split_counts: dict[str, int]) -> str:
 def info_command(cache, as_json):
     """Describe a cache: splits, counts, feature dim, backbone, preprocessing, skipped files."""
     from ..store import Cache
+    from ..store.sharded import unique_shard_paths
 
     with Cache(cache) as c:
         info = c.info()
+        unique = info["store"] != "sharded" or unique_shard_paths(c.file)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -163,6 +179,10 @@ def info_command(cache, as_json):
     if info["store"] == "sharded":
         click.echo(f"sharded store: an index of virtual datasets over {sum(info['shards'].values())} output shards "
                    f"in {Path(cache).stem}.shards/ (one per input shard; `cnncodes pack` makes one file)")
+    if not unique:
+        click.echo("warning: this index (of an older cnncodes) names its shards by plain relative paths: plain h5py, "
+                   "run with another store's folder as working directory, reads that store's shard where one of "
+                   "these is missing (cnncodes refuses it): open it from its own folder, or pack it (`cnncodes pack`)")
     if info["manifest"]:
         m = info["manifest"]
         click.echo(f"manifest: {m['path']} (sha256 {m['sha256'][:12]}), splits from {m['splits_from']}"

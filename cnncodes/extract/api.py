@@ -131,7 +131,8 @@ def _result(out: Path, r: dict, decode: str, cache: CacheConfig, files: bool) ->
     result.fallbacks = dict(stats.reasons)
     result.decoders = {k: n for k, n in ((cache.decode, stats.device), (pil_identity(), stats.cpu)) if n}
     if report.not_jpeg:
-        result.notes.append(draft_note(f"{report.not_jpeg} non-JPEG " + ("file(s) (by extension)" if files else "sample(s)")))
+        what = "file(s) (by extension" if files else "sample(s) (by format"
+        result.notes.append(draft_note(f"{report.not_jpeg} non-JPEG {what}, e.g. {report.not_jpeg_example})"))
     return result
 
 

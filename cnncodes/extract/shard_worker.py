@@ -50,6 +50,7 @@ class ShardReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input shard, reason): no output written
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (shard/key, reason) of bad samples
     not_jpeg: int = 0
+    not_jpeg_example: str = ""  # one of them, for the note
     entries: list[ShardEntry] = field(default_factory=list)  # the output shards written, for the index
     decode_stats: DecodeStats = field(default_factory=DecodeStats)  # who decoded the images, why any fell back
 
@@ -64,6 +65,7 @@ class ShardReport:
             out.skipped += r.skipped
             out.entries += r.entries
             out.decode_stats.add(r.decode_stats)
+            out.not_jpeg_example = out.not_jpeg_example or r.not_jpeg_example
         return out
 
 
@@ -127,13 +129,15 @@ class ShardExtractor:
             return
         origin = {**job.shard.signature(), "samples": read["samples"], "damaged": read["damaged"],
                   "config": self.cache.to_json(), "input": self.identity, "split": job.split, "max_label": rows.max_label}
-        write_output_shard(job.out, rows.as_split_rows(self.runner.dim), origin)
+        files = [(f.path, f.size, f.mtime_ns) for f in job.shard.members]  # a folder shard's files, as signed
+        write_output_shard(job.out, rows.as_split_rows(self.runner.dim, files), origin)
         report.entries.append(ShardEntry(job.out, rows.images * rows.per_image, self.runner.dim, rows.max_label,
                                          {k: v for k, v in origin.items() if k != "config"}, rows.skipped))
         report.images += rows.images
         report.codes += rows.images * rows.per_image
         report.skipped += rows.skipped
         report.not_jpeg += read["not_jpeg"]
+        report.not_jpeg_example = report.not_jpeg_example or read.get("example", "")
         if job.why != "new":
             report.redone[job.why] += 1
 
@@ -148,13 +152,13 @@ class ShardExtractor:
                     self._bad(job, item.key, item.problem, rows, item.path)
                     continue
                 batch.append(item)
-                read["not_jpeg"] += f".{item.ext}" not in JPEG_SUFFIXES
+                _count_format(item, read)
                 if len(batch) == self.options.batch_size:
                     yield from self._decode(job, batch, rows)
                     batch = []
         except ShardDamaged as e:
             read["damaged"] = 1
-            self._bad(job, job.shard.name, f"{e}; the samples before it are kept", rows)
+            self._bad(job, Path(job.shard.path).name, f"{e}; the samples before it are kept", rows)
         if batch:
             yield from self._decode(job, batch, rows)
 
@@ -173,7 +177,7 @@ class ShardExtractor:
                 self._bad(job, item.key, item.problem, rows, item.path)
             else:
                 items.append(item)
-                read["not_jpeg"] += f".{item.ext}" not in JPEG_SUFFIXES
+                _count_format(item, read)
         views = ViewMaker(self.runner.pre, [it.key for it in items], rows.per_image - 1, self.cache.seed)
         loader = DeviceLoader("/", [it.path for it in items], self.runner.pre.load, views, self.options.batch_size,
                               self.runner.dev, self.options.workers or process_cores(),
@@ -221,6 +225,13 @@ class ShardExtractor:
             rows.add(items, self.runner.codes(images))
 
 
+def _count_format(item: Item, read: dict) -> None:
+    """Count the items the JPEG draft decode cannot speed up (by extension), keeping one example."""
+    if f".{item.ext}" not in JPEG_SUFFIXES:
+        read["not_jpeg"] += 1
+        read.setdefault("example", item.key)
+
+
 class _Rows:
     """The rows of one output shard, gathered in memory until the shard is finished."""
 
@@ -244,13 +255,14 @@ class _Rows:
         self.paths += [it.key for it in items]
         self.labels += [it.label for it in items]
 
-    def as_split_rows(self, dim: int) -> SplitRows:
+    def as_split_rows(self, dim: int, files: list[tuple[str, int, int]]) -> SplitRows:
         v = self.per_image
         return SplitRows(
             features=np.concatenate(self.feats) if self.feats else np.zeros((0, dim), np.float32),
             labels=np.repeat(np.asarray(self.labels, np.int64), v),
             paths=[p for p in self.paths for _ in range(v)],
             views=np.tile(np.arange(v), len(self.paths)),
+            files=files,
             skipped=self.skipped,
         )
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,8 +26,9 @@ import h5py
 from .. import distributed
 from ..errors import CnnCodesError
 from ..runtime import FileLock
+from ..uptodate import up_to_date
 from ..sources import InputShard, ShardSource
-from ..store import FORMAT, CacheConfig, read_computed
+from ..store import FORMAT, Cache, CacheConfig, read_computed
 from ..store.sharded import (STORE, ShardEntry, indexed_entries, output_shard, read_output_shard, shards_folder,
                              write_index)
 from .runner import library_versions
@@ -45,16 +48,26 @@ def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity
                 strict: bool = False, indexed: dict[Path, ShardEntry] | None = None) -> ShardPlan:
     """Which input shards to extract: every one without a valid output shard of this configuration
     (`strict`: a done shard that skipped samples is refused, as its first run would have been).
-    `indexed`: entries of output shards the index vouches for (`store.sharded.indexed_entries`)."""
+    `indexed`: entries of output shards the index vouches for (`store.sharded.indexed_entries`).
+
+    An output shard is named after its input shard and a version (a hash of the input's signature
+    and labels): a changed input gets a new file, and the one the index names stays readable until
+    the new index replaces it (`remove_superseded`)."""
     plan = ShardPlan([], {})
     indexed = indexed or {}
     for split, shards in source.shards().items():
         plan.outputs[split] = []
+        present = _present(folder / split)
         for shard in shards:
-            out = output_shard(folder, split, shard.name)
-            plan.outputs[split].append((shard, out))
-            entry = indexed.get(out) or read_output_shard(out)
+            out = output_shard(folder, split, f"{shard.name}-{shard_version(shard, identity)}")
+            legacy = output_shard(folder, split, shard.name)  # unversioned: written by cnncodes <= 0.1.0
+            if out.name not in present and legacy.name in present:
+                out = legacy
+            entry = indexed.get(out) or (read_output_shard(out) if out.name in present else None)
             why = _why_redo(entry, out, shard, config, identity, overwrite)
+            if out == legacy and why is not None:  # a legacy shard is redone under the versioned name
+                out = output_shard(folder, split, f"{shard.name}-{shard_version(shard, identity)}")
+            plan.outputs[split].append((shard, out))
             if why is None and strict and entry.skipped:
                 name, reason = entry.skipped[0]
                 raise CnnCodesError(f"{shard.path}: {name}: {reason} (--strict: fix the shard, or drop --strict to skip it)")
@@ -62,14 +75,56 @@ def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity
                 plan.done += 1
                 plan.known[out] = entry
             else:
-                plan.jobs.append(ShardJob(split, shard, out, why))
+                changed = why == "new" and any(_version_of(n, shard.name) for n in present)
+                plan.jobs.append(ShardJob(split, shard, out, "changed" if changed else why))
     return plan
+
+
+def shard_version(shard: InputShard, identity: str) -> str:
+    """8 hex digits naming what an output shard was made from: its input's signature and labels."""
+    text = json.dumps([shard.signature(), identity], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+
+
+def _version_of(filename: str, stem: str) -> bool:
+    """Whether `filename` is an output shard of the input shard `stem` (any version, or unversioned)."""
+    if filename == f"{stem}.h5":
+        return True
+    rest = filename[len(stem) + 1:] if filename.startswith(f"{stem}-") else ""
+    return len(rest) == 11 and rest.endswith(".h5") and all(c in "0123456789abcdef" for c in rest[:8])
+
+
+def _present(folder: Path) -> set[str]:
+    """The output shard files of one split folder: one listing, not one stat per shard."""
+    try:
+        return {e.name for e in os.scandir(folder) if e.name.endswith(".h5")}
+    except FileNotFoundError:
+        return set()
+
+
+def remove_superseded(plan: ShardPlan, indexed: set[Path]) -> int:
+    """Delete the older versions of every input shard the new index holds: their work is superseded
+    by the version it names (proven: the index was written first). Output shards of inputs that left
+    the input, or that failed this run, are kept. Returns the files removed."""
+    removed = 0
+    for split, pairs in plan.outputs.items():
+        if not pairs:
+            continue
+        present = _present(pairs[0][1].parent)
+        for shard, out in pairs:
+            if out not in indexed:
+                continue
+            for name in present:
+                if name != out.name and _version_of(name, shard.name):
+                    (out.parent / name).unlink(missing_ok=True)
+                    removed += 1
+    return removed
 
 
 def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, config: CacheConfig, identity: str,
               overwrite: bool) -> str | None:
     if entry is None:
-        return "torn" if out.exists() else "new"  # a torn shard (never finished) is redone
+        return "torn" if out.exists() else "new"  # a torn shard (written whole, then damaged) is redone
     o = entry.origin
     try:
         diffs = config.differences(CacheConfig.from_json(o.get("config", "")))  # a decoder version bump is no change
@@ -77,7 +132,7 @@ def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, config: Ca
         diffs = ["its configuration is unreadable"]
     if diffs:
         if not overwrite:
-            raise CnnCodesError(f"{out}: an output shard of another configuration ({diffs[0]}); write to another -o, "
+            raise CnnCodesError(f"{out}: an output shard of another configuration ({'; '.join(diffs)}); write to another -o, "
                                 f"or pass --overwrite to replace it")
         return "another configuration"
     if o.get("input") != identity:
@@ -108,7 +163,7 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
         if main:
             try:
                 stack.enter_context(FileLock(out, what=f"cache {out}"))  # one writer per store
-                _refuse_other_cache(out, overwrite)
+                _refuse_other_cache(out, overwrite, input_kind(source.identity()))
                 _remove_temporaries(folder)
                 indexed = {} if overwrite else indexed_entries(out, cache)
                 plan = plan_shards(source, folder, cache, identity, overwrite, options.strict, indexed)
@@ -134,7 +189,12 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
         report = ShardReport.merge(reports) if main else report
         result = {"report": report, "done": plan.done, "up_to_date": False, "split_counts": {}, "skipped": []}
         if main:
-            result.update(_write_index(out, plan, known, cache, source, request, report, computed))
+            same = None if plan.jobs or report.failed else up_to_date(source, out, request, options.strict)
+            if same is not None:  # nothing to do and the index already says so: it is not rewritten
+                result.update(up_to_date=True, split_counts=same.split_counts, skipped=same.skipped)
+            else:
+                result.update(_write_index(out, plan, known, cache, source, request, report, computed))
+                remove_superseded(plan, result.pop("indexed"))
         distributed.barrier()  # other ranks return once the index is complete
     return result
 
@@ -157,20 +217,33 @@ def _write_index(out: Path, plan: ShardPlan, known: dict[Path, ShardEntry], cach
                 getattr(source, "manifest", None))
     skipped = [s for split, es in entries.items() for s in [x for e in es for x in e.skipped] + ignored.get(split, [])]
     return {"split_counts": {s: sum(e.rows for e in es) for s, es in entries.items()}, "skipped": skipped,
-            "up_to_date": not plan.jobs}
+            "up_to_date": not plan.jobs, "indexed": {e.path for e in every}}
 
 
-def _refuse_other_cache(out: Path, overwrite: bool) -> None:
+def input_kind(identity: dict) -> str:
+    """What kind of input a source identity names: folder, manifest, parquet or webdataset."""
+    return identity.get("input", "webdataset")
+
+
+def _refuse_other_cache(out: Path, overwrite: bool, kind: str) -> None:
     """Only an index is rewritten (its shards decide what is done): an ordinary cache or any other
     file at `out` is finished work of another kind, replaced only with --overwrite."""
     if overwrite or not out.exists():
         return
     try:
         with h5py.File(out, "r") as f:
-            fmt, store = f.attrs.get("format"), f.attrs.get("store")
+            fmt, store, indexed = f.attrs.get("format"), f.attrs.get("store"), f.attrs.get("source", "{}")
     except OSError:
-        fmt = store = None
+        fmt = store = indexed = None
     if fmt == FORMAT and store == STORE:
+        try:
+            Cache(out, sources=False).close()  # a damaged index is refused, like any damaged cache
+        except CnnCodesError as e:
+            raise CnnCodesError(f"{e}; or pass --overwrite to replace it (its finished shards are kept)") from None
+        other = input_kind(json.loads(indexed))
+        if other != kind:
+            raise CnnCodesError(f"{out} indexes the codes of another input ({other}, not {kind}); write to another -o, "
+                                f"or pass --overwrite to replace it")
         return
     if fmt == FORMAT:  # written by `cnncodes pack`, or by a cnncodes before every input was sharded
         raise CnnCodesError(f"{out} is a one-file cache (packed, or from an earlier cnncodes); it reads as it is, "

@@ -4,6 +4,7 @@ apart on reading as torn (redone) or unreadable (kept, the run stops)."""
 from __future__ import annotations
 
 import errno
+import io
 import time
 from pathlib import Path
 
@@ -19,13 +20,17 @@ WRITTEN_NS = "written_ns"  # a shard's root attribute: when it was written (ns s
 
 def write_shard(path: Path, rows: SplitRows, attrs: dict | None = None) -> None:
     """Write one shard atomically (a small HDF5 file with the same row datasets), with `attrs`
-    (what the sharded store records of the input it came from) and its write time on its root."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    (what the sharded store records of the input it came from) and its write time on its root.
+
+    The file is built in memory and written with plain file I/O: a full disk then fails one
+    `write` call cleanly, where HDF5 failing mid-flush leaves objects that crash on teardown."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         _write_rows(f, rows)
         f.attrs[WRITTEN_NS] = time.time_ns()
         f.attrs.update(attrs or {})
-
-
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(image.getbuffer())
 
 
 def read_shard(path: Path) -> h5py.File | None:
