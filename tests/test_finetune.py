@@ -188,7 +188,8 @@ def test_ctrl_c_exits_130_with_resume_hint(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+    # (once seen in CI at exit 1, not reproduced in 6 runs since: the message says where the signal landed)
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err, (proc.returncode, err[-2000:])
 
 
 def test_torchrun_two_processes_split_the_data_and_write_once(tmp_path):
