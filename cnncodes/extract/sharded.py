@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity
     the new index replaces it (`remove_superseded`)."""
     plan = ShardPlan([], {})
     indexed = indexed or {}
+    differences = functools.lru_cache(maxsize=None)(lambda text: _differences(config, text))  # one per config seen
     for split, shards in source.shards().items():
         plan.outputs[split] = []
         present = _present(folder / split)
@@ -64,7 +66,7 @@ def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity
             if out.name not in present and legacy.name in present:
                 out = legacy
             entry = indexed.get(out) or (read_output_shard(out) if out.name in present else None)
-            why = _why_redo(entry, out, shard, config, identity, overwrite)
+            why = _why_redo(entry, out, shard, differences, identity, overwrite)
             if out == legacy and why is not None:  # a legacy shard is redone under the versioned name
                 out = output_shard(folder, split, f"{shard.name}-{shard_version(shard, identity)}")
             plan.outputs[split].append((shard, out))
@@ -121,15 +123,20 @@ def remove_superseded(plan: ShardPlan, indexed: set[Path]) -> int:
     return removed
 
 
-def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, config: CacheConfig, identity: str,
+def _differences(config: CacheConfig, text: str) -> tuple[str, ...]:
+    """How a recorded configuration (JSON) differs from `config` (a decoder version bump is no change)."""
+    try:
+        return tuple(config.differences(CacheConfig.from_json(text)))
+    except (ValueError, TypeError):
+        return ("its configuration is unreadable",)
+
+
+def _why_redo(entry: ShardEntry | None, out: Path, shard: InputShard, differences, identity: str,
               overwrite: bool) -> str | None:
     if entry is None:
         return "torn" if out.exists() else "new"  # a torn shard (written whole, then damaged) is redone
     o = entry.origin
-    try:
-        diffs = config.differences(CacheConfig.from_json(o.get("config", "")))  # a decoder version bump is no change
-    except (ValueError, TypeError):
-        diffs = ["its configuration is unreadable"]
+    diffs = differences(o.get("config", ""))
     if diffs:
         if not overwrite:
             raise CnnCodesError(f"{out}: an output shard of another configuration ({'; '.join(diffs)}); write to another -o, "
