@@ -333,3 +333,18 @@ def test_fast_paths_keep_ants_bees_accuracy_with_real_resnet50(tmp_path, monkeyp
         print(f"{name}: val accuracy {100 * acc[name]:.2f}%, codes max relative difference {diff:.2e}")
     for name in ("bf16", "jpeg draft"):
         assert abs(acc[name] - acc["plain fp32 full decode"]) <= 0.005 + 1e-9, acc
+
+
+def test_a_one_file_cache_reads_and_extracting_into_it_says_how_to_convert(image_folder, tmp_path, cli):
+    """A one-file cache (what `cnncodes pack` writes, and what cnncodes wrote before every input was
+    sharded) reads like a store; extending it in place is refused with the way out."""
+    extract(image_folder, tmp_path / "store.h5", **FAST)
+    cli("pack", tmp_path / "store.h5", "-o", tmp_path / "one.h5")
+    _assert_same_cache(tmp_path / "store.h5", tmp_path / "one.h5")
+    cli("fit-head", tmp_path / "one.h5", "-o", tmp_path / "h.h5", "--C", "1")
+    r = cli("extract", image_folder, "-o", tmp_path / "one.h5", "--weights", "none", "--image-size", "64", check=False)
+    assert r.returncode == 2 and "is a one-file cache (packed, or from an earlier cnncodes)" in r.stderr
+    assert "pass --overwrite to extract it again as a sharded store" in r.stderr and "Traceback" not in r.stderr
+    r = extract(image_folder, tmp_path / "one.h5", overwrite=True, **FAST)
+    assert r.extracted == 18
+    _assert_same_cache(tmp_path / "store.h5", tmp_path / "one.h5")
