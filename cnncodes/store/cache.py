@@ -16,16 +16,18 @@ from .sharded import check_sources, is_index, shards_folder
 class Cache:
     """Read access to a cache file, validated on open; a context manager."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, sources: bool = True):
+        """`sources` False: a sharded index's attributes and splits are checked, not its shards
+        (`extract` rebuilds an index whose shards changed)."""
         self.path = Path(path)
         self.file = _open_h5(self.path)
         try:
-            self._validate()
+            self._validate(sources)
         except BaseException:
             self.file.close()
             raise
 
-    def _validate(self) -> None:
+    def _validate(self, sources: bool = True) -> None:
         a = self.file.attrs
         if a.get("format") != FORMAT:
             raise CnnCodesError(f"{self.path}: HDF5 file but not a cnncodes cache (no format={FORMAT} attribute); create one with `cnncodes extract`")
@@ -38,7 +40,7 @@ class Cache:
             self.feature_dim = int(a["feature_dim"])
         except (KeyError, TypeError, ValueError) as e:
             raise CnnCodesError(f"{self.path}: cache attributes are damaged ({e}); re-run `cnncodes extract --overwrite`") from e
-        if is_index(self.file):
+        if sources and is_index(self.file):
             check_sources(self.path, self.file)  # else a missing shard would read as fill values
         for split in self.splits:
             self._validate_split(split)
@@ -105,7 +107,9 @@ class Cache:
         return list(zip(g["paths"].asstr()[()], g["reasons"].asstr()[()]))
 
     def files(self, split: str) -> dict[str, tuple[int, int]]:
-        """Every file processed for `split`: path -> (size, mtime_ns)."""
+        """The inputs processed for `split`: path -> (size, mtime_ns). A sharded store lists its input
+        shards (a tar or Parquet file; a folder shard by its first file: each output shard's own
+        `files` table lists all its files); a one-file cache from an earlier cnncodes, every file."""
         return {p: (s, m) for p, s, m in read_table(self.require_split(split), "files")}
 
     @property
