@@ -63,8 +63,35 @@ class Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except OSError as e:  # a path that cannot be read or written (permissions, read-only, not a folder)
+            if isinstance(e, BrokenPipeError) and _stdout_closed():
+                sys.exit(_quiet_stdout())  # `cnncodes info | head -1`: the reader has what it wanted
             click.echo(f"error: {_os_error_line(e)}", err=True)
             sys.exit(2)
+
+
+SIGPIPE_EXIT = 128 + signal.SIGPIPE  # what a shell reports for a command killed by SIGPIPE, as `cat` and `grep` are
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader is gone (a BrokenPipeError from elsewhere, a worker's
+    pipe or a socket, stays an error)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no fileno (a test runner's stream), no poll
+        return False
+
+
+def _quiet_stdout() -> int:
+    """Point stdout at /dev/null so that no later flush (the exit's) fails again, and return the exit
+    status of a command stopped by SIGPIPE (Python's "Note on SIGPIPE", in the signal module's docs)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_EXIT
 
 
 def _os_error_line(e: OSError) -> str:
@@ -104,6 +131,10 @@ def _exit(code) -> None:
     threads are joined, atexit handlers run (h5py closes files, temporary folders go), and the
     output streams are flushed; every file cnncodes writes is already closed and renamed.
     """
+    try:
+        sys.stdout.flush()  # output still buffered (print, not click.echo) meets a closed pipe here
+    except BrokenPipeError:
+        code = _quiet_stdout()
     if "torch" not in sys.modules:
         sys.exit(code)
     if code is None:
