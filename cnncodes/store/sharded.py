@@ -17,6 +17,7 @@ file of the same size put in its place is refused (`check_sources`). Readers (h5
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -103,7 +104,8 @@ def write_index(out: Path, config: CacheConfig, classes: list[str], feature_dim:
     with each one's origin and skipped count: what a rerun's plan needs, without opening them) and
     the skipped samples (each shard's in order, then `ignored`: inputs no shard read)."""
     marker = _store_marker(out, [e for es in splits.values() for e in es])
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    image = io.BytesIO()  # built in memory, written with plain file I/O (see `shards.write_shard`)
+    with h5py.File(image, "w") as f:
         write_root_attrs(f, config, classes, feature_dim, versions, request, manifest, computed)
         f.attrs["store"] = STORE
         f.attrs["source"] = json.dumps(source, sort_keys=True)
@@ -123,11 +125,15 @@ def write_index(out: Path, config: CacheConfig, classes: list[str], feature_dim:
             g["shards"].create_dataset("origin", data=np.array([_origin_json(e.origin) for e in entries],
                                                                dtype=object), dtype=STR)
             g["shards"].create_dataset("id", data=np.array([_entry_id(e) for e in entries], dtype=object), dtype=STR)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(image.getbuffer())
 
 
 def _origin_json(origin: dict) -> str:
-    """A shard's origin as the index keeps it: the configuration is the index's own (stored once)."""
-    return json.dumps({k: v for k, v in origin.items() if k not in ("config", "format", "written_ns")}, sort_keys=True)
+    """A shard's origin as the index keeps it: the configuration is the index's own and the id in its
+    own column (each stored once)."""
+    return json.dumps({k: v for k, v in origin.items() if k not in ("config", "format", "written_ns", "shard_id")},
+                      sort_keys=True)
 
 
 def indexed_entries(out: Path, config: CacheConfig) -> dict[Path, ShardEntry]:
@@ -155,6 +161,7 @@ def _split_entries(folder: Path, g: h5py.Group, dim: int, config: str) -> dict[P
     counts = s["skipped"][()].tolist()
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     found = {}
+    ids = index_shard_ids(g) or [""] * len(counts)
     for i, ((rel, size, mtime), rows, origin) in enumerate(zip(index_shards(g), s["rows"][()].tolist(),
                                                                 s["origin"].asstr()[()])):
         path = folder / rel
@@ -163,7 +170,7 @@ def _split_entries(folder: Path, g: h5py.Group, dim: int, config: str) -> dict[P
         except OSError:
             continue
         if (st.st_size, st.st_mtime_ns) == (size, mtime):
-            o = {**json.loads(origin), "config": config}
+            o = {**json.loads(origin), "config": config, **({"shard_id": ids[i]} if ids[i] else {})}
             found[path] = ShardEntry(path, int(rows), dim, int(o.get("max_label", -1)), o,
                                      [tuple(x) for x in skipped[starts[i]:starts[i + 1]]])
     return found
