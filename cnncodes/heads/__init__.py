@@ -9,7 +9,7 @@ Where things live (input -> output):
   blocks (`iter_blocks`), standardiser statistics, image ids per row, the memory budget.
 - `selection`: grouped folds, CV scores per (fold, C), the pick, the refit (`fit_linear`).
 - `rowspace`: the codes in their row space when there are fewer rows than dimensions (exact, cheaper).
-- `torch_solver`: linear / linear-svm fold models (minibatch Adam, streamed) and
+- `torch_solver`: linear / linear-svm fold models (minibatch Adam, streamed); `estimator`:
   `TorchLinearClassifier`, the same solver as a scikit-learn estimator.
 - `lbfgs`: full-batch, preconditioned L-BFGS on codes in memory, C by C (every head whose codes fit in
   memory), stopping on the Newton decrement.
@@ -97,7 +97,7 @@ _LAZY = {
     "image_groups": "codes", "available_memory": "codes",
     "Selection": "selection", "cv_folds": "selection", "grouped_folds": "selection", "fit_linear": "selection",
     "HeadConfig": "config", "parse_C": "config",
-    "TorchLinearClassifier": "torch_solver", "auto_epochs": "torch_solver",
+    "TorchLinearClassifier": "estimator", "auto_epochs": "torch_solver",
     "predict_images": "report", "evaluate_split": "report",
 }
 __all__ = ["CLFS", "TORCH_CLFS", "C_GRID", "fit_head", *_LAZY]

@@ -77,8 +77,6 @@ def unseen_classes(cache, split: str, train_classes: np.ndarray, allow: bool) ->
 
 def evaluate_split(head: LinearHead, cache, split: str, tta: bool, unseen: dict[str, int] | None = None) -> dict:
     """Per-image accuracy, per-class precision/recall and the confusion matrix of `head` on a split."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     feats, labels, views, groups = cache.features(split), cache.labels(split), cache.views(split), image_groups(cache, split)
     if head.n_features != feats.shape[1]:
         raise CnnCodesError(f"{cache.path}: {feats.shape[1]}-d codes but the head expects {head.n_features}-d")
@@ -92,7 +90,10 @@ def evaluate_split(head: LinearHead, cache, split: str, tta: bool, unseen: dict[
                 "confusion": {"labels": [], "matrix": []}, "unseen_classes": unseen or {}}
     y_true, y_pred = labels[rows], to_cache[pred[:, 0]]
     names = sorted(set(y_true.tolist()) | set(to_cache.tolist()))
-    p, r, _, support = precision_recall_fscore_support(y_true, y_pred, labels=names, zero_division=0)
+    matrix = _confusion(y_true, y_pred, names)
+    support, predicted, hits = matrix.sum(1), matrix.sum(0), np.diag(matrix)
+    p = np.divide(hits, predicted, out=np.zeros(len(names)), where=predicted > 0)  # 0 where never predicted
+    r = np.divide(hits, support, out=np.zeros(len(names)), where=support > 0)
     used = len(labels) if tta else len(rows)
     return {
         "images": len(rows),
@@ -102,7 +103,16 @@ def evaluate_split(head: LinearHead, cache, split: str, tta: bool, unseen: dict[
         "per_class": {cache.classes[c]: {"precision": float(pi), "recall": float(ri), "support": int(si)}
                       for c, pi, ri, si in zip(names, p, r, support)},
         "confusion": {"labels": [cache.classes[c] for c in names],
-                      "matrix": confusion_matrix(y_true, y_pred, labels=names).tolist()},
+                      "matrix": matrix.tolist()},
         "unseen_classes": unseen or {},
     }
 
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int]) -> np.ndarray:
+    """Counts (rows true, columns predicted) over `labels`, as scikit-learn's confusion_matrix (whose import alone
+    costs fit-head a second)."""
+    index = {c: i for i, c in enumerate(labels)}
+    t, q = np.array([index[c] for c in y_true.tolist()]), np.array([index[c] for c in y_pred.tolist()])
+    matrix = np.zeros((len(labels), len(labels)), np.int64)
+    np.add.at(matrix, (t, q), 1)
+    return matrix
