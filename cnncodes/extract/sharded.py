@@ -179,15 +179,15 @@ def extract_shards(source: ShardSource, out: Path, options, cache, info, pre, de
         distributed.share_error(error, dev)
         known = plan.known if main else {}
         plan = distributed.broadcast_object(dataclasses.replace(plan, known={}) if main else None)
-        if main and log:
+        report = ShardReport()
+        computed = read_computed(out) if out.exists() else {}  # kept when this run extracts nothing
+        runner = Runner(options, cache, info, pre, dev, log if main else None) if plan.jobs else None
+        if main and log:  # once the network is built: a bad weights file is the only line
             why = Counter(j.why for j in plan.jobs)
             log(f"{sum(map(len, plan.outputs.values()))} input shards: {plan.done} done, {len(plan.jobs)} to extract"
                 + (f" ({', '.join(f'{n} {w}' for w, n in why.items())})" if why else "")
                 + f" by {distributed.world_size()} process(es)")
-        report = ShardReport()
-        computed = read_computed(out) if out.exists() else {}  # kept when this run extracts nothing
-        if plan.jobs:
-            runner = Runner(options, cache, info, pre, dev, log if main else None)
+        if runner is not None:
             computed = runner.computed_with
             queue = distributed.WorkQueue(f"shards/{plan.token}")  # the store outlives one call under torchrun
             report = ShardExtractor(runner, options, cache, source, log if main else None).run(
