@@ -56,12 +56,6 @@ SLOW = [
 ]
 
 
-# Known shortfalls (issue 30 left open): svm's generalised Newton decrement underestimates the gap where many rows
-# sit on the squared hinge's kink at large C, so these fits say they converged 1.0e-4 / 3.3e-4 above the optimum.
-# Each is a strict xfail below: when it starts to pass, the mark must go.
-KNOWN_SHORT = {("150x128 k12 (n ~ d)", "svm", 100.0, "fixed"), ("400x128 k3 rank 20 (rank-deficient)", "svm", 1e4, "path")}
-
-
 def codes(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Standardised train codes, labels, val codes, val labels: post-ReLU-like codes with class means and a decaying
     spectrum (as CNN codes have), standardised by the train statistics as `fit-head` does."""
@@ -111,25 +105,22 @@ def _predict(x, coef, icpt):
     return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
 
 
-def run_path(case: Case, clf: str, data, only: bool = False) -> list[str]:
+def run_path(case: Case, clf: str, data) -> list[str]:
     """The warm-started C path at the shipped settings, one model on all rows (as a fold model is fitted)."""
     x, y = data[0], data[1]
     fold = np.zeros(len(y), np.int64)
     path = lbfgs_path(x.astype(np.float32), y, case.k, fold, np.array([-1]), case.Cs, LBFGS_LOSS[clf], notes=[])
     problems = []
     for C, fit in zip(case.Cs, path):
-        if (case.name, clf, C, "path") not in KNOWN_SHORT or only:
-            problems += check(case, clf, C, fit.w[0], fit.b[0], fit.converged, data)
+        problems += check(case, clf, C, fit.w[0], fit.b[0], fit.converged, data)
     return problems
 
 
-def run_fixed(case: Case, clf: str, C: float, data, only: bool = False) -> list[str]:
+def run_fixed(case: Case, clf: str, C: float, data) -> list[str]:
     """`fit-head --C C`: fit_linear from zero on the in-memory train set, as the command runs it."""
     x, y = data[0], data[1]
     train = TrainSet(x.astype(np.float32), y, np.arange(len(y)), np.zeros(len(y), np.int16), np.zeros(x.shape[1]),
                      np.ones(x.shape[1]), np.arange(case.k))
-    if (case.name, clf, C, "fixed") in KNOWN_SHORT and not only:
-        return []
     w, b, sel = fit_linear(train, HeadConfig(clf=clf, C=C))
     converged = not any("did not converge" in note for note in sel.notes)
     return check(case, clf, C, w, b, converged, data)
@@ -149,18 +140,6 @@ def test_every_head_reaches_the_optimum_along_the_C_path(case, clf):
 def test_a_fixed_C_fit_reaches_the_optimum(case, clf):
     data = codes(case)
     problems = [p for C in (case.Cs[0], 100.0) for p in run_fixed(case, clf, C, data)]
-    assert not problems, "\n".join(problems)
-
-
-@pytest.mark.xfail(strict=True, reason="svm's decrement underestimates the gap with rows on the kink (issue 30 open)")
-@pytest.mark.parametrize("name, clf, C, mode", sorted(KNOWN_SHORT))
-def test_known_svm_shortfalls_at_large_C(name, clf, C, mode):
-    case = next(c for c in FAST if c.name == name)
-    data = codes(case)
-    if mode == "fixed":
-        problems = run_fixed(case, clf, C, data, only=True)
-    else:
-        problems = [p for p in run_path(case, clf, data, only=True) if f"C={C:g}:" in p]
     assert not problems, "\n".join(problems)
 
 
