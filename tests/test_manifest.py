@@ -129,10 +129,14 @@ def test_an_appended_row_is_extracted_and_nothing_else(extracted, tmp_path):
         assert c.manifest["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     relabelled = manifest.read_text().replace("new.jpg,dog", "new.jpg,cat")
     manifest.write_text(relabelled)
+    with Cache(out) as c:
+        new_code = c.features("train")[-1]
     third = extract(manifest, out, **kwargs)
-    assert third.extracted == 0 and not third.up_to_date  # a new label is rewritten, not re-extracted
+    # a new label changes its shard's rows: that shard (here new.jpg's folder, itself alone) is redone
+    assert third.extracted == 1 and third.shards["redone"] == {"changed": 1} and not third.up_to_date
     with Cache(out) as c:
         assert c.labels("train")[-1] == 0
+        np.testing.assert_array_equal(c.features("train")[-1], new_code)  # the same batches: the same code
 
 
 BAD = {

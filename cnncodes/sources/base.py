@@ -24,7 +24,7 @@ class InputShard:
     `name` is its output shard's file stem, unique within its split and stable across runs;
     `size`, `mtime_ns` and `digest` are its signature: an output shard whose recorded signature
     differs is redone ("changed"). A file input leaves `digest` empty; a folder shard's `digest`
-    hashes its members' paths, sizes and mtimes, and `members` lists them (path relative to the
+    hashes its members' paths, sizes, mtimes and labels, and `members` lists them (path relative to the
     source's root, label, size, mtime_ns)."""
 
     path: str

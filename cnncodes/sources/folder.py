@@ -58,7 +58,9 @@ def shard_of(root: Path, run: list[ImageFile]) -> InputShard:
     members."""
     first = run[0].path
     folder = _UNSAFE.sub("_", first.rpartition("/")[0])[-40:] or "root"
-    digest = hashlib.blake2b(repr([(f.path, f.size, f.mtime_ns) for f in run]).encode(), digest_size=16).hexdigest()
+    # the labels too: a CSV row relabelled (same classes) changes its shard's rows, not its files
+    digest = hashlib.blake2b(repr([(f.path, f.size, f.mtime_ns, f.label) for f in run]).encode(),
+                             digest_size=16).hexdigest()
     return InputShard(path=str(root / run[0].path), size=sum(f.size for f in run),
                       mtime_ns=max(f.mtime_ns for f in run), name=f"{folder}-{_hash(first):016x}",
                       digest=digest, members=tuple(run))
