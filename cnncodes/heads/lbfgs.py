@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -88,8 +89,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..runtime import available_cores
 from .names import LBFGS_MEMORY
-from .rowspace import FoldCodes, fold_codes
+from .rowspace import FoldCodes, fold_codes, one_blas_thread
 from .torch_solver import (SMOOTH_HINGE_TAU, _cpu_threads, _cs_margins, _loss, _ovr_margins, _penalty_factors,
                            _stored_scale)
 
@@ -190,7 +192,8 @@ def prepare(x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu", pr
     rowspace.fold_codes): every model's optimum lies in the span of all train rows, and a pass costs
     n x n, not n x D."""
     dev = torch.device(device)
-    space = fold_codes(x, y)
+    with one_blas_thread():  # the QR: numpy's BLAS threads beside other jobs cost 10-20x (rowspace.one_blas_thread)
+        space = fold_codes(x, y)
     xt = torch.as_tensor(space.x, device=dev)
     with _cpu_threads(dev, xt.numel() * PRECONDITION_RANK):
         pre = _Preconditioner(xt) if precondition else None
@@ -402,21 +405,38 @@ class _HingeNewton:
             active = self._active(x, wb)[1]
             dual = self._dual(active.sum(1))
             u = g / self.lam.to(g.dtype)[:, None, None]  # the primal blocks' overwritten below
-            if bool(dual.any()):  # H^-1 g = (g - X_A^T y) / lambda, (Gamma + G_AA) y = X_A g
-                xg = (g.reshape(-1, d1) @ xa.T).view(m, k, len(x))
-                y = torch.zeros_like(xg)
-                for i, j in dual.nonzero().tolist():
-                    rows = active[i, :, j].nonzero().squeeze(1)
-                    system = self.p.gram()[rows[:, None], rows] if len(x) <= GRAM_ROWS else xa[rows] @ xa[rows].T
-                    system.diagonal().add_(float(self.lam[i]) / (2 * self.weights[i, rows].to(x.dtype)))
-                    y[i, j, rows] = torch.cholesky_solve(xg[i, j, rows][:, None], torch.linalg.cholesky(system))[:, 0]
-                u -= (y.reshape(-1, len(x)) @ xa).view(m, k, d1) / self.lam.to(g.dtype)[:, None, None]
-            for i, j in (~dual).nonzero().tolist():  # the (D + 1)^2 Hessian
+            xg = (g.reshape(-1, d1) @ xa.T).view(m, k, len(x)) if bool(dual.any()) else None
+            gram = self.p.gram() if bool(dual.any()) and len(x) <= GRAM_ROWS else None
+
+            def solve(block: tuple[int, int]) -> torch.Tensor:
+                i, j = block
                 rows = active[i, :, j].nonzero().squeeze(1)
-                xr = xa[rows]
-                system = (xr.T * (2 * self.weights[i, rows].to(x.dtype))) @ xr
+                coef = 2 * self.weights[i, rows].to(x.dtype)
+                if bool(dual[i, j]):  # H^-1 g = (g - X_A^T y) / lambda, (Gamma + G_AA) y = X_A g: y
+                    system = gram[rows[:, None], rows] if gram is not None else xa[rows] @ xa[rows].T
+                    system.diagonal().add_(float(self.lam[i]) / coef)
+                    return torch.cholesky_solve(xg[i, j, rows][:, None], torch.linalg.cholesky(system))[:, 0]
+                xr = xa[rows]  # the (D + 1)^2 Hessian: H^-1 g
+                system = (xr.T * coef) @ xr
                 system.diagonal().add_(float(self.lam[i]))
-                u[i, j] = torch.cholesky_solve(g[i, j][:, None], torch.linalg.cholesky(system))[:, 0]
+                return torch.cholesky_solve(g[i, j][:, None], torch.linalg.cholesky(system))[:, 0]
+
+            blocks = [(i, j) for i in range(m) for j in range(k)]
+            # the blocks on the cores, one torch thread each: no barrier inside an operator to wait at
+            workers = min(available_cores(), len(blocks))
+            if workers > 1:
+                with ThreadPoolExecutor(workers) as pool:
+                    solved = list(pool.map(solve, blocks))
+            else:
+                solved = [solve(b) for b in blocks]
+            y = torch.zeros_like(xg) if xg is not None else None
+            for (i, j), out in zip(blocks, solved):
+                if bool(dual[i, j]):
+                    y[i, j, active[i, :, j]] = out
+                else:
+                    u[i, j] = out
+            if y is not None:
+                u -= (y.reshape(-1, len(x)) @ xa).view(m, k, d1) / self.lam.to(g.dtype)[:, None, None]
         return -u
 
 
@@ -443,43 +463,50 @@ def _finite_newton(objective: Callable, direct: _HingeNewton, line: Callable, w:
 
 
 def _squared_hinge_line(x: torch.Tensor, y: torch.Tensor, wb: torch.Tensor, d: torch.Tensor, weights: torch.Tensor,
-                        lam: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+                        lam: torch.Tensor) -> torch.Tensor:
     """wb + a d with a (M, K) minimising the one-vs-rest squared hinge (intercept penalised) along d exactly, each
     (model, class) on its own: the classes are independent problems, and along a line each is a convex piecewise
-    quadratic, whose derivative is piecewise linear. Its root by Newton's method on the current piece, safeguarded by
-    bisection of a bracket; exact once the iterate is on the minimiser's piece (Keerthi and DeCoste 2005)."""
+    quadratic, whose derivative is piecewise linear and nondecreasing. Its root from the rows' kinks sorted: on each
+    piece between two kinks the derivative is linear, with sums over the rows on the quadratic side there (prefix
+    and suffix sums over the sorted kinks), and the root is the one piece's own root that lies on it."""
     with torch.no_grad():
         z = _ovr_margins(_scores(x, wb), y)  # (M, n, K): the slack 1 - t s, positive on the active rows
         sd = _scores(x, d)
         e = torch.full_like(sd, -1.0).scatter(2, y.view(1, -1, 1).expand(len(d), len(y), 1), 1.0) * sd  # z(a) = z - a e
-        c = 2 * weights.to(x.dtype)[..., None]
-        l = lam.to(x.dtype)[:, None]
-        wd, dd = (wb * d).sum(2) * l, (d * d).sum(2) * l  # (M, K)
-        a = torch.ones_like(wd)
-        lo, hi = torch.full_like(a, -torch.inf), torch.full_like(a, torch.inf)
-        for _ in range(iterations):
-            active = (z - a[:, None, :] * e) > 0
-            slack = torch.where(active, z - a[:, None, :] * e, 0)
-            slope = wd + a * dd - (c * slack * e).sum(1)
-            curve = dd + (c * active * e * e).sum(1)
-            lo, hi = torch.where(slope < 0, a, lo), torch.where(slope > 0, a, hi)
-            step = torch.where(curve > 0, a - slope / curve.clamp(min=torch.finfo(a.dtype).tiny), a)
-            inside = (step > lo) & (step < hi)
-            nxt = torch.where(inside | ~torch.isfinite(lo + hi), step, (lo + hi) / 2)
-            nxt = torch.where(slope == 0, a, nxt)
-            if bool((nxt == a).all()):
-                break
-            a = nxt
+        z, e = z.transpose(1, 2).double(), e.transpose(1, 2).double()  # (M, K, n)
+        c = 2 * weights.double()[:, None, :]
+        l = lam.double()[:, None]
+        wd, dd = (wb * d).sum(2).double() * l, (d * d).sum(2).double() * l  # (M, K)
+        # row i is on the quadratic side for a < z_i / e_i where e_i > 0, for a > z_i / e_i where e_i < 0
+        kink = torch.where(e != 0, z / torch.where(e != 0, e, 1.0), torch.inf)
+        kink, order = kink.sort(dim=2)
+        zs, es, cs = z.gather(2, order), e.gather(2, order), c.expand_as(z).gather(2, order)
+        rises = es > 0
+
+        def side_sums(v: torch.Tensor) -> torch.Tensor:  # on piece j (between kinks j-1 and j): sum of v over its rows
+            lead = torch.zeros_like(v[..., :1])
+            up = torch.cat([lead, torch.where(rises, v, 0).cumsum(2)], dim=2)  # rising rows before kink j
+            down = torch.cat([lead, torch.where(rises, 0, v).cumsum(2)], dim=2)
+            return (up[..., -1:] - up) + down  # rising rows past the piece, falling ones before it
+
+        intercept = wd[..., None] - side_sums(cs * zs * es)  # the derivative on piece j: intercept + a slope
+        slope = dd[..., None] + side_sums(cs * es * es)
+        root = -intercept / slope
+        lower = torch.cat([torch.full_like(kink[..., :1], -torch.inf), kink], dim=2)
+        upper = torch.cat([kink, torch.full_like(kink[..., :1], torch.inf)], dim=2)
+        on_piece = (root >= lower) & (root <= upper) & torch.isfinite(root)
+        first = on_piece.to(torch.uint8).argmax(2, keepdim=True)
+        a = torch.where(on_piece.any(2), root.gather(2, first)[..., 0], 1.0)
 
         def along(a_: torch.Tensor) -> torch.Tensor:  # each block's objective at wb + a_ d, less its value at a_ = 0
-            slack = (z - a_[:, None, :] * e).clamp(min=0)
-            return (c / 2 * slack * slack).sum(1) + a_ * wd + a_ * a_ * dd / 2
+            slack = (z - a_[..., None] * e).clamp(min=0)
+            return (c / 2 * slack * slack).sum(2) + a_ * wd + a_ * a_ * dd / 2
 
         # rounding (a direction that is all but zero, a root on a nearly flat piece) must not cost an increase: the
         # best of the root, the full step and no step
         candidates = torch.stack([a, torch.ones_like(a), torch.zeros_like(a)])
         a = candidates.gather(0, torch.stack([along(t) for t in candidates]).argmin(0, keepdim=True))[0]
-    return wb + a[..., None] * d
+    return wb + a.to(wb.dtype)[..., None] * d
 
 
 def _minimise(objective: Callable, hessian: Callable, w: torch.Tensor, h0: Callable, gamma: float, rtol: float,
