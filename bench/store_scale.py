@@ -234,6 +234,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default="10000,100000", help=f"sizes, comma-separated (multiples of {PER_SHARD})")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats-largest", type=int, default=None, help="repeats at the largest size [default: --repeats]")
+    ap.add_argument("--data-only", action="store_true", help="write the datasets, measure nothing")
     ap.add_argument("--torchrun", action=argparse.BooleanOptionalAction, default=True,
                     help="the 2-process kill -9 of one rank (folder)")
     ap.add_argument("--torchrun-images", type=int, default=4000)
@@ -256,19 +258,22 @@ def main() -> None:
         data[n, "webdataset"] = shard_list(root, tars[:n // PER_SHARD])
         data[n, "parquet"] = write_parquet(root / f"parquet-{n}", tars[:n // PER_SHARD])
     print(f"# {hardware()}\n# datasets in {root} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.data_only:
+        return
 
     rows, stores = [], {}
     for n in sizes:
-        memory = statistics.median(memory_in_fresh_process(data[n, "webdataset"]) for _ in range(args.repeats))
+        repeats = args.repeats_largest or args.repeats if n == top else args.repeats
+        memory = statistics.median(memory_in_fresh_process(data[n, "webdataset"]) for _ in range(repeats))
         for name in INPUTS:
             runs = []
-            for r in range(args.repeats):
+            for r in range(repeats):
                 out = root / f"store-{name}-{n}-{r}" / "codes.h5"
                 shutil.rmtree(out.parent, ignore_errors=True)
                 runs.append(measured(data[n, name], out, 1))
             wall, rss = statistics.median(w for w, _, _ in runs), max(r for _, r, _ in runs)
             shards = summary(runs[0][2])["extracted"]
-            noop = statistics.median(measured(data[n, name], out, 1)[0] for _ in range(args.repeats))
+            noop = statistics.median(measured(data[n, name], out, 1)[0] for _ in range(max(3, repeats)))
             stores[n, name] = out
             rows.append([name, n, shards, round(memory, 1), round(wall, 1), round(1 - memory / wall, 3), round(rss),
                          round(noop, 2)])
@@ -296,7 +301,7 @@ def main() -> None:
 
     notes = [f"resnet18 --weights none --image-size 64, 72-px JPEGs, 10 classes, {PER_SHARD} per tar/Parquet file, "
              f"folder shards by --shard-size {PER_SHARD} (cut at each class folder); 1 process; medians of "
-             f"{args.repeats}; overhead = 1 - in-memory / command, the in-memory time being the same images' bytes "
+             f"{args.repeats} ({args.repeats_largest or args.repeats} at {top}; no-op reruns: of >= 3); overhead = 1 - in-memory / command, the in-memory time being the same images' bytes "
              f"through the batch step (one figure per size for the three inputs; GOMP_SPINCOUNT="
              f"{os.environ.get('GOMP_SPINCOUNT', 'unset')} in both); peak RSS: the largest of the repeats"]
     for name in INPUTS:
@@ -312,7 +317,8 @@ def main() -> None:
                      + ("equals the uninterrupted run's, bitwise" if not k["differs_from_uninterrupted"]
                         else f"differs from the uninterrupted run's in {', '.join(k['differs_from_uninterrupted'])}"))
     result.update({
-        "arch": "resnet18", "image_size": 64, "weights": "none", "repeats": args.repeats, "per_shard": PER_SHARD,
+        "arch": "resnet18", "image_size": 64, "weights": "none", "repeats": args.repeats,
+        "repeats_largest": args.repeats_largest or args.repeats, "per_shard": PER_SHARD,
         "sizes": sizes, "kill": kills, "add_ten": adds, "torchrun": torchrun,
         "table": {"columns": ["input", "images", "shards", "in-memory s", "command s", "bookkeeping overhead",
                               "peak RSS MB", "no-op rerun s"], "rows": rows},
