@@ -43,22 +43,23 @@ def test_explicit_hessian_vector_products_equal_double_backward(loss, k):
 
 
 def test_the_squared_hinge_line_search_finds_each_blocks_minimum():
-    x, y, wb, weights, lam = _problem(60, 5, 4)
+    x, y, wb, weights, lam = _problem(60, 5, 4, m=4)
     d = torch.randn_like(wb)
     out = lbfgs._squared_hinge_line(x, y, wb, d, weights, lam)
     step = ((out - wb) * d).sum(2) / (d * d).sum(2)  # each (model, class) moved along its own d by this much
     torch.testing.assert_close(out, wb + step[..., None] * d)
     grid = torch.linspace(-3, 3, 6001, dtype=torch.float64)
-    for i in range(wb.shape[0]):
-        for j in range(wb.shape[1]):
-            def value(a: torch.Tensor) -> torch.Tensor:  # the block's own objective along its line
-                trial = wb.clone()
-                trial[i, j] += a * d[i, j]
-                z = lbfgs._ovr_margins(lbfgs._scores(x, trial), y)[i, :, j].clamp(min=0)
-                return (weights[i] * z * z).sum() + 0.5 * lam[i] * trial[i, j].pow(2).sum()
+    z = lbfgs._ovr_margins(lbfgs._scores(x, wb), y)  # (M, n, K)
+    e = z - lbfgs._ovr_margins(lbfgs._scores(x, wb + d), y)  # the margins' change per unit step (exact: float64)
 
-            best = min(float(value(a)) for a in grid)
-            assert float(value(step[i, j])) <= best + 1e-12
+    def along(a: torch.Tensor) -> torch.Tensor:  # (M, K, len(a)): each block's objective at wb + a d
+        slack = (z[..., None] - a * e[..., None]).clamp(min=0)
+        penalty = (wb[..., None] + a * d[..., None]).pow(2).sum(2)
+        return (weights[:, :, None, None] * slack * slack).sum(1) + 0.5 * lam[:, None, None] * penalty
+
+    best = along(grid).min(2).values
+    at_step = torch.stack([along(step[i, j].view(1))[i, j, 0] for i in range(4) for j in range(4)]).view(4, 4)
+    assert bool((at_step <= best + 1e-12).all())
 
 
 @pytest.mark.parametrize("n, d, gram_rows", [(30, 80, 4096), (30, 80, 10), (200, 6, 4096)])
