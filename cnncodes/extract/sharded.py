@@ -60,6 +60,7 @@ def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity
     for split, shards in source.shards().items():
         plan.outputs[split] = []
         present = _present(folder / split)
+        stems = {_stem_of(n) for n in present}  # input shards with an output of some version
         for shard in shards:
             out = output_shard(folder, split, f"{shard.name}-{shard_version(shard, identity)}")
             legacy = output_shard(folder, split, shard.name)  # unversioned: written by cnncodes <= 0.1.0
@@ -77,7 +78,7 @@ def plan_shards(source: ShardSource, folder: Path, config: CacheConfig, identity
                 plan.done += 1
                 plan.known[out] = entry
             else:
-                changed = why == "new" and any(_version_of(n, shard.name) for n in present)
+                changed = why == "new" and shard.name in stems
                 plan.jobs.append(ShardJob(split, shard, out, "changed" if changed else why))
     return plan
 
@@ -96,6 +97,13 @@ def _version_of(filename: str, stem: str) -> bool:
     return len(rest) == 11 and rest.endswith(".h5") and all(c in "0123456789abcdef" for c in rest[:8])
 
 
+def _stem_of(filename: str) -> str:
+    """The input shard an output shard file belongs to (`_version_of`'s inverse)."""
+    stem = filename[:-3]
+    head, _, version = stem.rpartition("-")
+    return head if head and len(version) == 8 and all(c in "0123456789abcdef" for c in version) else stem
+
+
 def _present(folder: Path) -> set[str]:
     """The output shard files of one split folder: one listing, not one stat per shard."""
     try:
@@ -112,11 +120,13 @@ def remove_superseded(plan: ShardPlan, indexed: set[Path]) -> int:
     for split, pairs in plan.outputs.items():
         if not pairs:
             continue
-        present = _present(pairs[0][1].parent)
+        by_stem: dict[str, list[str]] = {}
+        for name in _present(pairs[0][1].parent):
+            by_stem.setdefault(_stem_of(name), []).append(name)
         for shard, out in pairs:
             if out not in indexed:
                 continue
-            for name in present:
+            for name in by_stem.get(shard.name, []):
                 if name != out.name and _version_of(name, shard.name):
                     (out.parent / name).unlink(missing_ok=True)
                     removed += 1
