@@ -1,6 +1,6 @@
 """The pieces of `heads.lbfgs` that replace automatic differentiation or iteration by exact formulas: the softmax
-and smoothed-hinge Hessian-vector products, the squared hinge's exact line search and its direct Newton step,
-each against the plain computation it stands for."""
+and smoothed-hinge Hessian-vector products and Hessians written out, the squared hinge's exact line search and its
+direct Newton step, each against the plain computation it stands for."""
 
 from __future__ import annotations
 
@@ -40,6 +40,19 @@ def test_explicit_hessian_vector_products_equal_double_backward(loss, k):
     expected, = torch.autograd.grad((grad * v).sum(), w)
     got = lbfgs._softmax_hessian(x, y, wb, weights, lam, loss)(v)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "smooth-hinge"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_the_written_out_hessian_inverts_the_hessian_vector_product(loss, k):
+    """`_DenseHessian` (the Newton check's exact solve on small problems) against the products CG uses, off the
+    intercepts' common shift (a flat direction of both losses, held fixed by the solve)."""
+    x, y, wb, weights, lam = _problem(40, 6, k)
+    wb = wb / 3  # softmax far from saturation: the Hessian well conditioned, so the check is tight
+    v = torch.randn_like(wb)
+    v[..., -1] -= v[..., -1].mean(1, keepdim=True)
+    hv = lbfgs._softmax_hessian(x, y, wb, weights, lam, loss)(v)
+    torch.testing.assert_close(lbfgs._DenseHessian(x, y, wb, weights, lam, loss).solve(hv), v, rtol=1e-6, atol=1e-7)
 
 
 def test_the_squared_hinge_line_search_finds_each_blocks_minimum():
