@@ -50,10 +50,24 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+WAIT_LOAD: float | None = None  # --wait-load: the 1-min load average each timed run waits to fall below
+LOADS: list[float] = []  # the load average as each timed run started
+
+
+def settle() -> None:
+    """Wait (up to 30 minutes) until the 1-min load average is below WAIT_LOAD; record it as the run starts."""
+    if WAIT_LOAD is not None:
+        deadline = time.monotonic() + 1800
+        while os.getloadavg()[0] >= WAIT_LOAD and time.monotonic() < deadline:
+            time.sleep(10)
+    LOADS.append(round(os.getloadavg()[0], 2))
+
+
 def measure(fn, repeats: int) -> dict:
     """Median wall and CPU seconds of `fn()` over `repeats` runs, and the last run's result."""
     walls, cpus, out = [], [], None
     for _ in range(repeats):
+        settle()
         w, c = time.perf_counter(), cpu_seconds()
         out = fn()
         walls.append(time.perf_counter() - w)
@@ -103,13 +117,15 @@ def reference(cache: Path, name: str) -> dict:
     return {"C": search.best_params_[key], "cv": float(search.best_score_), "val": val, "Cs_tried": len(C_GRID)}
 
 
-def ants_bees(cache_dir: Path) -> Path | None:
+def ants_bees(cache_dir: Path, existing: bool = False) -> Path | None:
+    out = cache_dir / "heads-speed-hymenoptera-resnet50-bf16.h5"
+    if existing:
+        return _existing(out)
     if not (HYMENOPTERA.is_dir() and RESNET50_KERAS.is_file()):
         print(f"# skipping ants/bees: {HYMENOPTERA} or {RESNET50_KERAS} is absent", flush=True)
         return None
     from cnncodes.extract import extract
 
-    out = cache_dir / "heads-speed-hymenoptera-resnet50-bf16.h5"
     # IMAGENET1K_V1's 256/224 preprocessing: these weights are of that era (DEFAULT's 232 is V2's recipe)
     r = extract(HYMENOPTERA, out, arch="resnet50", weights=str(RESNET50_KERAS), precision="bf16",
                 preprocess_like="IMAGENET1K_V1", progress=False, log=lambda m: None)
@@ -117,8 +133,19 @@ def ants_bees(cache_dir: Path) -> Path | None:
     return out
 
 
-def digits_real(cache_dir: Path) -> Path | None:
+def _existing(path: Path) -> Path | None:
+    """--existing: a cache extracted before (by this or an earlier cnncodes), timed as it is, not re-extracted."""
+    if path.exists():
+        print(f"# {path}: used as it is (--existing)", flush=True)
+        return path
+    print(f"# skipping {path.name}: absent (--existing extracts nothing)", flush=True)
+    return None
+
+
+def digits_real(cache_dir: Path, existing: bool = False) -> Path | None:
     """The demo's digits (1,437 train, 360 val images) through the real ResNet-50 file, fp32."""
+    if existing:
+        return _existing(cache_dir / "heads-speed-digits-resnet50.h5")
     if not RESNET50_KERAS.is_file():
         print(f"# skipping digits: {RESNET50_KERAS} is absent", flush=True)
         return None
@@ -141,6 +168,7 @@ def command_times(cache: Path, clf: str, repeats: int, tree: Path = ROOT) -> tup
     walls, cpus = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
+            settle()
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             w = time.perf_counter()
             subprocess.run([sys.executable, "-m", "cnncodes", "fit-head", str(cache), "-o", f"{tmp}/head.h5",
@@ -173,7 +201,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heads_speed.json")
     ap.add_argument("--before", type=Path, help="a checkout of an earlier commit (git worktree): its whole fit-head "
                                                 "command is timed beside this one's, in the same run")
+    ap.add_argument("--wait-load", type=float, help="start each timed run only once the 1-min load average is below "
+                                                    "this (e.g. 1.3: this process's own run keeps it near 1); "
+                                                    "each run's starting load is recorded")
+    ap.add_argument("--existing", action="store_true",
+                    help="time the real-code caches already in --cache-dir as they are (no extraction): an earlier "
+                         "commit (--before) reads the one-file caches that this one no longer extends")
     args = ap.parse_args()
+    global WAIT_LOAD
+    WAIT_LOAD = args.wait_load
     from cnncodes.runtime import available_cores
 
     # The header (load average before) first: preparing the caches below (an extraction, a synthetic
@@ -186,10 +222,10 @@ def main() -> None:
         result["before_commit"] = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short=12", "HEAD"],
                                                  capture_output=True, text=True).stdout.strip()
     sets, real_sets = {}, set()
-    real = ants_bees(args.cache_dir)
+    real = ants_bees(args.cache_dir, args.existing)
     if real:
         sets["ants/bees resnet50 bf16"] = real
-    digits = None if args.no_digits else digits_real(args.cache_dir)
+    digits = None if args.no_digits else digits_real(args.cache_dir, args.existing)
     if digits:
         sets["digits resnet50 fp32"] = digits
     real_sets = {label for label, path in sets.items() if path in (real, digits)}
@@ -204,12 +240,14 @@ def main() -> None:
         if not args.no_reference:
             runs += [(f"reference GridSearchCV({n})", lambda n=n: reference(cache, n)) for n in REFERENCE_OF.values()]
         for head, fn in runs:
+            LOADS.clear()
             r = {"codes": label, "head": head, "loadavg": os.getloadavg()[0], **measure(fn, args.repeats)}
             if label in real_sets and head in CLFS:
                 r["command_wall_s"], r["command_cpu_s"] = command_times(cache, head, args.repeats)
                 if args.before:  # the same command from the earlier checkout, in the same run: like for like
                     r["before_command_wall_s"], r["before_command_cpu_s"] = command_times(cache, head, args.repeats,
                                                                                         args.before)
+            r["loads_at_start"] = list(LOADS)
             result["rows"].append(r)
             cmd = (f"{r['command_wall_s']:>7.1f} {r['command_cpu_s']:>7.1f}" if "command_wall_s" in r else f"{'':>15}")
             if "before_command_wall_s" in r:
@@ -219,8 +257,11 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
     cores = result["machine"]["cores"]
+    starts = [v for r in result["rows"] for v in r["loads_at_start"]]
     footer = (f"# {cores} cores ({result['available_cores']} available), load average before "
-              f"{result['load_before'][0]:.1f}, after {os.getloadavg()[0]:.1f}; median of {args.repeats}")
+              f"{result['load_before'][0]:.1f}, after {os.getloadavg()[0]:.1f}, at each timed run's start "
+              f"{min(starts):.2f}-{max(starts):.2f}" + (f" (each waited for < {WAIT_LOAD:g})" if WAIT_LOAD else "")
+              + f"; median of {args.repeats}")
     lines.append(footer)
     print(footer)
     before = [f"command wall / CPU s at {result['before_commit']}"] if args.before else []
