@@ -47,5 +47,12 @@ def fold_codes(features: np.ndarray, y: np.ndarray, rotate: bool = True) -> Fold
     n, d = features.shape
     if not rotate or n >= ROTATE_BELOW * d:
         return FoldCodes(np.ascontiguousarray(features, dtype=np.float32), y)
-    q, r = np.linalg.qr(np.asarray(features, dtype=np.float64).T)  # x^T = Q R, so x = R^T Q^T
-    return FoldCodes(np.ascontiguousarray(r.T, dtype=np.float32), y, q)
+    import torch  # its LAPACK (MKL): 0.27 s for the digits' 2048 x 1437 codes, numpy's (OpenBLAS) 0.44 s
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as numpy's (one_blas_thread)
+    try:
+        q, r = torch.linalg.qr(torch.as_tensor(np.asarray(features, dtype=np.float64)).T)  # x^T = Q R: x = R^T Q^T
+    finally:
+        torch.set_num_threads(threads)
+    return FoldCodes(np.ascontiguousarray(r.T.numpy(), dtype=np.float32), y, q.numpy())
