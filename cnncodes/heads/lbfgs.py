@@ -387,6 +387,7 @@ class _HingeNewton:
     def __init__(self, prepared: Prepared, weights: torch.Tensor, lam: torch.Tensor):
         self.p, self.weights, self.lam = prepared, weights, lam
         self.x = prepared.xt  # float32 for the cost estimate; float64 for the solves
+        self.factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (its rows, factor)
 
     def _active(self, x: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Margins 1 - t s (M, n, K) and the rows on the quadratic side (rows outside a model's fit excluded)."""
@@ -427,18 +428,30 @@ class _HingeNewton:
             xg = (g.reshape(-1, d1) @ xa.T).view(m, k, len(x)) if bool(dual.any()) else None
             gram = self.p.gram() if bool(dual.any()) and len(x) <= GRAM_ROWS else None
 
+            def factor(block: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
+                """The block's system factored; the last one again where its rows are the same (a block settled
+                on its rows while others still move: most of them, in a C's last steps)."""
+                i, j = block
+                last = self.factors.get(block)
+                if last is not None and len(last[0]) == len(rows) and bool((last[0] == rows).all()):
+                    return last[1]
+                coef = 2 * self.weights[i, rows].to(x.dtype)
+                if bool(dual[i, j]):  # H^-1 g = (g - X_A^T y) / lambda, (Gamma + G_AA) y = X_A g
+                    system = gram[rows[:, None], rows] if gram is not None else xa[rows] @ xa[rows].T
+                    system.diagonal().add_(float(self.lam[i]) / coef)
+                else:  # the (D + 1)^2 Hessian
+                    xr = xa[rows]
+                    system = (xr.T * coef) @ xr
+                    system.diagonal().add_(float(self.lam[i]))
+                self.factors[block] = rows, torch.linalg.cholesky(system)
+                return self.factors[block][1]
+
             def solve(block: tuple[int, int]) -> torch.Tensor:
                 i, j = block
                 rows = active[i, :, j].nonzero().squeeze(1)
-                coef = 2 * self.weights[i, rows].to(x.dtype)
-                if bool(dual[i, j]):  # H^-1 g = (g - X_A^T y) / lambda, (Gamma + G_AA) y = X_A g: y
-                    system = gram[rows[:, None], rows] if gram is not None else xa[rows] @ xa[rows].T
-                    system.diagonal().add_(float(self.lam[i]) / coef)
-                    return torch.cholesky_solve(xg[i, j, rows][:, None], torch.linalg.cholesky(system))[:, 0]
-                xr = xa[rows]  # the (D + 1)^2 Hessian: H^-1 g
-                system = (xr.T * coef) @ xr
-                system.diagonal().add_(float(self.lam[i]))
-                return torch.cholesky_solve(g[i, j][:, None], torch.linalg.cholesky(system))[:, 0]
+                if bool(dual[i, j]):  # y
+                    return torch.cholesky_solve(xg[i, j, rows][:, None], factor(block, rows))[:, 0]
+                return torch.cholesky_solve(g[i, j][:, None], factor(block, rows))[:, 0]  # H^-1 g
 
             blocks = [(i, j) for i in range(m) for j in range(k)]
             # the blocks on the cores, one torch thread each: no barrier inside an operator to wait at
