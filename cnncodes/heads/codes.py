@@ -273,12 +273,12 @@ def lbfgs_bytes(n: int, d: int, n_classes: int, folds: int) -> int:
     the Newton check's ~6 conjugate-gradient vectors, in float64 once a fit is polished so (8 bytes); ~10
     score-sized (M, n, K) tensors per objective or Hessian product; the float64 copy of the codes a polish uses;
     when n < D, the float64 QR of the codes (16 bytes per value); and up to 4,096 rows, the svm's direct Newton
-    steps' float64 Gram matrix and one block of it (`lbfgs.GRAM_ROWS`). M = the fold models (one above
-    HOLDOUT_ABOVE codes)."""
+    steps' float64 Gram matrix and one block of it (`lbfgs.GRAM_ROWS`), and the factors they keep (at most 256 MiB,
+    `lbfgs.FACTOR_BYTES`). M = the fold models (one above HOLDOUT_ABOVE codes)."""
     models = 1 if n > HOLDOUT_ABOVE else folds
     unknowns = models * n_classes * (min(n, d) + 1)
     return (8 * unknowns * (2 * LBFGS_MEMORY + 14) + 8 * 10 * models * n * n_classes + 8 * n * min(n, d)
-            + (16 * n * d if n < d else 0) + (16 * n * n if n <= 4096 else 0))
+            + (16 * n * d if n < d else 0) + (16 * n * n + (1 << 28) if n <= 4096 else 0))
 
 
 def available_memory() -> int:

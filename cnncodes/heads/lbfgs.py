@@ -86,6 +86,7 @@ fit goes on in float64 (the codes copied once). Failing in float64 too, or at th
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -372,6 +373,7 @@ def _softmax_hessian(x: torch.Tensor, y: torch.Tensor, wb: torch.Tensor, weights
 
 DIRECT_HV = 60  # a direct Newton solve is taken where it costs at most this many Hessian-vector products
 SIDES_STEPS = 5  # finite Newton steps, once the rule holds, that wait for the rows to stay on their sides
+FACTOR_BYTES = 1 << 28  # the direct solves keep the blocks' factors for reuse up to this many bytes (256 MiB)
 GRAM_ROWS = 4096  # up to this many rows the direct solves keep the rows' Gram matrix (float64: 134 MB at most)
 
 
@@ -388,6 +390,7 @@ class _HingeNewton:
         self.p, self.weights, self.lam = prepared, weights, lam
         self.x = prepared.xt  # float32 for the cost estimate; float64 for the solves
         self.factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (its rows, factor)
+        self.held = 0  # their bytes, at most FACTOR_BYTES
 
     def _active(self, x: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Margins 1 - t s (M, n, K) and the rows on the quadratic side (rows outside a model's fit excluded)."""
@@ -428,6 +431,8 @@ class _HingeNewton:
             xg = (g.reshape(-1, d1) @ xa.T).view(m, k, len(x)) if bool(dual.any()) else None
             gram = self.p.gram() if bool(dual.any()) and len(x) <= GRAM_ROWS else None
 
+            lock = threading.Lock()
+
             def factor(block: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
                 """The block's system factored; the last one again where its rows are the same (a block settled
                 on its rows while others still move: most of them, in a C's last steps)."""
@@ -443,8 +448,14 @@ class _HingeNewton:
                     xr = xa[rows]
                     system = (xr.T * coef) @ xr
                     system.diagonal().add_(float(self.lam[i]))
-                self.factors[block] = rows, torch.linalg.cholesky(system)
-                return self.factors[block][1]
+                out = torch.linalg.cholesky(system)
+                with lock:
+                    self.held += out.numel() * out.element_size() - (last[1].numel() * last[1].element_size() if last else 0)
+                    if last is not None or self.held <= FACTOR_BYTES:
+                        self.factors[block] = rows, out
+                    else:
+                        self.held -= out.numel() * out.element_size()
+                return out
 
             def solve(block: tuple[int, int]) -> torch.Tensor:
                 i, j = block
