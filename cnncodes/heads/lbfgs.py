@@ -284,15 +284,20 @@ def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, h
             mu = float(lam.mean()) / curvature  # (S + mu I) c matches the Hessian c S + lambda I
             h0 = p.pre.inverse(mu) if p.pre else (lambda r: r / (1.0 + mu))  # standardised codes: S's mean diagonal ~ 1
 
+            last_scores: list = [None, None]  # the last point `objective` saw and its scores (`line` reads them)
+
             def per_model(wb_: torch.Tensor) -> torch.Tensor:
                 """Each model's objective (M,), its sums accumulated in float64 (a graph to wb_)."""
                 w, b = wb_[..., :d], wb_[..., d]
                 norm = w.pow(2).sum((1, 2)) + (b.pow(2).sum(1) if penalise_bias else 0)
-                values = (_loss(_scores(p.codes(wb_.dtype), wb_), yt, fit_loss).double() * weights).sum(1)
+                s = _scores(p.codes(wb_.dtype), wb_)
+                last_scores[1] = s.detach()
+                values = (_loss(s, yt, fit_loss).double() * weights).sum(1)
                 return values + 0.5 * lam * norm.double()
 
             def objective(wb_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 """Each model's objective (M,) in float64 and the gradient in wb_'s dtype."""
+                last_scores[0] = wb_
                 wb_ = wb_.detach().requires_grad_()
                 values = per_model(wb_)
                 grad, = torch.autograd.grad(values.sum(), wb_)
@@ -311,7 +316,8 @@ def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, h
             line = direct = None
             if fit_loss == "squared-hinge":
                 def line(wb_: torch.Tensor, d_: torch.Tensor) -> torch.Tensor:
-                    return _squared_hinge_line(p.codes(wb_.dtype), yt, wb_, d_, weights, lam)
+                    known = last_scores[1] if last_scores[0] is wb_ else None  # wb_'s scores, if objective just made them
+                    return _squared_hinge_line(p.codes(wb_.dtype), yt, wb_, d_, weights, lam, known)
 
                 direct = _HingeNewton(p, weights, lam) if p.pre else None  # precondition=False: plain L-BFGS
 
@@ -560,14 +566,15 @@ class _DenseHessian:
 
 
 def _squared_hinge_line(x: torch.Tensor, y: torch.Tensor, wb: torch.Tensor, d: torch.Tensor, weights: torch.Tensor,
-                        lam: torch.Tensor) -> torch.Tensor:
+                        lam: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
     """wb + a d with a (M, K) minimising the one-vs-rest squared hinge (intercept penalised) along d exactly, each
     (model, class) on its own: the classes are independent problems, and along a line each is a convex piecewise
     quadratic, whose derivative is piecewise linear and nondecreasing. Its root from the rows' kinks sorted: on each
     piece between two kinks the derivative is linear, with sums over the rows on the quadratic side there (prefix
-    and suffix sums over the sorted kinks), and the root is the one piece's own root that lies on it."""
+    and suffix sums over the sorted kinks), and the root is the one piece's own root that lies on it. `scores`:
+    wb's, where they are at hand."""
     with torch.no_grad():
-        z = _ovr_margins(_scores(x, wb), y)  # (M, n, K): the slack 1 - t s, positive on the active rows
+        z = _ovr_margins(_scores(x, wb) if scores is None else scores, y)  # (M, n, K): 1 - t s, > 0 where active
         sd = _scores(x, d)
         e = torch.full_like(sd, -1.0).scatter(2, y.view(1, -1, 1).expand(len(d), len(y), 1), 1.0) * sd  # z(a) = z - a e
         z, e = z.transpose(1, 2).double(), e.transpose(1, 2).double()  # (M, K, n)
