@@ -44,44 +44,46 @@ Why this rule and not the others:
 The Newton decrement followed the true gap within 1.5x across the shapes of tests/test_head_reference.py
 (float64 references). It is relative to min(f, f(0) - f), not to f alone: at small C the objective is nearly
 all the loss at W = 0 (log K), and 1e-4 of it left W far from its optimum (95% of val predictions agreeing).
-It is computed once L-BFGS's own estimate is within NEWTON_BELOW x the rule, or NEWTON_EVERY iterations after the
-last check (at C = 1e4 on 50 x 2048 codes L-BFGS crawled through its 1,000 iterations); where it is not met, its
-Newton step is the next step. CG runs until its estimate settles even where the rule is certainly not met, so that this
-step is a Newton step: cut at the first sign of "not converged" (2-5 products), the steps gained little, and one C
-of the digits' svm (1,437 ResNet-50 codes) took 45 checks; settled, logreg's C's take 2-3.
+It is computed once L-BFGS's own estimate is within NEWTON_BELOW x the rule, or NEWTON_EVERY iterations after
+the last check (at C = 1e4 on 50 x 2048 codes L-BFGS had crawled through its 1,000 iterations); where it is not
+met, its Newton step is the next step. CG runs until its estimate settles even where the rule is certainly not
+met, so that this step is a Newton step: cut at the first sign of "not converged" (2-5 products), the steps gained
+little, and one C of the digits' svm (1,437 ResNet-50 codes) took 45 checks; settled, logreg's C's take 2-3.
+Where the Hessian is small (`_DenseHessian`: K (D + 1) unknowns per model, written out and factored for at most
+DENSE_FLOPS), the check solves it directly instead: CG's settled estimate had let a smoothed-hinge fit (660 x 64,
+C = 100) stop 8e-5 above the optimum, 3e-7 so.
 
 The squared hinge, where that is affordable, goes by the finite Newton method instead (`_finite_newton`; Keerthi
 and DeCoste 2005): each (model, class) is its own piecewise quadratic problem, whose Newton system (the generalised
-Hessian: the rows on the loss's quadratic side) is factored directly in float64 (`_HingeNewton`: in the rows' space
-by Woodbury from the Gram matrix, or in the codes' space), and each step is followed by the exact minimum along it
-(`_squared_hinge_line`: along a line the derivative is piecewise linear). Why: with about as many dimensions as rows
-(the digits' codes), the Hessian's spectrum splits into the rows on and off the quadratic side, and a preconditioner
-shared by the classes cannot follow that split: PCG took ~400 products for one exact Newton step, and its settled
-estimate (~17) gave steps that gained 10-30% each and a decrement up to 2.5x below the true gap. The direct step is
-exact and so is its decrement; from the previous C's optimum 2-4 steps meet the rule (digits, C = 0.1 and 1: true
-gaps 4e-8 and 7e-9 against float64 references), and the two fits the decrement by PCG had said converged 1e-4 and
-3e-4 above the optimum (tests/test_head_reference.py) now reach it. The rule is the same, the decrement now exact,
-and it also waits (at most SIDES_STEPS steps) for a full Newton step that keeps every row on its side of the kink:
-the objective is then the quadratic that step minimised, so it lands on the optimum (without that wait, a 660 x 64
-fit at C = 100 stopped 3e-5 above it, the decrement 1e-5: rows crossing the kink). It runs from the start of a C, where the direct solves cost at most DIRECT_HV Hessian-vector products (small C, with
-nearly every row on the quadratic side, and large codes stay with L-BFGS and PCG): from an L-BFGS iterate near the
-optimum, rows near the kink lie on both sides of it and the method took 9 steps, 4 from the previous C's optimum.
-For the other losses, where the Hessian is small (`_DenseHessian`: K (D + 1) unknowns per model, written out and
-factored for at most DENSE_FLOPS), the Newton check solves it directly too: CG's settled estimate had let a
-smoothed-hinge fit (660 x 64, C = 100) stop 8e-5 above the optimum, 3e-7 so.
-The duality gap at its natural dual point, |g|^2 / (2 lambda), is no stopping rule here either: after exact Newton
-steps it stayed near 1e-5 of the objective where the true gap was 5e-8.
+Hessian: the rows on the loss's quadratic side) is factored directly in float64 (`_HingeNewton`: in the rows'
+space by Woodbury from the Gram matrix, or in the codes' space), and each step is followed by the exact minimum
+along it (`_squared_hinge_line`: along a line the derivative is piecewise linear). Why: with about as many
+dimensions as rows (the digits' codes), the Hessian's spectrum splits into the rows on and off the quadratic side,
+and a preconditioner shared by the classes cannot follow that split: PCG took ~400 products for one exact Newton
+step, and its settled estimate (~17) gave steps that gained 10-30% each and a decrement up to 2.5x below the true
+gap. The direct step is exact and so is its decrement; from the previous C's optimum a few steps meet the rule
+(digits, C = 0.1 and 1: 5 and 4 steps, ending 3e-10 from float64 references), and the two fits the decrement by
+PCG had said converged 1e-4 and 3e-4 above the optimum (tests/test_head_reference.py) now reach it. The rule is
+the same, the decrement now exact, and it also waits (at most SIDES_STEPS steps) for a full Newton step that keeps
+every row on its side of the kink: the objective is then the quadratic that step minimised, so it lands on the
+optimum (without that wait, a 660 x 64 fit at C = 100 stopped 3e-5 above it, its decrement 1e-5: rows crossing
+the kink). It runs from the start of a C where the direct solves cost at most DIRECT_HV Hessian-vector products
+(small C, with nearly every row on the quadratic side, and large codes stay with L-BFGS and PCG): from an L-BFGS
+iterate near the optimum, rows near the kink lie on both sides of it and the method took 9 steps, 4 from the
+previous C's optimum. The duality gap at its natural dual point, |g|^2 / (2 lambda), is no stopping rule here
+either: at a point 5e-8 above the optimum it was still 1e-5 of the objective.
 
 The squared hinge's line search first tries the exact minimum along the direction (each class its own step),
-accepted on the conditions below. The line search backtracks from the full step until Armijo's sufficient decrease holds or, where float32
-rounding hides a decrease that small (close to the optimum), Hager and Zhang's approximate Wolfe conditions do
-(they read the directional derivative, which float32 keeps accurate). A line search that finds no step drops the
-curvature memory and tries again from the preconditioned gradient; where float32 still finds none, where its
-rounding makes a curvature in the Newton check non-positive, after NEWTON_ASKS_IN_FLOAT32 Newton checks short of
-the rule (rows flipping across the squared hinge's kink on float32 rounding), or after two checks in a row that each
-gained less than half (the steps lost in float32's rounding: that C = 1e4 fit then converged in 154 iterations), the
-fit goes on in float64 (the codes copied once). Failing in float64 too, or at the iteration limit, the fit stops and is reported as not converged in
-`notes` (the fit report's; `selection` then ranks no C from there on) or, without notes, as a ConvergenceWarning.
+accepted on the conditions below. The line search backtracks from the full step until Armijo's sufficient decrease
+holds or, where float32 rounding hides a decrease that small (close to the optimum), Hager and Zhang's approximate
+Wolfe conditions do (they read the directional derivative, which float32 keeps accurate). A line search that finds
+no step drops the curvature memory and tries again from the preconditioned gradient; where float32 still finds
+none, where its rounding makes a curvature in the Newton check non-positive, after NEWTON_ASKS_IN_FLOAT32 Newton
+checks short of the rule (rows flipping across the squared hinge's kink on float32 rounding), or after two checks
+in a row that each gained less than half (the steps lost in float32's rounding: that C = 1e4 fit then converged in
+154 iterations), the fit goes on in float64 (the codes copied once). Failing in float64 too, or at the iteration
+limit, the fit stops and is reported as not converged in `notes` (the fit report's; `selection` then ranks no C
+from there on) or, without notes, as a ConvergenceWarning.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -114,8 +116,8 @@ MAX_BACKTRACKS = 30  # step halvings (or better) before the line search gives up
 NEWTON_BELOW = 3.0  # L-BFGS's own gap estimate, in units of rtol, below which the Newton decrement is computed
 SQUARED_HINGE_MARGIN = 3.0  # the squared hinge's rule is rtol / this (see lbfgs_path)
 NEWTON_EVERY = 50  # ... or after this many L-BFGS iterations without a Newton check (large C: L-BFGS crawls)
-NEWTON_ASKS_IN_FLOAT32 = 30
-NEWTON_STALLED = 0.5  # a check whose estimate is above this fraction of the last one's gained little  # Newton decrements that did not meet the rule, after which the fit goes on in float64
+NEWTON_ASKS_IN_FLOAT32 = 30  # Newton decrements that did not meet the rule, after which the fit goes on in float64
+NEWTON_STALLED = 0.5  # ... or two in a row each above this fraction of the one before (little gained)
 NEWTON_CG_ITER = 50  # conjugate-gradient iterations at most that estimate the Newton decrement
 NEWTON_SETTLED = 0.01  # ... until the estimate's last rise is below this fraction of it
 CURVATURE_EPS = 1e-8  # a pair (s, y) is kept when s.y > CURVATURE_EPS |s| |y|: float32 rounding, not curvature, below
@@ -315,7 +317,7 @@ def lbfgs_path(x: np.ndarray, y: np.ndarray, n_classes: int, fold: np.ndarray, h
             line = direct = None
             if fit_loss == "squared-hinge":
                 def line(wb_: torch.Tensor, d_: torch.Tensor) -> torch.Tensor:
-                    known = last_scores[1] if last_scores[0] is wb_ else None  # wb_'s scores, if objective just made them
+                    known = last_scores[1] if last_scores[0] is wb_ else None  # objective's, just made at wb_
                     return _squared_hinge_line(p.codes(wb_.dtype), yt, wb_, d_, weights, lam, known)
 
                 direct = _HingeNewton(p, weights, lam) if p.pre else None  # precondition=False: plain L-BFGS
@@ -455,11 +457,11 @@ class _HingeNewton:
                     system.diagonal().add_(float(self.lam[i]))
                 out = torch.linalg.cholesky(system)
                 with lock:
-                    self.held += out.numel() * out.element_size() - (last[1].numel() * last[1].element_size() if last else 0)
-                    if last is not None or self.held <= FACTOR_BYTES:
+                    size = out.numel() * out.element_size()
+                    old = last[1].numel() * last[1].element_size() if last else 0
+                    if last is not None or self.held + size <= FACTOR_BYTES:
                         self.factors[block] = rows, out
-                    else:
-                        self.held -= out.numel() * out.element_size()
+                        self.held += size - old
                 return out
 
             def solve(block: tuple[int, int]) -> torch.Tensor:
@@ -719,8 +721,9 @@ def _newton(hv: Callable | _DenseHessian, g: torch.Tensor, scale: torch.Tensor, 
 
     CG's g.u is a lower bound that rises towards g H^-1 g by alpha r.z each iteration; CG stops once every model's
     last rise was below NEWTON_SETTLED of it (the estimate has settled), also where it is already certain to exceed
-    rtol: the step is then a Newton step worth taking. Returns (step, relative decrements, all settled, precision floor reached: a curvature p H p that
-    rounding made non-positive)."""
+    the rule: the step is then a Newton step worth taking. A `_DenseHessian` is solved exactly instead. Returns
+    (step, relative decrements, all settled, precision floor reached: a curvature p H p that rounding made
+    non-positive)."""
     dims = tuple(range(1, g.dim()))
     if isinstance(hv, _DenseHessian):  # the Hessian factored: the step and decrement exactly
         u = hv.solve(g)
