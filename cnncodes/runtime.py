@@ -88,6 +88,35 @@ def process_cores() -> int:
     return max(1, available_cores() // local_world_size())
 
 
+OPENMP_SPINCOUNT = "10000"
+"""Spins an idle OpenMP thread of torch waits before it sleeps (see `share_cores_politely`)."""
+
+_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def share_cores_politely(environ: dict | None = None) -> bool:
+    """Make torch's idle OpenMP threads sleep soon instead of spinning; call before the first
+    `import torch` (the CLI does, at its top): OpenMP reads these variables once, when loaded.
+    Whether it set anything (not when torch is already loaded, nor when the user set a wait policy).
+
+    torch's Linux wheels use GNU OpenMP (libgomp). A thread that finishes its share of a parallel
+    region, or waits for the next one, spins GOMP_SPINCOUNT times before it sleeps: 300,000 when
+    unset, milliseconds on recent CPUs (`pause` is slow on Sapphire Rapids). On a quiet machine that
+    spinning only takes cores from the decode threads between forward passes; beside other jobs a
+    thread spins at each barrier for a partner that the scheduler has preempted, so the spinning
+    burns the time slices the partner needs (bench/neighbour.py: docs/scale.md, "Beside other jobs").
+    A short spin keeps the quiet speed (consecutive operators follow within microseconds) and lets
+    the threads sleep, giving their cores away, whenever another process wants them.
+    """
+    env = os.environ if environ is None else environ
+    if "torch" in sys.modules and environ is None:
+        return False  # too late for this process: its OpenMP runtime has read its settings
+    if any(v in env for v in _WAIT_VARS):
+        return False  # the user's choice
+    env["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
+    return True
+
+
 def configure_threads(device: torch.device) -> None:
     """Intra-op threads = this process's share of the cores (cgroups/affinity aware).
 

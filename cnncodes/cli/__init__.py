@@ -12,6 +12,9 @@ import threading
 import click
 
 from ..errors import CnnCodesError, Interrupted, WriteFailed
+from ..runtime import share_cores_politely
+
+share_cores_politely()  # before any command imports torch: its OpenMP reads the wait policy once, when loaded
 
 
 # command name -> (module in this package, click command in it). Modules are imported on
