@@ -136,11 +136,3 @@ def _batches_per_epoch(n: int, d: int, batch_size: int, block_bytes: int) -> int
 def auto_epochs(n: int, batch_size: int, target_steps: int = 1000) -> int:
     """Enough epochs for ~`target_steps` Adam steps, and at least 3 passes over the data."""
     return max(3, math.ceil(target_steps / math.ceil(max(n, 1) / batch_size)))
-
-
-def __getattr__(name: str):
-    if name == "TorchLinearClassifier":  # its home before `estimator`: old imports and pickles still find it
-        from .estimator import TorchLinearClassifier
-
-        return TorchLinearClassifier
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
