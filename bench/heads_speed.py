@@ -215,7 +215,7 @@ def main() -> None:
     # The header (load average before) first: preparing the caches below (an extraction, a synthetic
     # write) loads the machine itself and must not be read as other jobs' load.
     result = {**results_header("heads_speed"), "available_cores": available_cores(), "repeats": args.repeats,
-              "rows": []}
+              "wait_load": WAIT_LOAD, "rows": []}
     if args.before:
         import subprocess
 

@@ -56,7 +56,12 @@ def machine_line(result: dict) -> str:
             f"{m.get('gpu') or 'no GPU'}; torch {m.get('torch')}, torchvision {m.get('torchvision')}; "
             f"load average (1/5/15 min) {_load(load)} before, {_load(after)} after; "
             f"commit {commit}.")
-    if busy_before:
+    starts = [v for r in result.get("rows", []) if isinstance(r, dict) for v in r.get("loads_at_start", [])]
+    if result.get("wait_load") and starts and max(starts) < result["wait_load"]:
+        # a gated bench: the load before/after is its own or the previous bench's; what counts is each run's start
+        line += (f" Each timed run started once the 1-minute load average was below {result['wait_load']:g} "
+                 f"({min(starts):.2f}-{max(starts):.2f} at the starts).")
+    elif busy_before:
         line += (" **Other jobs loaded the machine** (load average beyond what the bench itself explains): "
                  "absolute times are inflated and noisy; ratios measured within the run hold better.")
     elif busy_after:

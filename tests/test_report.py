@@ -110,6 +110,16 @@ def test_loaded_machine_is_said_in_the_table(tmp_path):
     assert "Other jobs loaded the machine" in report.render(result)
 
 
+def test_a_bench_that_waited_for_quiet_says_each_runs_starting_load():
+    """--wait-load gates every timed run: the load before the whole bench is not what the runs met."""
+    result = {**compare_result(13.0), "load_before": [1.9, 1.5, 1.2], "wait_load": 1.3,
+              "rows": [{"loads_at_start": [0.95, 1.2]}, {"loads_at_start": [1.1]}]}
+    assert "Each timed run started once the 1-minute load average was below 1.3 (0.95-1.20" in report.render(result)
+    assert "Other jobs loaded the machine" not in report.render(result)
+    result["rows"][1]["loads_at_start"] = [1.6]  # a run that started above the gate (it gave up waiting): said as loaded
+    assert "Other jobs loaded the machine" in report.render(result)
+
+
 def test_the_table_says_whether_the_cpu_had_native_bf16():
     """CPUs of one model name differ in bf16 (native or emulated, ~7x slower): a results file that records it says so;
     an older file without it renders as before."""
