@@ -1,4 +1,4 @@
-"""The pieces of `heads.lbfgs` that replace automatic differentiation or iteration by exact formulas: the softmax
+"""The pieces of `heads.newton` that replace automatic differentiation or iteration by exact formulas: the softmax
 and smoothed-hinge Hessian-vector products and Hessians written out, the squared hinge's exact line search and its
 direct Newton step, each against the plain computation it stands for."""
 
@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cnncodes.heads import lbfgs
-from cnncodes.heads.torch_solver import _loss
+from cnncodes.heads import newton
+from cnncodes.heads.lbfgs import lbfgs_path
+from cnncodes.heads.precondition import prepare
+from cnncodes.heads.rowspace import FoldCodes
+from cnncodes.heads.torch_solver import _loss, _ovr_margins, _scores
 
 
 def _problem(n: int, d: int, k: int, m: int = 3, seed: int = 0):
@@ -27,7 +30,7 @@ def _problem(n: int, d: int, k: int, m: int = 3, seed: int = 0):
 
 def _objective(x, y, wb, weights, lam, loss, penalise_bias):
     w = wb if penalise_bias else wb[..., :-1]
-    return (_loss(lbfgs._scores(x, wb), y, loss) * weights).sum(1) + 0.5 * lam * w.pow(2).sum((1, 2))
+    return (_loss(_scores(x, wb), y, loss) * weights).sum(1) + 0.5 * lam * w.pow(2).sum((1, 2))
 
 
 @pytest.mark.parametrize("loss", ["softmax", "smooth-hinge"])
@@ -38,7 +41,7 @@ def test_explicit_hessian_vector_products_equal_double_backward(loss, k):
     grad, = torch.autograd.grad(_objective(x, y, w, weights, lam, loss, False).sum(), w, create_graph=True)
     v = torch.randn_like(wb)
     expected, = torch.autograd.grad((grad * v).sum(), w)
-    got = lbfgs._softmax_hessian(x, y, wb, weights, lam, loss)(v)
+    got = newton._softmax_hessian(x, y, wb, weights, lam, loss)(v)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -51,19 +54,19 @@ def test_the_written_out_hessian_inverts_the_hessian_vector_product(loss, k):
     wb = wb / 3  # softmax far from saturation: the Hessian well conditioned, so the check is tight
     v = torch.randn_like(wb)
     v[..., -1] -= v[..., -1].mean(1, keepdim=True)
-    hv = lbfgs._softmax_hessian(x, y, wb, weights, lam, loss)(v)
-    torch.testing.assert_close(lbfgs._DenseHessian(x, y, wb, weights, lam, loss).solve(hv), v, rtol=1e-6, atol=1e-7)
+    hv = newton._softmax_hessian(x, y, wb, weights, lam, loss)(v)
+    torch.testing.assert_close(newton._DenseHessian(x, y, wb, weights, lam, loss).solve(hv), v, rtol=1e-6, atol=1e-7)
 
 
 def test_the_squared_hinge_line_search_finds_each_blocks_minimum():
     x, y, wb, weights, lam = _problem(60, 5, 4, m=4)
     d = torch.randn_like(wb)
-    out = lbfgs._squared_hinge_line(x, y, wb, d, weights, lam)
+    out = newton._squared_hinge_line(x, y, wb, d, weights, lam)
     step = ((out - wb) * d).sum(2) / (d * d).sum(2)  # each (model, class) moved along its own d by this much
     torch.testing.assert_close(out, wb + step[..., None] * d)
     grid = torch.linspace(-3, 3, 6001, dtype=torch.float64)
-    z = lbfgs._ovr_margins(lbfgs._scores(x, wb), y)  # (M, n, K)
-    e = z - lbfgs._ovr_margins(lbfgs._scores(x, wb + d), y)  # the margins' change per unit step (exact: float64)
+    z = _ovr_margins(_scores(x, wb), y)  # (M, n, K)
+    e = z - _ovr_margins(_scores(x, wb + d), y)  # the margins' change per unit step (exact: float64)
 
     def along(a: torch.Tensor) -> torch.Tensor:  # (M, K, len(a)): each block's objective at wb + a d
         slack = (z[..., None] - a * e[..., None]).clamp(min=0)
@@ -78,17 +81,17 @@ def test_the_squared_hinge_line_search_finds_each_blocks_minimum():
 @pytest.mark.parametrize("n, d, gram_rows", [(30, 80, 4096), (30, 80, 10), (200, 6, 4096)])
 def test_the_direct_newton_step_solves_each_blocks_generalised_hessian(monkeypatch, n, d, gram_rows):
     """Rows' space with the Gram matrix (n < d), without it (too many rows for it), and the codes' space (n > d)."""
-    monkeypatch.setattr(lbfgs, "GRAM_ROWS", gram_rows)
+    monkeypatch.setattr(newton, "GRAM_ROWS", gram_rows)
     x, y, wb, weights, lam = _problem(n, d, 3)
-    prepared = lbfgs.prepare(x.float().numpy(), y.numpy())
+    prepared = prepare(x.float().numpy(), y.numpy())
     prepared._x64 = x  # the exact codes, so the check is in float64 throughout
     prepared.xt = x.float()
     if prepared.space.basis is not None:  # keep the codes as given (no row-space rotation) for this check
-        prepared.space = lbfgs.FoldCodes(x.float().numpy(), y.numpy())
+        prepared.space = FoldCodes(x.float().numpy(), y.numpy())
     g = torch.randn_like(wb)
-    step = lbfgs._HingeNewton(prepared, weights, lam)(wb, g)
+    step = newton._HingeNewton(prepared, weights, lam)(wb, g)
     xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
-    active = lbfgs._ovr_margins(lbfgs._scores(x, wb), y) > 0
+    active = _ovr_margins(_scores(x, wb), y) > 0
     for i in range(wb.shape[0]):
         for j in range(wb.shape[1]):
             coef = 2 * weights[i] * active[i, :, j]
@@ -103,7 +106,7 @@ def test_the_finite_newton_path_reaches_the_squared_hinge_optimum():
     y = rng.integers(0, 3, 90)
     fold = np.arange(90) % 3
     grid = [0.01, 1.0, 100.0]
-    for C, fit in zip(grid, lbfgs.lbfgs_path(x, y, 3, fold, np.array([0, 1, -1]), grid, "squared-hinge", notes=[])):
+    for C, fit in zip(grid, lbfgs_path(x, y, 3, fold, np.array([0, 1, -1]), grid, "squared-hinge", notes=[])):
         assert fit.converged and fit.iterations <= 12
         for m, held in enumerate([0, 1, -1]):
             rows = fold != held

@@ -89,7 +89,8 @@ def out_of_fold_scores(data: TrainSet, config: HeadConfig, device, init: tuple |
     seed); above its held-out threshold too every image gets a fold, so every image is scored. The fold models
     are solved together on the head's objective (`lbfgs_path`, one preparation of the codes), each started from
     `init` (the full-data model at that C, near every fold's optimum: ~4x fewer iterations than from zero)."""
-    from ..heads.lbfgs import lbfgs_path, prepare
+    from ..heads.lbfgs import lbfgs_path
+    from ..heads.precondition import prepare
     from ..heads.selection import LBFGS_LOSS
 
     ids, first = np.unique(data.groups, return_index=True)

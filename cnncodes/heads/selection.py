@@ -159,7 +159,8 @@ def _fit_lbfgs(data: TrainSet, config: HeadConfig, grid: list[float], fold: np.n
                device, refit: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, Selection]:
     """Codes in memory: the fold models by full-batch L-BFGS, C by C, stopping the path as `_walk` says; then the
     full-data model at the chosen C, started from the mean of its fold models."""
-    from .lbfgs import lbfgs_path, prepare
+    from .lbfgs import lbfgs_path
+    from .precondition import prepare
     from .torch_solver import SMOOTH_HINGE_TAU
 
     clf = config.clf

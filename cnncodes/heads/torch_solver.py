@@ -86,6 +86,12 @@ def _cpu_threads(dev: torch.device, macs_per_step: int):
         torch.set_num_threads(before)
 
 
+def _scores(xt: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """Scores (M, n, K) of the M models [W, b] = wb (M, K, D + 1) on the codes xt (n, D)."""
+    m, k, d1 = wb.shape
+    return (wb[..., :-1].reshape(m * k, d1 - 1) @ xt.T).view(m, k, len(xt)).transpose(1, 2) + wb[:, None, :, -1]
+
+
 def _ovr_margins(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One-vs-rest margins 1 - t s (t = +1 for the true class, -1 for the others), shape of scores (M, B, K)."""
     m, bsz, _ = scores.shape
