@@ -148,10 +148,9 @@ def _scan_split(root: Path, split_dir: Path):
         if split_dir == root and class_dir.name.lower() in SPLIT_NAMES:
             continue
         entries = per_class.setdefault(class_dir.name, [])
-        for path in image_files(class_dir, ignored, root):
-            rel = path.relative_to(root).as_posix()
+        for path, rel in _image_entries(class_dir, ignored, root):
             try:
-                st = path.stat()
+                st = os.stat(path)
             except OSError as e:
                 ignored.append((rel, f"cannot read file ({e.strerror})"))
                 continue
@@ -162,46 +161,56 @@ def _scan_split(root: Path, split_dir: Path):
 def image_files(folder: Path, ignored: list, root: Path) -> list[Path]:
     """The image files below `folder`, sorted (symlinks followed once, loops cut); other files and
     unreadable folders are added to `ignored` as (path relative to `root`, reason)."""
+    return [Path(path) for path, _ in _image_entries(folder, ignored, root)]
+
+
+def _image_entries(folder: Path, ignored: list, root: Path) -> list[tuple[str, str]]:
+    """`image_files` as (path, path relative to `root` in posix form) strings: a folder of 10^5 images
+    is listed on every no-op rerun, where a Path per file (parse, relative_to) cost more than the stat."""
     out = []
-    for path in _walk_files(folder, ignored, root):
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            out.append(path)
+    for path, rel in _walk_files(folder, ignored, root):
+        suffix = os.path.splitext(rel)[1]
+        if suffix.lower() in IMAGE_EXTENSIONS:
+            out.append((path, rel))
         else:
-            ignored.append((path.relative_to(root).as_posix(),
-                            f"not an image (unsupported extension '{path.suffix or '(none)'}')"))
+            ignored.append((rel, f"not an image (unsupported extension '{Path(rel).suffix or '(none)'}')"))
     return out
 
 
-def _walk_files(folder: Path, ignored: list, root: Path) -> list[Path]:
-    """All files below `folder` in sorted order, following symlinks once (loops are cut)."""
+def _walk_files(folder: Path, ignored: list, root: Path) -> list[tuple[str, str]]:
+    """All files below `folder` as (path, path relative to `root`), sorted as paths sort (by their parts),
+    following symlinks once (loops are cut)."""
     seen: set[tuple[int, int]] = set()
-    out: list[Path] = []
-    stack = [folder]
+    out: list[tuple[str, str]] = []
+    top = folder.relative_to(root).as_posix()
+    stack = [(str(folder), "" if top == "." else top)]
     while stack:
-        d = stack.pop()
+        d, d_rel = stack.pop()
+        shown = d_rel or "."
         try:
-            st = d.stat()
+            st = os.stat(d)
         except OSError as e:
-            ignored.append((d.relative_to(root).as_posix(), f"cannot read folder ({e.strerror})"))
+            ignored.append((shown, f"cannot read folder ({e.strerror})"))
             continue
         if (st.st_dev, st.st_ino) in seen:
-            ignored.append((d.relative_to(root).as_posix(), "symlink loop, not followed"))
+            ignored.append((shown, "symlink loop, not followed"))
             continue
         seen.add((st.st_dev, st.st_ino))
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:
-            ignored.append((d.relative_to(root).as_posix(), f"cannot list folder ({e.strerror})"))
+            ignored.append((shown, f"cannot list folder ({e.strerror})"))
             continue
         subdirs = []
         for e in entries:
             if e.name.startswith("."):
                 continue
+            rel = f"{d_rel}/{e.name}" if d_rel else e.name
             if _is_dir(e):
-                subdirs.append(Path(e.path))
+                subdirs.append((e.path, rel))
             elif e.is_symlink() and not os.path.exists(e.path):
-                ignored.append((Path(e.path).relative_to(root).as_posix(), "broken symlink or symlink loop"))
+                ignored.append((rel, "broken symlink or symlink loop"))
             else:
-                out.append(Path(e.path))
+                out.append((e.path, rel))
         stack.extend(reversed(subdirs))
-    return sorted(out)
+    return sorted(out, key=lambda pr: pr[1].split("/"))

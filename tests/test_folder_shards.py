@@ -60,3 +60,25 @@ def test_removing_or_changing_a_few_images_redoes_only_their_shards():
     assert _redone(before, after) <= 3
     touched = [ImageFile(f.path, f.label, f.size, 2 if i == 5000 else f.mtime_ns) for i, f in enumerate(base)]
     assert _redone(before, _signatures(touched, 1000)) == 1
+
+
+def test_a_folder_is_listed_in_path_order_with_nested_folders_and_odd_files(tmp_path):
+    """The listing (strings, not a Path per file: 10^5 files on every no-op rerun) keeps the order paths
+    sort in, by their parts: `sub/` before `sub-c/` and `sub.b/` (as strings, "sub-c/" would sort first,
+    and every shard of a store written before would be redone); odd files are reported, not listed."""
+    from cnncodes.folders import discover, image_files
+
+    for rel in ("c/sub/x.jpg", "c/sub-c/y.JPG", "c/sub.b/z.png", "c/a.jpg", "c/notes.txt", "c/.hidden.jpg", "d/b.jpeg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "c" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "c" / "sub" / "loop").symlink_to(tmp_path / "c")
+    layout = discover(tmp_path)
+    assert [f.path for f in layout.splits["train"]] == ["c/a.jpg", "c/sub/x.jpg", "c/sub-c/y.JPG", "c/sub.b/z.png",
+                                                        "d/b.jpeg"]
+    assert sorted(layout.ignored["train"]) == [("c/gone.jpg", "broken symlink or symlink loop"),
+                                               ("c/notes.txt", "not an image (unsupported extension '.txt')"),
+                                               ("c/sub/loop", "symlink loop, not followed")]
+    ignored: list = []
+    assert image_files(tmp_path / "c", ignored, tmp_path / "c") == [
+        tmp_path / "c" / p for p in ("a.jpg", "sub/x.jpg", "sub-c/y.JPG", "sub.b/z.png")]
