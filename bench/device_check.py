@@ -49,7 +49,7 @@ from cnncodes.backbones import create_extractor, resolve_preprocessing, resolve_
 from cnncodes.data import ImageFiles, Normalize, discover, make_loader  # noqa: E402
 from cnncodes.extract.runner import ViewMaker  # noqa: E402
 from cnncodes.gpu_decode import DeviceLoader  # noqa: E402
-from cnncodes.runtime import autocast, available_cores  # noqa: E402
+from cnncodes.runtime import available_cores  # noqa: E402
 
 ARCH, PRECISION = "resnet50", "bf16"
 PHOTOS = (ROOT / ".devdata" / "hymenoptera_data", HYMENOPTERA)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
@@ -334,8 +333,6 @@ def quiet_ab(args, data: Path) -> None:
     """`--quiet-ab N`: N quiet pairs, the --before checkout's default and this tree's, alternating which
     runs first; the quiet cost of the fix, added as "quiet_ab" to the results file (the rest kept)."""
     path = RESULTS / f"{args.name}.json"
-    import json
-
     result = json.loads(path.read_text()) if path.exists() else results_header(args.name)
     trees = {"before": args.before, "after": args.tree}
     runs: dict[str, list] = {"before": [], "after": []}
@@ -362,8 +359,15 @@ def quiet_ab(args, data: Path) -> None:
         "codes_same": len({r["codes"] for rs in runs.values() for r in rs}) == 1, "discarded_runs": discarded,
         "note": "quiet runs only, alternating which checkout runs first; wall = the whole command (ms precision), "
                 "loop = the command's summary line (0.1 s precision)"}
-    print(f"quiet: after / before = {result['quiet_ab']['wall_after_over_before']} (wall), "
-          f"{result['quiet_ab']['loop_after_over_before']} (loop)", flush=True)
+    ab = result["quiet_ab"]
+    print(f"quiet: after / before = {ab['wall_after_over_before']} (wall), {ab['loop_after_over_before']} (loop)",
+          flush=True)
+    result["notes"] = [n for n in result.get("notes", []) if not n.startswith("quiet A/B")] + [
+        f"quiet A/B ({args.quiet_ab} alternating pairs, {ab['before_commit']} and {ab['tree_commit']}, alone): whole "
+        f"command {ab['before']['median_wall_s']} -> {ab['after']['median_wall_s']} s (x{ab['wall_after_over_before']}), "
+        f"loop x{ab['loop_after_over_before']}, CPU {ab['before']['median_cpu_ms_per_img']} -> "
+        f"{ab['after']['median_cpu_ms_per_img']} ms/img; per-pair wall ratios {min(ab['pairwise_wall_ratios'])}-"
+        f"{max(ab['pairwise_wall_ratios'])}; codes {'the same' if ab['codes_same'] else 'DIFFER'}"]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(path)

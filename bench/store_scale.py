@@ -230,6 +230,30 @@ def polite_openmp() -> None:
     share_cores_politely(os.environ)
 
 
+def noop_only(args, result: dict, sizes: list[int], data: dict, root: Path) -> None:
+    """`--noop-only`: a no-op rerun (median of 5) of each store a full run left (store-INPUT-N-0), checked up to date."""
+    rows = []
+    for n in sizes:
+        for name in INPUTS:
+            out = root / f"store-{name}-{n}-0" / "codes.h5"
+            if not out.exists():
+                raise SystemExit(f"{out}: no store; run the full bench first (same --dir and --images)")
+            runs = [measured(data[n, name], out, 1) for _ in range(max(5, args.repeats))]
+            if any("up to date" not in text for *_, text in runs):
+                raise SystemExit(f"{out}: a rerun extracted something; not a no-op")
+            noop = statistics.median(w for w, _, _ in runs)
+            rows.append([name, n, len(mtimes(out)), round(noop, 2), round(min(w for w, _, _ in runs), 2)])
+            print(f"{name}, {n} images: no-op rerun {noop:.2f} s (median of {len(runs)})", flush=True)
+    result.update({"sizes": sizes, "table": {"columns": ["input", "images", "output shards", "no-op rerun s (median)",
+                                                         "fastest s"], "rows": rows},
+                   "notes": ["the whole `cnncodes extract DATA -o OUT --weights none --image-size 64 -q` on a finished "
+                             "store, in a fresh process (start-up included): the input listed and signed, the index "
+                             "read, nothing extracted; median of >= 5"]})
+    path = RESULTS / f"{args.name}_noop.json"
+    write_results(result, path)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default="10000,100000", help=f"sizes, comma-separated (multiples of {PER_SHARD})")
@@ -242,6 +266,8 @@ def main() -> None:
     ap.add_argument("--kill-ranks", default="0,1", help="ranks killed, one per torchrun run")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the datasets and stores go (kept for reruns)")
     ap.add_argument("--name", default="store_scale", help="results file bench/results/NAME.json")
+    ap.add_argument("--noop-only", action="store_true", help="only the no-op reruns, of the stores a full run left in "
+                    "--dir (results to NAME_noop.json)")
     args = ap.parse_args()
     sizes = sorted(int(v) for v in args.images.split(","))
     assert all(n % PER_SHARD == 0 for n in sizes), f"--images: multiples of {PER_SHARD}"
@@ -260,6 +286,8 @@ def main() -> None:
     print(f"# {hardware()}\n# datasets in {root} ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.data_only:
         return
+    if args.noop_only:
+        return noop_only(args, result, sizes, data, root)
 
     rows, stores = [], {}
     for n in sizes:

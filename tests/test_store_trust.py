@@ -160,7 +160,7 @@ def test_the_index_never_reads_another_stores_shards_from_the_working_directory(
 
 
 def test_the_marker_folder_is_reused_and_its_loss_refused(tmp_path):
-    index = make_store(tmp_path, 100)
+    make_store(tmp_path, 100)
     markers = list((tmp_path / "codes.shards").glob(".store-*"))
     make_store(tmp_path, 100)  # indexed again: the same marker
     assert list((tmp_path / "codes.shards").glob(".store-*")) == markers and (markers[0] / "README").is_file()
