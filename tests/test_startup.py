@@ -243,3 +243,20 @@ def test_a_command_that_imported_torch_exits_with_its_code_and_flushed_output(tm
     bad = subprocess.run(base + ["--decode", "gpu", "--device", "cpu", "--overwrite"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("use --decode cpu"), bad.stderr
+
+
+def test_the_exit_joins_running_threads_and_skips_one_still_being_started(monkeypatch):
+    """Ctrl-C inside a thread's start() leaves it listed by threading.enumerate but not started: joining it
+    raised RuntimeError over the exit code 130 (CI, test_ctrl_c_exits_130_with_resume_hint)."""
+    import threading
+    import time
+
+    from cnncodes.cli import _join_threads
+
+    done = []
+    running = threading.Thread(target=lambda: (time.sleep(0.2), done.append(1)))
+    running.start()
+    being_started = threading.Thread(target=lambda: None)  # as threading._limbo holds it: listed, not started
+    monkeypatch.setattr(threading, "enumerate", lambda: [threading.current_thread(), being_started, running])
+    _join_threads()
+    assert done == [1]

@@ -145,10 +145,19 @@ def _exit(code) -> None:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+    _join_threads()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _join_threads() -> None:
+    """Join the non-daemon threads that run, as the interpreter's exit does. A thread Ctrl-C caught inside
+    its `start()` (a decode pool growing) is listed by `threading.enumerate` before it runs, and joining it
+    raised "cannot join thread before it is started" over the exit code 130 (seen in CI): it has no work
+    yet and is left to `os._exit`."""
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon and t.is_alive():
+            t.join()
+
