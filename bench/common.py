@@ -132,10 +132,12 @@ def results_header(bench: str) -> dict:
             "git_commit": git_commit(), "machine": machine(), "load_before": load_average()}
 
 
-def write_results(result: dict, path: Path, printout: list[str] | None = None) -> None:
+def write_results(result: dict, path: Path, printout: list[str] | None = None, stamp_load: bool = True) -> None:
     """Add the load average after the run and write `result` as JSON (atomically); with `printout`,
-    the lines the bench printed go beside it as PATH.txt."""
-    result["load_after"] = load_average()
+    the lines the bench printed go beside it as PATH.txt. `stamp_load=False`: a results file written
+    again after its run (a table derived anew, a figure added) keeps the load its measurement left."""
+    if stamp_load:
+        result["load_after"] = load_average()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -368,9 +368,7 @@ def quiet_ab(args, data: Path) -> None:
         f"loop x{ab['loop_after_over_before']}, CPU {ab['before']['median_cpu_ms_per_img']} -> "
         f"{ab['after']['median_cpu_ms_per_img']} ms/img; per-pair wall ratios {min(ab['pairwise_wall_ratios'])}-"
         f"{max(ab['pairwise_wall_ratios'])}; codes {'the same' if ab['codes_same'] else 'DIFFER'}"]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_results(result, path, stamp_load=False)
 
 
 def judge(q: dict, c: dict, kind: str, cores: int) -> dict:
@@ -422,12 +420,13 @@ def retable(name: str) -> None:
             row["beside"][kind] = judge(row["quiet"], c, kind, result["cores"])
     cols, table = tabulate(rows, neighbours, next(iter(rows)))
     result["table"] = {"columns": cols, "rows": table}
-    result["notes"] = [n for n in result["notes"] if not n.startswith("fair share")] + [NOTE_GOOD]
+    # the verdict's note once, where the file had it (or the fair-share verdict's note it replaced)
+    result["notes"] = [NOTE_GOOD if n.startswith("fair share") else n for n in result["notes"]]
+    if NOTE_GOOD not in result["notes"]:
+        result["notes"].append(NOTE_GOOD)
     header = [ln for ln in path.with_suffix(".txt").read_text().splitlines() if ln.startswith("#")]
-    load_after = result.pop("load_after")
-    write_results(result, path, header + [" | ".join(cols)] + [" | ".join(str(v) for v in r) for r in table])
-    result["load_after"] = load_after  # the measurement's, not the retabling's
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, path, header + [" | ".join(cols)] + [" | ".join(str(v) for v in r) for r in table],
+                  stamp_load=False)
     print(path.with_suffix(".txt").read_text(), end="")
 
 
